@@ -1,0 +1,54 @@
+"""edu_prm_jax: entropy-driven process reward models (EDU-PRM) in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax>=0.7.0",
+    "flax>=0.11.0",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11.0",
+    "ml-collections>=1.0.0",
+    "tensorflow-datasets>=4.9.7",
+    "array-record>=0.7.0",
+    "grain>=0.2.10",
+    "sentencepiece>=0.2.0",
+    "tokenizers>=0.20.0",
+    "safetensors>=0.4.5",
+    "ml-dtypes>=0.5.0",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+    "absl-py>=2.1.0",
+    "math-verify[antlr4_13_2]>=0.7.0",
+    "sympy>=1.13",
+    "matplotlib>=3.8",
+    "tensorboardX>=2.6",
+]
+
+TEST = [
+    "pytest>=8.0",
+    "pytest-xdist>=3.5",
+    "torch==2.13.0",
+    "transformers>=4.46",
+    "ruff>=0.6",
+]
+
+setup(
+    name="edu_prm_jax",
+    version="0.1.0",
+    description="EDU-PRM (entropy-driven process reward models) in JAX/Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["edu_prm_jax", "edu_prm_jax.*"]),
+    include_package_data=True,
+    package_data={"edu_prm_jax": ["assets/**/*"]},
+    install_requires=RUNTIME,
+    extras_require={
+        "test": TEST,
+        # Accelerators: install JAX's own wheels next to the package.
+        "cuda12": ["jax[cuda12]"],
+        "cuda13": ["jax[cuda13]"],
+        "tpu": ["jax[tpu]"],
+    },
+    entry_points={"console_scripts": ["edu-prm=edu_prm_jax.cli:main"]},
+)
