@@ -1,0 +1,1 @@
+"""Data layer: validated JSONL records, dataset readers and TFDS array_record IO."""

@@ -1,0 +1,1 @@
+"""Qwen2 model, its config, reward heads and checkpoint IO."""

@@ -1,0 +1,1 @@
+"""EDU tree sampling: decoding loop, entropy anchors, symbol set."""
