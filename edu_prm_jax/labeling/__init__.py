@@ -1,0 +1,1 @@
+"""Labelling of sampled solutions for PRM training data."""
