@@ -1,0 +1,1 @@
+"""Evaluation: ProcessBench and best-of-N metrics, reports."""
