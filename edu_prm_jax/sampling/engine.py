@@ -1,0 +1,116 @@
+"""Host side of sampling: tokenise and bucket questions, run the jitted loop, turn slots into tree records.
+
+Prompts are right-padded to a multiple of `prompt_bucket` and questions are processed `batch_questions` at a
+time (the last batch padded with dummy rows), so a run compiles once per prompt-length bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from edu_prm_jax.sampling.decode import STOP_NAMES, DecodeParams, Tables, decode
+from edu_prm_jax.sampling.stopping import build_stop_tables
+from edu_prm_jax.sampling.symbols import symbol_token_mask
+
+
+@dataclasses.dataclass
+class Leaf:
+    """One root-to-leaf path of a question's tree (one slot)."""
+
+    slot: int
+    parent_slot: int  # slot this path forked from (-1 for the root / an HT sample)
+    fork_pos: int  # generated-token index where it diverged from its parent (0 for roots)
+    token_ids: list[int]
+    entropies: list[float]
+    logprobs: list[float]
+    anchors: list[int]  # generated-token indices where this path (or an ancestor) branched: step boundaries
+    stop_reason: str
+    text: str = ""
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens this path generated itself (its shared prefix is counted by its ancestors)."""
+        return len(self.token_ids) - self.fork_pos
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["entropies"] = [round(x, 5) for x in self.entropies]
+        d["logprobs"] = [round(x, 5) for x in self.logprobs]
+        return d
+
+
+def distinct_tokens(leaves: Sequence[Leaf]) -> int:
+    """Tree token cost: each generated token counted once, a shared prefix once (METHOD.md "Token cost")."""
+    return sum(leaf.new_tokens for leaf in leaves)
+
+
+def slots_to_leaves(out: dict[str, np.ndarray], row0: int, num_slots: int) -> list[Leaf]:
+    leaves = []
+    for m in range(num_slots):
+        r = row0 + m
+        if not out["used"][r]:
+            continue
+        n = int(out["gen_len"][r])
+        parent = int(out["parent"][r])
+        leaves.append(Leaf(
+            slot=m, parent_slot=parent - row0 if parent >= 0 else -1, fork_pos=int(out["fork_pos"][r]),
+            token_ids=out["tokens"][r, :n].tolist(), entropies=out["entropies"][r, :n].tolist(),
+            logprobs=out["logprobs"][r, :n].tolist(),
+            anchors=[int(a) for a in out["anchors"][r, : int(out["n_anchors"][r])]],
+            stop_reason=STOP_NAMES[int(out["stop"][r])]))
+    return leaves
+
+
+class Sampler:
+    """Runs HT or EDU sampling for a model + tokenizer; `sample(prompts_ids)` yields leaves per question."""
+
+    def __init__(self, model: nnx.Module, tokenizer: Any, params: DecodeParams, *, mesh: Mesh | None = None,
+                 batch_questions: int = 8, prompt_bucket: int = 32, stop_strings: Sequence[str] = (),
+                 extra_symbols: str = "", disable_symbols: bool = False):
+        self.model, self.tokenizer, self.params, self.mesh = model, tokenizer, params, mesh
+        self.prompt_bucket = prompt_bucket
+        data = mesh.shape.get("data", 1) if mesh is not None else 1
+        self.batch_questions = -(-batch_questions // data) * data
+        vocab = model.cfg.vocab_size
+        texts = tokenizer.decoded_token_texts()
+        stop = build_stop_tables(texts, vocab, list(tokenizer.eos_token_ids),
+                                 [tokenizer.encode(s) for s in stop_strings])
+        symbols = symbol_token_mask(tokenizer, extra_symbols=extra_symbols, disable=disable_symbols, size=vocab)
+        self.tables = Tables.build(stop, symbols, vocab, min(tokenizer.vocab_size, vocab))
+
+    def sample_ids(self, prompts: Sequence[Sequence[int]], question_ids: Sequence[int]) -> Iterator[list[Leaf]]:
+        """Leaves for each prompt (token ids), in order; question_ids key the randomness."""
+        p, bq = self.params, self.batch_questions
+        for start in range(0, len(prompts), bq):
+            chunk = list(prompts[start:start + bq])
+            qids = list(question_ids[start:start + bq])
+            n_real = len(chunk)
+            longest = max(len(x) for x in chunk)
+            plen = -(-longest // self.prompt_bucket) * self.prompt_bucket
+            arr = np.zeros((bq, plen), np.int32)
+            lens = np.ones((bq,), np.int32)
+            ids = np.full((bq,), -1, np.int32)
+            for i, toks in enumerate(chunk):
+                if not toks:
+                    raise ValueError(f"question {qids[i]}: empty prompt")
+                arr[i, :len(toks)] = toks
+                lens[i] = len(toks)
+                ids[i] = qids[i]
+            out = decode(p, self.model, self.tables, arr, lens, ids, self.mesh)
+            for i in range(n_real):
+                leaves = slots_to_leaves(out, i * p.num_slots, p.num_slots)
+                for leaf in leaves:
+                    leaf.text = self.tokenizer.decode(leaf.token_ids)
+                yield leaves
+
+    def sample_questions(self, questions: Iterable[str], question_ids: Sequence[int] | None = None
+                         ) -> Iterator[list[Leaf]]:
+        prompts = [self.tokenizer.encode_chat(q) for q in questions]
+        ids = list(question_ids) if question_ids is not None else list(range(len(prompts)))
+        return self.sample_ids(prompts, ids)

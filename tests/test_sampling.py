@@ -1,0 +1,179 @@
+"""The sampler against independent references: numpy float64 statistics, transformers' greedy `generate`,
+teacher-forced transformers logits for every EDU leaf, and a chi-square test of temperature sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_reference import make_hf_qwen2
+
+from edu_prm_jax import parallel
+from edu_prm_jax.models.checkpoints import load_hf_model
+from edu_prm_jax.sampling.decode import DecodeParams, Tables, decode
+from edu_prm_jax.sampling.engine import distinct_tokens, slots_to_leaves
+from edu_prm_jax.sampling.stats import entropy_and_logz, filter_logits, mask_logits
+from edu_prm_jax.sampling.stopping import build_stop_tables
+
+V = 48
+EOS = V - 1
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tmp_path_factory):
+    """A random tiny Qwen2 whose LM head is scaled up, so entropies range from near 0 to near log V."""
+    d = tmp_path_factory.mktemp("peaked")
+    hf = make_hf_qwen2(d, vocab=V, hidden=32, layers=2, seed=3)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(12.0)
+    hf.save_pretrained(d, safe_serialization=True)
+    return hf, load_hf_model(d)
+
+
+def _tables(symbols=(), eos=(EOS,)):
+    stop = build_stop_tables([f"t{i}" for i in range(V)], V, list(eos))
+    sym = np.zeros(V, bool)
+    sym[list(symbols)] = True
+    return Tables.build(stop, sym, V, V)
+
+
+def _hf_logits(hf, ids):
+    with torch.no_grad():
+        return hf(torch.as_tensor([ids])).logits[0].double().numpy()
+
+
+def _np_entropy(z):
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    return -(p * np.log(np.where(p > 0, p, 1))).sum(-1)
+
+
+def test_entropy_and_logprob_match_numpy_float64():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 1000)) * np.array([[0.01], [1], [5], [30], [200], [0]])
+    logits[5, 17] = 80.0  # one token holds essentially all the mass
+    h, log_z = entropy_and_logz(jnp.asarray(logits, jnp.float32))
+    z64 = logits.astype(np.float64)
+    ref_logz = np.log(np.exp(z64 - z64.max(-1, keepdims=True)).sum(-1)) + z64.max(-1)
+    np.testing.assert_allclose(np.asarray(h), _np_entropy(z64), atol=2e-4, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(log_z), ref_logz, rtol=1e-6)
+    assert abs(float(h[0]) - np.log(1000)) < 1e-3  # nearly uniform
+    # masked padding rows: exact zero probability, no NaN
+    mask = jnp.arange(1000) < 700
+    hm, _ = entropy_and_logz(mask_logits(jnp.asarray(logits, jnp.float32), mask))
+    np.testing.assert_allclose(np.asarray(hm), _np_entropy(z64[:, :700]), atol=2e-4, rtol=1e-5)
+    assert np.isfinite(np.asarray(hm)).all()
+
+
+def test_greedy_equals_transformers_generate(peaked_model):
+    hf, model = peaked_model
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, V - 1, n).tolist() for n in (5, 9, 3)]
+    arr = np.zeros((3, 16), np.int32)
+    for i, p in enumerate(prompts):
+        arr[i, :len(p)] = p
+    out = decode(DecodeParams(mode="greedy", num_slots=1, max_new_tokens=20), model, _tables(), arr,
+                 np.array([len(p) for p in prompts]), np.arange(3))
+    for i, p in enumerate(prompts):
+        ref = hf.generate(torch.as_tensor([p]), do_sample=False, max_new_tokens=20, eos_token_id=EOS,
+                          pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        ref = ref[0, len(p):].tolist()
+        ours = out["tokens"][i, : out["gen_len"][i]].tolist()
+        assert ours == ref
+
+
+@pytest.mark.parametrize("mode", ["fixed", "budget"])
+def test_edu_invariants_by_teacher_forcing(peaked_model, mode):
+    hf, model = peaked_model
+    tau, k, m = 0.6, 2, 8
+    symbols = set(range(0, V, 5))
+    prompts = np.random.default_rng(2).integers(0, V - 1, (2, 6)).astype(np.int32)
+    p = DecodeParams(mode="edu", num_slots=m, max_new_tokens=14, tau=tau, branch_k=k, threshold_mode=mode)
+    out = decode(p, model, _tables(symbols), prompts, np.array([6, 6]), np.arange(2))
+    n_anchor_total = 0
+    for q in range(2):
+        leaves = slots_to_leaves(out, q * m, m)
+        assert 1 <= len(leaves) <= m
+        children_at = {}
+        for leaf in leaves:
+            ids = prompts[q].tolist() + leaf.token_ids
+            z = _hf_logits(hf, ids)[len(prompts[q]) - 1: -1]  # logits that produced each generated token
+            ent = _np_entropy(z)
+            np.testing.assert_allclose(leaf.entropies, ent, atol=2e-3)
+            top = np.argsort(-z, axis=-1, kind="stable")[:, :k]
+            for t, tok in enumerate(leaf.token_ids):
+                if t in leaf.anchors:
+                    assert ent[t] > tau and top[t, 0] not in symbols
+                    assert tok in top[t]
+                    children_at.setdefault((tuple(leaf.token_ids[:t]), t), set()).add(tok)
+                else:
+                    assert tok == top[t, 0], f"non-anchor token {t} is not the argmax"
+                    qualifies = ent[t] > tau and top[t, 0] not in symbols
+                    # a qualifying position that did not branch is only allowed once the slot budget is spent
+                    assert not qualifies or len(leaves) == m or len(leaf.anchors) == p.max_anchors
+        for (_, t), toks in children_at.items():
+            n_anchor_total += 1
+            assert len(toks) >= 1
+            if len(leaves) < m:
+                assert len(toks) == k
+        recount = len({tuple(leaf.token_ids[: i + 1]) for leaf in leaves for i in range(len(leaf.token_ids))})
+        assert distinct_tokens(leaves) == recount
+    assert n_anchor_total > 0, "the test model must branch somewhere"
+
+
+def test_budget_mode_forks_highest_entropy_first(peaked_model):
+    _, model = peaked_model
+    prompts = np.random.default_rng(5).integers(0, V - 1, (1, 6)).astype(np.int32)
+    p = DecodeParams(mode="edu", num_slots=3, max_new_tokens=14, tau=0.0, branch_k=2, threshold_mode="budget")
+    out = decode(p, model, _tables(), prompts, np.array([6]), np.arange(1))
+    leaves = slots_to_leaves(out, 0, 3)
+    assert len(leaves) == 3  # with tau=0 every position qualifies, so the budget is spent
+
+
+def test_temperature_sampling_matches_softmax_chi_square(tmp_path):
+    hf = make_hf_qwen2(tmp_path, vocab=12, hidden=16, heads=2, kv_heads=1, seed=4)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(6.0)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_hf_model(tmp_path)
+    prompt = [3, 1, 4]
+    temp = 0.7
+    z = _hf_logits(hf, prompt)[-1]
+    expected = np.exp((z - z.max()) / temp)
+    expected /= expected.sum()
+    stop = build_stop_tables([f"t{i}" for i in range(12)], 12, [])
+    tables = Tables.build(stop, np.zeros(12, bool), 12, 12)
+    q = 32
+    p = DecodeParams(mode="ht", num_slots=64, max_new_tokens=1, temperature=temp, seed=7)
+    out = decode(p, model, tables, np.tile(np.array(prompt + [0], np.int32), (q, 1)), np.full(q, 3), np.arange(q))
+    counts = np.bincount(out["tokens"][:, 0], minlength=12)
+    n = counts.sum()
+    keep = expected * n >= 5
+    chi2 = (((counts[keep] - n * expected[keep]) ** 2) / (n * expected[keep])).sum()
+    chi2 += ((counts[~keep].sum() - n * expected[~keep].sum()) ** 2) / max(n * expected[~keep].sum(), 1e-9)
+    assert chi2 < 40.0, (counts, n * expected)  # df <= 11; 40 is far beyond the 99.99th percentile
+
+
+def test_top_k_and_top_p_filters():
+    z = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda f: np.asarray(f[0] > -1e29)  # noqa: E731
+    assert kept(filter_logits(z, 1.0, 2, 1.0)).tolist() == [True, True, False, False]
+    assert kept(filter_logits(z, 1.0, 0, 0.8)).tolist() == [True, True, False, False]
+    assert kept(filter_logits(z, 1.0, 0, 0.81)).tolist() == [True, True, True, False]
+
+
+@pytest.mark.parametrize("mode", ["edu", "ht"])
+def test_sharded_rollouts_equal_single_device(peaked_model, mode):
+    _, model = peaked_model
+    prompts = np.random.default_rng(6).integers(0, V - 1, (8, 6)).astype(np.int32)
+    p = DecodeParams(mode=mode, num_slots=4, max_new_tokens=10, tau=0.6, temperature=1.0)
+    args = (p, model, _tables(), prompts, np.full(8, 6), np.arange(8))
+    single = decode(*args)
+    mesh = parallel.make_mesh(data=8)
+    sharded = decode(*args, mesh=mesh)
+    for key in single:
+        if single[key].dtype.kind == "f":  # batch size per device changes float reduction order slightly
+            np.testing.assert_allclose(single[key], sharded[key], atol=1e-5, err_msg=key)
+        else:  # tokens, tree structure and stop reasons must be identical
+            np.testing.assert_array_equal(single[key], sharded[key], err_msg=key)
+    assert len(jax.devices()) == 8
