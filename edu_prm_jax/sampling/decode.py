@@ -187,7 +187,7 @@ def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: ja
             ent, log_z = jnp.where(is_child, ent[src_row], ent), jnp.where(is_child, log_z[src_row], log_z)
             s["cache"] = jax.lax.cond(jnp.any(is_child), lambda c: c.gather_rows(src_row), lambda c: c, s["cache"])
             tok = jnp.where(is_child, child_tok.reshape(-1), tok)
-            s["parent"] = jnp.where(is_child, src_row, s["parent"])
+            s["parent"] = jnp.where(is_child, src.reshape(-1), s["parent"])  # a slot index within the question
             s["fork_pos"] = jnp.where(is_child, t, s["fork_pos"])
         active = s["active"]
         logp = jnp.take_along_axis(z, tok[:, None], -1)[:, 0] - log_z

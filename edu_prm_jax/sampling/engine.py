@@ -59,7 +59,7 @@ def slots_to_leaves(out: dict[str, np.ndarray], row0: int, num_slots: int) -> li
         n = int(out["gen_len"][r])
         parent = int(out["parent"][r])
         leaves.append(Leaf(
-            slot=m, parent_slot=parent - row0 if parent >= 0 else -1, fork_pos=int(out["fork_pos"][r]),
+            slot=m, parent_slot=parent, fork_pos=int(out["fork_pos"][r]),
             token_ids=out["tokens"][r, :n].tolist(), entropies=out["entropies"][r, :n].tolist(),
             logprobs=out["logprobs"][r, :n].tolist(),
             anchors=[int(a) for a in out["anchors"][r, : int(out["n_anchors"][r])]],

@@ -1,0 +1,1 @@
+"""`edu-prm` subcommands: one module per command, each with `DESCRIPTION` and `run(config, workdir)`."""
