@@ -1,0 +1,329 @@
+"""Process reward model: a Qwen2 backbone plus a reward head read at step ends, its loss, and HF IO.
+
+Two head conventions (`head=`):
+- "qwen_math": Qwen2.5-Math-PRM's `score = Sequential(Linear(h, h), ReLU(), Linear(h, 2))`, read at a
+  separator token (`<extra_0>`) inserted after each step; the step score is softmax(...)[1].
+- "scalar": one `Linear(h, 1)` read at the last token of each step (no inserted token); score = sigmoid.
+Both return one logit per token with sigmoid(logit) = step score (for qwen_math, logit = l1 - l0, since
+softmax([l0, l1])[1] = sigmoid(l1 - l0)), so training and scoring share one code path.
+
+HF layout (what `load_prm` reads and `save_prm` writes):
+- backbone tensors under `model.` as in Qwen2ForCausalLM, no `lm_head.weight`;
+- qwen_math: `score.0.weight` [h, h], `score.0.bias` [h], `score.2.weight` [2, h], `score.2.bias` [2], and
+  config.json `architectures: ["Qwen2ForProcessRewardModel"]` (the public Qwen2.5-Math-PRM-7B/72B layout);
+- scalar: `score.weight` [1, h], `score.bias` [1], config.json `"edu_prm_head": "scalar"`.
+config.json may carry `"edu_prm_separator_id"` (the step separator's token id; public checkpoints do not, so
+pass it from the tokenizer, see `training.prm_data.separator_ids`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from edu_prm_jax import parallel
+from edu_prm_jax.models import checkpoints
+from edu_prm_jax.models.config import ConfigError, Qwen2Config, dtype_from_name
+from edu_prm_jax.models.qwen2 import Dense, Qwen2
+from edu_prm_jax.models.safetensors_io import CheckpointError
+
+HEADS = ("qwen_math", "scalar")
+HF_ARCHITECTURE = "Qwen2ForProcessRewardModel"
+BACKBONE_PREFIX = "backbone."
+HEAD_CONFIG_KEY = "edu_prm_head"
+SEPARATOR_CONFIG_KEY = "edu_prm_separator_id"
+
+# HF head tensor name -> (NNX path, transpose); NNX kernels are [in, out], HF Linear weights [out, in].
+HEAD_TENSORS: dict[str, dict[str, tuple[str, bool]]] = {
+    "qwen_math": {
+        "score.0.weight": ("head.hidden.kernel", True),
+        "score.0.bias": ("head.hidden.bias", False),
+        "score.2.weight": ("head.out.kernel", True),
+        "score.2.bias": ("head.out.bias", False),
+    },
+    "scalar": {
+        "score.weight": ("head.out.kernel", True),
+        "score.bias": ("head.out.bias", False),
+    },
+}
+
+
+def _head_cfg(cfg: Qwen2Config) -> Qwen2Config:
+    """Heads compute in float32 whatever the backbone's compute dtype: they are tiny next to the backbone,
+    and the score is a difference of two logits, which bfloat16 would round coarsely."""
+    return cfg.replace(dtype="float32")
+
+
+class QwenMathHead(nnx.Module):
+    """Linear(h, h) - ReLU - Linear(h, 2); returns l1 - l0. The hidden layer is split like an MLP."""
+
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+        h = cfg.hidden_size
+        self.hidden = Dense(h, h, ("embed", "mlp"), bias=True, cfg=_head_cfg(cfg), rngs=rngs)
+        self.out = Dense(h, 2, ("mlp", "head_out"), bias=True, cfg=_head_cfg(cfg), rngs=rngs)
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        two = self.out(jax.nn.relu(self.hidden(hidden.astype(jnp.float32))))
+        return two[..., 1] - two[..., 0]
+
+
+class ScalarHead(nnx.Module):
+    """Linear(h, 1); returns its single logit."""
+
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+        self.out = Dense(cfg.hidden_size, 1, ("embed", "head_out"), bias=True, cfg=_head_cfg(cfg), rngs=rngs)
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        return self.out(hidden.astype(jnp.float32))[..., 0]
+
+
+def _make_head(cfg: Qwen2Config, head: str, rngs: nnx.Rngs) -> nnx.Module:
+    if head == "qwen_math":
+        return QwenMathHead(cfg, rngs)
+    if head == "scalar":
+        return ScalarHead(cfg, rngs)
+    raise ValueError(f"unknown PRM head {head!r}; expected one of {HEADS}")
+
+
+def _backbone_cfg(cfg: Qwen2Config) -> Qwen2Config:
+    # A PRM has no LM head; marking the backbone tied means Qwen2 allocates none (the export keeps cfg as is).
+    return cfg.replace(tie_word_embeddings=True)
+
+
+class PRM(nnx.Module):
+    """Qwen2 backbone + reward head. `prm(tokens, positions, segment_ids)` -> step logit per token [B, T]."""
+
+    def __init__(
+        self,
+        cfg: Qwen2Config,
+        head: str = "qwen_math",
+        *,
+        rngs: nnx.Rngs,
+        separator_id: int | None = None,
+        backbone: Qwen2 | None = None,
+    ):
+        if head not in HEADS:
+            raise ValueError(f"unknown PRM head {head!r}; expected one of {HEADS}")
+        self.cfg = cfg
+        self.head_kind = head
+        self.separator_id = None if separator_id is None else int(separator_id)
+        self.backbone = backbone if backbone is not None else Qwen2(_backbone_cfg(cfg), rngs)
+        self.head = _make_head(cfg, head, rngs)
+
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        hidden, _ = self.backbone.backbone(tokens, positions, segment_ids=segment_ids)
+        return self.head(hidden)
+
+    @property
+    def uses_separator(self) -> bool:
+        """True when steps end in an inserted separator token (qwen_math), False when at their last token."""
+        return self.head_kind == "qwen_math"
+
+    @classmethod
+    def from_policy(
+        cls,
+        policy: Qwen2,
+        head: str = "qwen_math",
+        *,
+        seed: int = 0,
+        separator_id: int | None = None,
+        mesh: Mesh | None = None,
+    ) -> PRM:
+        """A PRM whose backbone shares the policy's weights (no copy; the LM head is dropped) and whose head
+        is freshly initialised. With `mesh`, the head (and backbone) are placed by their logical axes."""
+        cfg: Qwen2Config = policy.cfg
+        abstract = nnx.eval_shape(lambda: Qwen2(_backbone_cfg(cfg), nnx.Rngs(0)))
+        source = checkpoints.flat_params(nnx.state(policy))
+        graphdef, state = nnx.split(abstract)
+
+        def adopt(path: tuple[Any, ...], var: Any) -> Any:
+            if not isinstance(var, nnx.Param):
+                return var
+            name = ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+            value = source[name][...]
+            if tuple(value.shape) != tuple(var.shape):
+                raise ValueError(f"policy parameter {name} has shape {value.shape}, expected {var.shape}")
+            return var.replace(value)
+
+        state = jax.tree_util.tree_map_with_path(adopt, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        prm = cls(
+            cfg, head, rngs=nnx.Rngs(seed), separator_id=separator_id, backbone=nnx.merge(graphdef, state)
+        )
+        if mesh is not None:
+            parallel.shard_model(prm, mesh)
+        return prm
+
+
+# ------------------------------------------------------------------------------------------------- loss
+
+
+def bce_with_logits(logits: jax.Array, targets: jax.Array, pos_weight: float | jax.Array = 1.0) -> jax.Array:
+    """Elementwise -(w * t * log sigmoid(z) + (1 - t) * log sigmoid(-z)) in float32 via log_sigmoid (no
+    overflow for large |z|). Soft targets t in [0, 1]; hard labels are the special case t in {0, 1}."""
+    z = logits.astype(jnp.float32)
+    t = targets.astype(jnp.float32)
+    return -(pos_weight * t * jax.nn.log_sigmoid(z) + (1.0 - t) * jax.nn.log_sigmoid(-z))
+
+
+def masked_bce(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array, pos_weight: float | jax.Array = 1.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean BCE over positions where `mask` is set (step ends), plus step metrics.
+
+    The mean is over step ends (a plain count, not the sum of weights), so `pos_weight` scales the positive
+    terms without changing what one step counts for. A batch with no step ends gives loss 0.
+    Metrics: loss, step_accuracy (sigmoid(z) >= 0.5 vs target >= 0.5), num_steps, num_positive
+    (target >= 0.5), mean_score.
+    """
+    m = mask.astype(jnp.float32)
+    n = jnp.sum(m)
+    denom = jnp.maximum(n, 1.0)
+    loss = jnp.sum(bce_with_logits(logits, targets, pos_weight) * m) / denom
+    z = logits.astype(jnp.float32)
+    positive = targets >= 0.5
+    correct = ((z >= 0.0) == positive).astype(jnp.float32)
+    metrics = {
+        "loss": loss,
+        "step_accuracy": jnp.sum(correct * m) / denom,
+        "num_steps": n,
+        "num_positive": jnp.sum(positive.astype(jnp.float32) * m),
+        "mean_score": jnp.sum(jax.nn.sigmoid(z) * m) / denom,
+    }
+    return loss, metrics
+
+
+def prm_loss(
+    prm: PRM, batch: Mapping[str, jax.Array], pos_weight: float | jax.Array = 1.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss on a packed batch {tokens, positions, segment_ids, step_end_mask, targets} (see prm_data)."""
+    logits = prm(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+    return masked_bce(logits, batch["targets"], batch["step_end_mask"], pos_weight)
+
+
+# ---------------------------------------------------------------------------------------------- HF IO
+
+
+def _head_from_config(raw: dict[str, Any], names: list[str], source: pathlib.Path) -> str:
+    """The head convention: config key first, then the HF architecture, then the tensor names."""
+    if HEAD_CONFIG_KEY in raw:
+        head = raw[HEAD_CONFIG_KEY]
+        if head not in HEADS:
+            raise ConfigError(f"{source}: field {HEAD_CONFIG_KEY!r} = {head!r}, expected one of {HEADS}")
+        return head
+    if HF_ARCHITECTURE in (raw.get("architectures") or []):
+        return "qwen_math"
+    for head, table in HEAD_TENSORS.items():
+        if all(n in names for n in table):
+            return head
+    raise CheckpointError(
+        f"{source}: not a PRM checkpoint: no {HEAD_CONFIG_KEY!r} field, architectures "
+        f"{raw.get('architectures')} and no score.* head tensors"
+    )
+
+
+def hf_to_prm(name: str, head: str) -> tuple[str, bool] | None:
+    """(PRM NNX path, transpose) for an HF tensor name of a PRM checkpoint, or None."""
+    if name in HEAD_TENSORS[head]:
+        return HEAD_TENSORS[head][name]
+    mapped = checkpoints.hf_to_nnx(name)
+    if mapped is None or mapped[0] == "lm_head":
+        return None
+    return BACKBONE_PREFIX + mapped[0], mapped[1]
+
+
+def prm_to_hf(path: str, head: str) -> tuple[str, bool]:
+    """Inverse of `hf_to_prm`."""
+    for name, (nnx_path, transpose) in HEAD_TENSORS[head].items():
+        if nnx_path == path:
+            return name, transpose
+    if not path.startswith(BACKBONE_PREFIX):
+        raise KeyError(path)
+    return checkpoints.nnx_to_hf(path[len(BACKBONE_PREFIX) :])
+
+
+def load_prm(
+    path: str | os.PathLike,
+    mesh: Mesh | None = None,
+    *,
+    head: str | None = None,
+    separator_id: int | None = None,
+    param_dtype: str | None = None,
+    dtype: str | None = None,
+    rules: Mapping[str, Any] | None = None,
+) -> PRM:
+    """Load a PRM from an HF directory (see the module docstring for the layout), streamed onto `mesh`.
+
+    `head` overrides the detected convention; `separator_id` overrides config.json's. An `lm_head.weight`
+    (a causal LM's) is ignored: the PRM never reads it.
+    """
+    directory = pathlib.Path(path)
+    config_path = directory / "config.json"
+    cfg = Qwen2Config.from_file(directory)
+    cfg = cfg.replace(param_dtype=param_dtype or cfg.param_dtype, dtype=dtype or cfg.dtype)
+    raw = json.loads(config_path.read_text())
+    ckpt = checkpoints.HFCheckpoint(directory)
+    head = head or _head_from_config(raw, ckpt.names(), config_path)
+    if head not in HEADS:
+        raise ValueError(f"unknown PRM head {head!r}; expected one of {HEADS}")
+    sep = separator_id if separator_id is not None else raw.get(SEPARATOR_CONFIG_KEY)
+    abstract = nnx.eval_shape(lambda: PRM(cfg, head, rngs=nnx.Rngs(0), separator_id=sep))
+    other_head = {n for h, table in HEAD_TENSORS.items() if h != head for n in table}
+    stray = sorted(n for n in ckpt.names() if n in other_head)
+    if stray:
+        raise CheckpointError(
+            f"{directory}: head {head!r} expected, but found {stray} (another head's tensors)"
+        )
+    missing = [n for n in HEAD_TENSORS[head] if n not in ckpt.names()]
+    if missing:
+        raise CheckpointError(f"{directory}: head {head!r} needs tensor(s) {missing}, which are missing")
+    return checkpoints.load_tensors_into(
+        abstract, ckpt, lambda n: hf_to_prm(n, head), mesh, rules, ignore=lambda n: n == "lm_head.weight"
+    )
+
+
+def prm_hf_config(prm: PRM, dtype_name: str) -> dict[str, Any]:
+    """config.json for an exported PRM: the Qwen2 fields plus the PRM architecture and head/separator keys."""
+    config = prm.cfg.to_hf_dict() | {"torch_dtype": dtype_name, HEAD_CONFIG_KEY: prm.head_kind}
+    if prm.head_kind == "qwen_math":
+        config["architectures"] = [HF_ARCHITECTURE]
+        config["num_labels"] = 2
+    else:
+        config["architectures"] = ["Qwen2ForScalarProcessRewardModel"]
+    if prm.separator_id is not None:
+        config[SEPARATOR_CONFIG_KEY] = prm.separator_id
+    return config
+
+
+def save_prm(
+    prm: PRM,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    shard_bytes: int = checkpoints.DEFAULT_SHARD_BYTES,
+) -> None:
+    """Export to the HF layout `load_prm` reads (written to a temp dir, then renamed into place)."""
+    dtype_name = dtype or prm.cfg.torch_dtype
+    tensors = checkpoints.iter_hf_tensors(
+        prm, lambda p: prm_to_hf(p, prm.head_kind), dtype_from_name(dtype_name)
+    )
+    checkpoints.write_hf_directory(out_dir, prm_hf_config(prm, dtype_name), tensors, shard_bytes)
+
+
+def is_prm_directory(path: str | os.PathLike) -> bool:
+    """Whether `path` holds an HF PRM checkpoint (by config.json), as opposed to a causal LM."""
+    config_path = pathlib.Path(path) / "config.json"
+    if not config_path.is_file():
+        return False
+    raw = json.loads(config_path.read_text())
+    archs = raw.get("architectures") or []
+    return HEAD_CONFIG_KEY in raw or any("ProcessRewardModel" in a for a in archs)

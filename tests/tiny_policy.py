@@ -1,0 +1,19 @@
+"""A tiny random policy with a real (toy SentencePiece) tokenizer, in HF format, for command-level tests."""
+
+from __future__ import annotations
+
+import pathlib
+
+from hf_reference import make_hf_qwen2
+
+from edu_prm_jax.data import toy
+
+
+def make_tiny_policy(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    cfg = toy.ToyConfig()
+    toy.train_toy_tokenizer(list(toy.toy_corpus(400, cfg, seed=1)), out_dir, vocab_size=128)
+    from edu_prm_jax.tokenization import load_tokenizer
+
+    vocab = load_tokenizer(out_dir).vocab_size
+    make_hf_qwen2(out_dir, vocab=-(-vocab // 16) * 16, hidden=32, layers=2, seed=seed)
+    return out_dir
