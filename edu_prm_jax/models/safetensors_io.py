@@ -57,6 +57,8 @@ class SafetensorsFile:
                 header = json.loads(f.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{self.path}: header is not valid JSON ({e})") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: header is JSON {type(header).__name__}, not an object")
         self.metadata = header.pop("__metadata__", {}) or {}
         self._data_start = 8 + header_len
         data_size = size - self._data_start
