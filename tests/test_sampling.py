@@ -177,3 +177,29 @@ def test_sharded_rollouts_equal_single_device(peaked_model, mode):
         else:  # tokens, tree structure and stop reasons must be identical
             np.testing.assert_array_equal(single[key], sharded[key], err_msg=key)
     assert len(jax.devices()) == 8
+
+
+def _scalar_prm(model, bias):
+    from edu_prm_jax.models.prm import PRM
+
+    prm = PRM.from_policy(model, head="scalar", seed=0)
+    prm.head.out.kernel[...] = jnp.zeros_like(prm.head.out.kernel[...])
+    prm.head.out.bias[...] = jnp.full_like(prm.head.out.bias[...], bias)
+    return prm
+
+
+def test_p_edu_prunes_low_scoring_paths_and_keeps_one(peaked_model):
+    _, model = peaked_model
+    prompts = np.random.default_rng(8).integers(0, V - 1, (2, 6)).astype(np.int32)
+    p = DecodeParams(mode="edu", num_slots=6, max_new_tokens=14, tau=0.6, prune_below=0.2)
+    args = (p, model, _tables(), prompts, np.array([6, 6]), np.arange(2))
+    plain = decode(*args)
+    confident = decode(*args, prm=_scalar_prm(model, 50.0))  # every step scores ~1: nothing is pruned
+    for key in plain:
+        np.testing.assert_array_equal(plain[key], confident[key], err_msg=key)
+    doubtful = decode(*args, prm=_scalar_prm(model, -50.0))  # every step scores ~0
+    assert doubtful["pruned_tokens"].sum() > 0
+    for q in range(2):
+        leaves = slots_to_leaves(doubtful, q * 6, 6)
+        assert len(leaves) >= 1  # the last running path of a question is never pruned
+        assert all(leaf.stop_reason != "pruned" for leaf in leaves)

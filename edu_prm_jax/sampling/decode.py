@@ -47,6 +47,7 @@ class DecodeParams:
     max_anchors: int = 16  # per path; also the width of the anchor record
     stop_at_answer: bool = True  # stop a path when its \boxed{...} closes
     seed: int = 0
+    prune_below: float = 0.2  # P-EDU (when a PRM is passed): prune a path whose newest step scores below this
 
     def __post_init__(self) -> None:
         if self.mode not in ("edu", "ht", "greedy"):
@@ -127,7 +128,11 @@ def _fork_plan(p: DecodeParams, cand, prio, used, topk_tokens):
 
 
 def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: jax.Array, prompt_lens: jax.Array,
-                 question_ids: jax.Array) -> dict[str, jax.Array]:
+                 question_ids: jax.Array, prm: nnx.Module | None = None) -> dict[str, jax.Array]:
+    """The rollout loop. With `prm` (a scalar-head PRM) this is P-EDU: the PRM reads every generated token in
+    lockstep with the policy (its own KV cache, forked alongside), and at each step boundary (a position that
+    qualifies as an anchor) a path whose just-finished step scores below `prune_below` is dropped and its slot
+    freed; if every running path of a question is weak, the best-scoring one is spared."""
     q_n, plen = prompts.shape
     m_n, g_n, a_n = p.num_slots, p.max_new_tokens, p.max_anchors
     b_n = q_n * m_n
@@ -139,6 +144,12 @@ def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: ja
     expand = jnp.repeat(jnp.arange(q_n), m_n)
     cache = cache.gather_rows(expand)
     logits = logits[expand]
+    prm_cache = None
+    if prm is not None:
+        prm_cache = KVCache.zeros(prm.backbone.cfg, q_n, plen + g_n)
+        _, prm_cache = prm.backbone.backbone(prompts, cache=prm_cache,
+                                                      write_index=jnp.zeros((q_n,), jnp.int32))
+        prm_cache = prm_cache.gather_rows(expand)  # the prompt scores nothing: last_score starts at 1
     slot = jnp.tile(jnp.arange(m_n), q_n)
     start = (slot == 0) if p.mode != "ht" else jnp.ones((b_n,), bool)
     state = dict(
@@ -149,6 +160,8 @@ def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: ja
         parent=jnp.full((b_n,), -1, jnp.int32), fork_pos=jnp.zeros((b_n,), jnp.int32),
         anchors=jnp.full((b_n, a_n), -1, jnp.int32), n_anchors=jnp.zeros((b_n,), jnp.int32),
         box_on=jnp.zeros((b_n,), bool), box_depth=jnp.zeros((b_n,), jnp.int32),
+        high_entropy=jnp.zeros((b_n, g_n), bool), prm_cache=prm_cache, last_score=jnp.ones((b_n,), jnp.float32),
+        pruned_tokens=jnp.zeros((q_n,), jnp.int32),
     )
     seq_w = tables.stop_seqs.shape[1]
     row_ids = jnp.arange(b_n)
@@ -166,9 +179,22 @@ def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: ja
             keys = _row_keys(p.seed, question_ids, m_n, t)
             tok = sample_tokens(z, keys, p.temperature, p.top_k, p.top_p)
         history = ("tokens", "logprobs", "entropies", "gen_len", "active", "used", "stop", "parent", "fork_pos",
-                   "anchors", "n_anchors", "box_on", "box_depth", "cache_len")
+                   "anchors", "n_anchors", "box_on", "box_depth", "cache_len", "high_entropy", "last_score")
+        qualifies = (ent > p.tau) & ~tables.symbol[topk[:, 0]]
+        if prm is not None:
+            s = dict(s)
+            weak = (s["active"] & qualifies & (t > 0) & (s["last_score"] < p.prune_below)).reshape(q_n, m_n)
+            survivors = jnp.sum(s["active"].reshape(q_n, m_n) & ~weak, axis=-1, keepdims=True)
+            # if every running path is weak, the best-scoring one (lowest slot on ties) is spared
+            best = jnp.argmax(jnp.where(weak, s["last_score"].reshape(q_n, m_n), -jnp.inf), axis=-1)
+            spare = (survivors == 0) & (jnp.arange(m_n)[None, :] == best[:, None])
+            prune = (weak & ~spare).reshape(-1)
+            own = (s["gen_len"] - s["fork_pos"]) * prune
+            s["pruned_tokens"] = s["pruned_tokens"] + own.reshape(q_n, m_n).sum(-1)
+            s["stop"] = jnp.where(prune, STOP_PRUNED, s["stop"])
+            s["active"], s["used"] = s["active"] & ~prune, s["used"] & ~prune
         if p.mode == "edu":
-            cand = s["active"] & (ent > p.tau) & ~tables.symbol[topk[:, 0]] & (s["n_anchors"] < a_n)
+            cand = s["active"] & qualifies & (s["n_anchors"] < a_n)
             prio = ent if p.threshold_mode == "budget" else -slot.astype(jnp.float32)
             src, child_tok, is_child, is_anchor = _fork_plan(
                 p, cand.reshape(q_n, m_n), prio.reshape(q_n, m_n), s["used"].reshape(q_n, m_n),
@@ -185,7 +211,8 @@ def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: ja
                 s[name] = jnp.where(is_child.reshape((-1,) + (1,) * (s[name].ndim - 1)), s[name][src_row], s[name])
             z = jnp.where(is_child[:, None], z[src_row], z)
             ent, log_z = jnp.where(is_child, ent[src_row], ent), jnp.where(is_child, log_z[src_row], log_z)
-            s["cache"] = jax.lax.cond(jnp.any(is_child), lambda c: c.gather_rows(src_row), lambda c: c, s["cache"])
+            for name in ("cache", "prm_cache") if prm is not None else ("cache",):
+                s[name] = jax.lax.cond(jnp.any(is_child), lambda c: c.gather_rows(src_row), lambda c: c, s[name])
             tok = jnp.where(is_child, child_tok.reshape(-1), tok)
             s["parent"] = jnp.where(is_child, src.reshape(-1), s["parent"])  # a slot index within the question
             s["fork_pos"] = jnp.where(is_child, t, s["fork_pos"])
@@ -195,6 +222,7 @@ def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: ja
         s["tokens"] = s["tokens"].at[row_ids, write].set(tok, mode="drop")
         s["logprobs"] = s["logprobs"].at[row_ids, write].set(logp, mode="drop")
         s["entropies"] = s["entropies"].at[row_ids, write].set(ent, mode="drop")
+        s["high_entropy"] = s["high_entropy"].at[row_ids, write].set(qualifies, mode="drop")
         s["gen_len"] = s["gen_len"] + active
         # stops
         eos = tables.eos[tok]
@@ -213,6 +241,11 @@ def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: ja
         s["active"] = active & ~stopping
         logits, cache = model(tok[:, None], cache=s["cache"], write_index=s["cache_len"])
         s["logits"], s["cache"] = logits[:, 0], cache
+        if prm is not None:
+            prm_hidden, s["prm_cache"] = prm.backbone.backbone(tok[:, None], cache=s["prm_cache"],
+                                                               write_index=s["cache_len"])
+            score = jax.nn.sigmoid(prm.head(prm_hidden)[:, 0])
+            s["last_score"] = jnp.where(active, score, s["last_score"])
         s["cache_len"] = s["cache_len"] + active
         s["step"] = t + 1
         return s
@@ -222,49 +255,59 @@ def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: ja
 
     out = jax.lax.while_loop(cond, body, state)
     return {k: out[k] for k in ("tokens", "logprobs", "entropies", "gen_len", "used", "stop", "parent", "fork_pos",
-                                "anchors", "n_anchors")}
+                                "anchors", "n_anchors", "high_entropy", "pruned_tokens")}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _decode_jit(p: DecodeParams, graphdef: Any, state: Any, tables: Tables, prompts, prompt_lens, question_ids):
-    return _decode_loop(p, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _decode_jit(p: DecodeParams, graphdef: Any, prm_graphdef: Any, state: Any, prm_state: Any, tables: Tables,
+                prompts, prompt_lens, question_ids):
+    prm = nnx.merge(prm_graphdef, prm_state) if prm_graphdef is not None else None
+    return _decode_loop(p, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids, prm)
 
 
 def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarray, prompt_lens: np.ndarray,
-           question_ids: np.ndarray, mesh: Mesh | None = None) -> dict[str, np.ndarray]:
+           question_ids: np.ndarray, mesh: Mesh | None = None, prm: nnx.Module | None = None
+           ) -> dict[str, np.ndarray]:
     """Run the rollout loop for a bucket of questions; returns host arrays with rows q*M + m.
 
     With a mesh whose 'data' axis is > 1, questions are sharded over 'data' with `jax.shard_map` (manual over
     'data' only, so params keep their fsdp/tensor sharding) and each device forks within its own questions.
     """
     graphdef, state = nnx.split(model)
+    if prm is not None and getattr(prm, "uses_separator", False):
+        raise ValueError("P-EDU needs a scalar-head PRM (scores at a step's last token); this PRM reads an "
+                         "inserted separator token")
+    prm_graphdef, prm_state = nnx.split(prm) if prm is not None else (None, None)
     args = (jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32),
             jnp.asarray(question_ids, jnp.int32))
     if mesh is None or mesh.shape.get("data", 1) == 1:
-        out = _decode_jit(p, graphdef, state, tables, *args)
+        out = _decode_jit(p, graphdef, prm_graphdef, state, prm_state, tables, *args)
     else:
         from edu_prm_jax.parallel import state_shardings
 
         state = jax.device_put(state, state_shardings(state, mesh))  # no-op when already placed
+        if prm_state is not None:
+            prm_state = jax.device_put(prm_state, state_shardings(prm_state, mesh))
         tables = jax.device_put(tables, NamedSharding(mesh, PartitionSpec()))
-        out = _sharded_decode(p, graphdef, mesh)(state, tables, *args)
+        out = _sharded_decode(p, graphdef, prm_graphdef, mesh)(state, prm_state, tables, *args)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_decode(p: DecodeParams, graphdef: Any, mesh: Mesh):
+def _sharded_decode(p: DecodeParams, graphdef: Any, prm_graphdef: Any, mesh: Mesh):
     data = PartitionSpec("data")
 
-    def local(state, tables, prompts, prompt_lens, question_ids):
-        return _decode_loop(p, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids)
+    def local(state, prm_state, tables, prompts, prompt_lens, question_ids):
+        prm = nnx.merge(prm_graphdef, prm_state) if prm_graphdef is not None else None
+        return _decode_loop(p, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids, prm)
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), data, data, data),
-                       out_specs=data, axis_names={"data"}, check_vma=False)
-
+    rep = PartitionSpec()
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep, data, data, data), out_specs=data,
+                       axis_names={"data"}, check_vma=False)
     jitted = jax.jit(fn)
 
-    def run(state, tables, prompts, prompt_lens, question_ids):
+    def run(state, prm_state, tables, prompts, prompt_lens, question_ids):
         put = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))  # noqa: E731
-        return jitted(state, tables, put(prompts), put(prompt_lens), put(question_ids))
+        return jitted(state, prm_state, tables, put(prompts), put(prompt_lens), put(question_ids))
 
     return run

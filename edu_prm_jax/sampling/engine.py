@@ -31,6 +31,7 @@ class Leaf:
     logprobs: list[float]
     anchors: list[int]  # generated-token indices where this path (or an ancestor) branched: step boundaries
     stop_reason: str
+    high_entropy: list[int] = dataclasses.field(default_factory=list)  # indices that qualified as anchors
     text: str = ""
 
     @property
@@ -63,8 +64,21 @@ def slots_to_leaves(out: dict[str, np.ndarray], row0: int, num_slots: int) -> li
             token_ids=out["tokens"][r, :n].tolist(), entropies=out["entropies"][r, :n].tolist(),
             logprobs=out["logprobs"][r, :n].tolist(),
             anchors=[int(a) for a in out["anchors"][r, : int(out["n_anchors"][r])]],
-            stop_reason=STOP_NAMES[int(out["stop"][r])]))
+            stop_reason=STOP_NAMES[int(out["stop"][r])],
+            high_entropy=np.flatnonzero(out["high_entropy"][r, :n]).tolist()))
     return leaves
+
+
+@dataclasses.dataclass
+class Tree:
+    """All leaves of one question, plus the tokens of paths P-EDU pruned (they were generated, so they cost)."""
+
+    leaves: list[Leaf]
+    pruned_tokens: int = 0
+
+    @property
+    def cost(self) -> int:
+        return distinct_tokens(self.leaves) + self.pruned_tokens
 
 
 class Sampler:
@@ -72,8 +86,8 @@ class Sampler:
 
     def __init__(self, model: nnx.Module, tokenizer: Any, params: DecodeParams, *, mesh: Mesh | None = None,
                  batch_questions: int = 8, prompt_bucket: int = 32, stop_strings: Sequence[str] = (),
-                 extra_symbols: str = "", disable_symbols: bool = False):
-        self.model, self.tokenizer, self.params, self.mesh = model, tokenizer, params, mesh
+                 extra_symbols: str = "", disable_symbols: bool = False, prm: nnx.Module | None = None):
+        self.model, self.tokenizer, self.params, self.mesh, self.prm = model, tokenizer, params, mesh, prm
         self.prompt_bucket = prompt_bucket
         data = mesh.shape.get("data", 1) if mesh is not None else 1
         self.batch_questions = -(-batch_questions // data) * data
@@ -86,6 +100,11 @@ class Sampler:
 
     def sample_ids(self, prompts: Sequence[Sequence[int]], question_ids: Sequence[int]) -> Iterator[list[Leaf]]:
         """Leaves for each prompt (token ids), in order; question_ids key the randomness."""
+        for tree in self.sample_trees(prompts, question_ids):
+            yield tree.leaves
+
+    def sample_trees(self, prompts: Sequence[Sequence[int]], question_ids: Sequence[int]) -> Iterator[Tree]:
+        """A Tree per prompt (token ids), in order; question_ids key the randomness."""
         p, bq = self.params, self.batch_questions
         for start in range(0, len(prompts), bq):
             chunk = list(prompts[start:start + bq])
@@ -102,12 +121,12 @@ class Sampler:
                 arr[i, :len(toks)] = toks
                 lens[i] = len(toks)
                 ids[i] = qids[i]
-            out = decode(p, self.model, self.tables, arr, lens, ids, self.mesh)
+            out = decode(p, self.model, self.tables, arr, lens, ids, self.mesh, prm=self.prm)
             for i in range(n_real):
                 leaves = slots_to_leaves(out, i * p.num_slots, p.num_slots)
                 for leaf in leaves:
                     leaf.text = self.tokenizer.decode(leaf.token_ids)
-                yield leaves
+                yield Tree(leaves, int(out["pruned_tokens"][i]))
 
     def sample_questions(self, questions: Iterable[str], question_ids: Sequence[int] | None = None
                          ) -> Iterator[list[Leaf]]:

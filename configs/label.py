@@ -1,0 +1,36 @@
+"""`edu-prm label`: Monte Carlo step labels for sampled trees (EDU) or Math-Shepherd line steps.
+
+Examples:
+  edu-prm label --workdir=runs/toy                                      # EDU tree labels of samples_edu
+  edu-prm label --config.target=hard --workdir=runs/toy                 # Math-Shepherd hard targets 1[v > 0]
+  edu-prm label --config.method=shepherd --config.shepherd_k=8 --workdir=runs/toy
+  edu-prm label --config.extra_rollouts_min_leaves=4 --config.extra_rollouts_k=4 --workdir=runs/toy
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+from configs.sample import sampling_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.samples = ""  # Dir of `sample` shards (trees-*.jsonl); empty = <workdir>/samples_edu.
+    config.output = ""  # Output dir for steps-*.jsonl, tfds/ and label_stats.json; empty = <workdir>/labels.
+    config.target = "edu"  # Label target: edu (MC value v), hard (Math-Shepherd 1[v > 0]) or soft (v).
+    config.method = "edu"  # edu: steps = anchor spans, v from tree leaves; shepherd: line steps + k completions.
+    config.extra_rollouts_min_leaves = 0  # m: extra HT rollouts for internal nodes with < m leaves; 0 = off.
+    config.extra_rollouts_k = 4  # HT continuations per node that gets extra rollouts.
+    config.shepherd_k = 8  # method=shepherd: HT completions per step prefix.
+    config.policy = "toy"  # Policy for rollouts (and its tokenizer): 'toy', an HF dir or an Orbax dir.
+    config.tokenizer = ""  # Tokenizer dir; empty = the policy dir.
+    config.sampling = sampling_config("ht")  # Rollout sampler settings (mode/num_leaves are set per use).
+    config.batch_questions = 8  # Rollout prompts decoded together.
+    config.prompt_bucket = 32  # Rollout prompt lengths are padded to a multiple of this.
+    config.dtype = "float32"  # Compute dtype of the policy.
+    config.mesh = common.mesh_config()  # Device mesh for rollouts; prompts are sharded over 'data'.
+    config.num_shards = 0  # Output shards; 0 = as many as the input (a rerun skips finished ones).
+    config.tfds = True  # Also write the TFDS array_record dataset <output>/tfds/labels for training.
+    return config
