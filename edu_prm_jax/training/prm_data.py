@@ -283,6 +283,15 @@ def score_solutions(
         if max_len is not None and len(ex.tokens) > max_len:
             raise PRMDataError(f"item {i}: {len(ex.tokens)} tokens exceed max_len={max_len}")
         examples.append(ex)
+    return score_examples(prm, examples, batch_size=batch_size, bucket=bucket)
+
+
+def score_examples(prm: Any, examples: Sequence[PRMExample], *, batch_size: int = 8, bucket: int = SCORE_BUCKET
+                   ) -> list[list[float]]:
+    """Step scores for built examples (token ids with step ends marked), in input order.
+
+    Examples are sorted by length and right-padded to a multiple of `bucket`, so the jitted forward compiles
+    once per length bucket whatever the number of examples."""
     graphdef, state = nnx.split(prm)
     results: list[list[float]] = [[] for _ in examples]
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))

@@ -1,0 +1,89 @@
+"""Best-of-N selection: aggregate step scores into a solution score, then pick one candidate per question.
+
+Conventions (documented because papers differ):
+- A candidate without a final answer is kept and scored like any other; if a PRM selector picks it, the
+  question counts as wrong. It casts no vote in majority / weighted voting; when no candidate of a question has
+  an answer, every vote-based selector is wrong for it.
+- Answers vote by `answers.normalize_answer` key (two answers with the same key are the same answer).
+- Ties: the earliest candidate wins (candidates are in sampling order), so selection is deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from edu_prm_jax.labeling.answers import normalize_answer
+
+AGGREGATORS: dict[str, Callable[[Sequence[float]], float]] = {
+    "min": lambda s: float(min(s)),
+    "last": lambda s: float(s[-1]),
+    "product": lambda s: float(math.prod(s)),
+    "mean": lambda s: float(sum(s) / len(s)),
+}
+
+
+@dataclasses.dataclass
+class Candidate:
+    answer: str | None  # extracted final answer (None when the solution has none)
+    correct: bool
+    step_scores: list[float]
+
+    def score(self, aggregator: str) -> float:
+        if not self.step_scores:
+            return 0.0
+        return AGGREGATORS[aggregator](self.step_scores)
+
+
+def prm_best(cands: Sequence[Candidate], aggregator: str = "min") -> Candidate | None:
+    if not cands:
+        return None
+    scores = [c.score(aggregator) for c in cands]
+    return cands[int(np.argmax(scores))]  # argmax returns the first maximum
+
+
+def _vote(cands: Sequence[Candidate], weight: Callable[[Candidate], float]) -> Candidate | None:
+    totals: dict[str, float] = {}
+    first: dict[str, Candidate] = {}
+    for c in cands:
+        if c.answer is None:
+            continue
+        key = normalize_answer(c.answer)
+        totals[key] = totals.get(key, 0.0) + weight(c)
+        first.setdefault(key, c)
+    if not totals:
+        return None
+    best = max(totals.values())
+    winner = next(k for k in totals if totals[k] == best)  # insertion order: first seen wins ties
+    return first[winner]
+
+
+def majority_vote(cands: Sequence[Candidate]) -> Candidate | None:
+    return _vote(cands, lambda c: 1.0)
+
+
+def weighted_vote(cands: Sequence[Candidate], aggregator: str = "min") -> Candidate | None:
+    return _vote(cands, lambda c: c.score(aggregator))
+
+
+def select_all(cands: Sequence[Candidate]) -> dict[str, bool]:
+    """Correctness of every selector for one question's candidates."""
+    out = {f"prm_{agg}": bool(c and c.correct) for agg in AGGREGATORS for c in [prm_best(cands, agg)]}
+    maj, wv = majority_vote(cands), weighted_vote(cands)
+    out["majority"] = bool(maj and maj.correct)
+    out["weighted_vote"] = bool(wv and wv.correct)
+    out["pass@n"] = any(c.correct for c in cands)
+    return out
+
+
+SELECTORS = tuple(f"prm_{a}" for a in AGGREGATORS) + ("majority", "weighted_vote", "pass@n")
+
+
+def step_spans(num_tokens: int, boundaries: Sequence[int]) -> list[tuple[int, int]]:
+    """Token spans [start, end) of steps that start at each boundary index (empty spans dropped)."""
+    cuts = sorted({b for b in boundaries if 0 < b < num_tokens})
+    edges = [0, *cuts, num_tokens]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]

@@ -1,0 +1,47 @@
+"""Sampled trees -> scored Best-of-N candidates.
+
+Step boundaries for scoring: EDU / P-EDU leaves split at their anchors (exactly how the PRM's training steps
+were cut). HT and greedy samples have no forks, so they split at their `high_entropy` indices: the positions
+where the policy's temperature-1 entropy (computed in-graph from the same logits, i.e. the teacher-forced
+entropy of the sampled text) exceeded tau with a non-symbol top-1 token — the positions EDU would have
+branched at given free slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from edu_prm_jax.evaluation.bon import Candidate, step_spans
+from edu_prm_jax.labeling.answers import extract_answer, is_correct
+from edu_prm_jax.training.prm_data import build_example, score_examples
+
+
+def leaf_steps(leaf: dict[str, Any], split: str) -> list[list[int]]:
+    """Token ids of each step of a leaf; `split` is 'anchors' or 'high_entropy'."""
+    ids = leaf["token_ids"]
+    return [ids[a:b] for a, b in step_spans(len(ids), leaf[split])]
+
+
+def score_records(prm: Any, records: Sequence[dict[str, Any]], split: str, batch_size: int = 32
+                  ) -> list[list[Candidate]]:
+    """One list of scored candidates per tree record (leaves in slot order)."""
+    examples, owners = [], []
+    for qi, rec in enumerate(records):
+        for leaf in rec["leaves"]:
+            steps = leaf_steps(leaf, split)
+            if not steps:  # a path that generated nothing still is a candidate (no answer, score 0)
+                owners.append((qi, leaf, None))
+                continue
+            record = {"prompt_ids": rec["prompt_ids"], "step_ids": steps, "labels": [0.0] * len(steps)}
+            examples.append(build_example(record, convention=prm.head_kind, separator_id=prm.separator_id,
+                                          record_id=f"{rec['id']}/{leaf['slot']}"))
+            owners.append((qi, leaf, len(examples) - 1))
+    scores = score_examples(prm, examples, batch_size=batch_size) if examples else []
+    out: list[list[Candidate]] = [[] for _ in records]
+    for qi, leaf, ex in owners:
+        gold = records[qi].get("answer")
+        text = leaf["text"]
+        out[qi].append(Candidate(answer=extract_answer(text), correct=bool(gold is not None and is_correct(text, gold)),
+                                 step_scores=scores[ex] if ex is not None else []))
+    return out

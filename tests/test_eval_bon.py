@@ -1,0 +1,34 @@
+"""`edu-prm eval-bon` end to end on a tiny random policy and PRM: report files and token accounting."""
+
+import json
+
+from tiny_policy import make_tiny_policy
+
+from edu_prm_jax import cli
+from edu_prm_jax.data.records import read_shards
+from edu_prm_jax.models.checkpoints import load_hf_model
+from edu_prm_jax.models.prm import PRM, save_prm
+
+
+def test_eval_bon_writes_report_and_counts_tokens(tmp_path):
+    policy = make_tiny_policy(tmp_path / "policy")
+    save_prm(PRM.from_policy(load_hf_model(policy), head="scalar", seed=1), tmp_path / "w" / "prm" / "hf")
+    argv = ["eval-bon", f"--workdir={tmp_path / 'w'}", f"--config.policy={policy}", "--config.questions=toy:test:4",
+            "--config.n_grid=1,2", "--config.seeds=0,1", "--config.sampling.max_new_tokens=10",
+            "--config.sampling.tau=0.5", "--config.batch_questions=4"]
+    assert cli.main(argv) == 0
+    out = tmp_path / "w" / "eval_bon"
+    for name in ("report.md", "results.json", "bon_accuracy_vs_n.png", "bon_accuracy_vs_tokens.png"):
+        assert (out / name).is_file(), name
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {(r["sampler"], r["n"], r["seed"]) for r in runs} == {
+        (s, n, seed) for s in ("ht", "edu", "p-edu") for n in (1, 2) for seed in (0, 1)}
+    ht_trees = list(read_shards(out / "runs" / "ht_n2_s1", "trees"))
+    for n in (1, 2):
+        expected = sum(len(leaf["token_ids"]) for t in ht_trees for leaf in t["leaves"][:n]) / len(ht_trees)
+        got = next(r["tokens"] for r in runs if (r["sampler"], r["n"], r["seed"]) == ("ht", n, 1))
+        assert got == expected
+    for r in runs:
+        assert r["pass@n"] >= max(r[k] for k in r if k.startswith("prm_") or k in ("majority", "weighted_vote"))
+    edu = [r for r in runs if r["sampler"] == "edu" and r["n"] == 1]
+    assert edu[0]["tokens"] == edu[1]["tokens"]  # greedy EDU trees are shared across seeds
