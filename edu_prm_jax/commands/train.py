@@ -1,0 +1,72 @@
+"""`edu-prm train`: PRM training on labelled steps; exports the final PRM to <workdir>/prm/hf."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import ml_collections
+from absl import logging
+
+from edu_prm_jax import parallel
+from edu_prm_jax.api import load_model, load_tokenizer
+from edu_prm_jax.data.questions import resolve_policy
+from edu_prm_jax.data.records import write_json_atomic
+from edu_prm_jax.models.prm import PRM, load_prm, prm_loss, save_prm
+from edu_prm_jax.training.loop import TrainConfig, Trainer
+from edu_prm_jax.training.optim import OptimConfig
+from edu_prm_jax.training.prm_data import separator_ids
+from edu_prm_jax.training.prm_train import PackedStream, load_label_records, make_eval_fn, split_records, to_examples
+
+DESCRIPTION = "Train a PRM (policy backbone + reward head) on MC-labelled steps; Orbax checkpoints, resume."
+
+
+def build_prm(config: ml_collections.ConfigDict, mesh) -> PRM:
+    if config.init_prm:
+        return load_prm(config.init_prm, mesh, dtype=config.dtype)
+    policy_dir = resolve_policy(config.policy)
+    policy = load_model(policy_dir, dtype=config.dtype, mesh=mesh)
+    sep = separator_ids(load_tokenizer(policy_dir), config.separator) if config.head == "qwen_math" else None
+    return PRM.from_policy(policy, head=config.head, seed=config.seed, separator_id=sep, mesh=mesh)
+
+
+def make_trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, prm: PRM, eval_fn, mesh) -> Trainer:
+    updates = max(1, config.steps // config.accum_steps)
+    optim = OptimConfig(learning_rate=config.learning_rate, warmup_steps=min(config.warmup_steps, updates - 1),
+                        total_steps=updates, end_lr_fraction=config.end_lr_fraction,
+                        weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+                        accum_steps=config.accum_steps, trainable=r"^head\." if config.freeze_backbone else None)
+    train_cfg = TrainConfig(steps=config.steps, log_every=10, eval_every=config.eval_every,
+                            checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+                            best_metric="step_auroc", best_mode="max", peak_flops_per_device=config.peak_flops)
+    pos_weight = config.pos_weight
+    return Trainer(prm, lambda m, b: prm_loss(m, b, pos_weight), optim, train_cfg, workdir / "prm", mesh=mesh,
+                   eval_fn=eval_fn, config=config.to_dict())
+
+
+def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    labels_dir = pathlib.Path(config.labels) if config.labels else workdir / "labels"
+    export_dir = workdir / "prm" / "hf"
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    records = load_label_records(labels_dir)
+    train_records, held = split_records(records, config.eval_fraction)
+    prm = build_prm(config, mesh)
+    train_ex, eval_ex = to_examples(train_records, prm, config.seq_len), to_examples(held, prm, config.seq_len)
+    dropped = len(train_records) + len(held) - len(train_ex) - len(eval_ex)
+    logging.info("PRM data: %d train / %d eval solutions (%d longer than seq_len=%d dropped)", len(train_ex),
+                 len(eval_ex), dropped, config.seq_len)
+    stream = PackedStream(train_ex, config.seq_len, config.rows, config.seed)
+    trainer = make_trainer(config, workdir, prm, make_eval_fn(eval_ex, config.seq_len, config.rows,
+                                                              config.pos_weight), mesh)
+    try:
+        metrics = trainer.train(stream)
+    finally:
+        trainer.close()
+    if metrics.get("preempted"):
+        logging.warning("stopped by SIGTERM at step %d; rerun with the same workdir to resume", trainer.step)
+        return
+    save_prm(trainer.model, export_dir)
+    summary = {"train_solutions": len(train_ex), "eval_solutions": len(eval_ex), "dropped_too_long": dropped,
+               **metrics}
+    write_json_atomic(workdir / "prm" / "train_summary.json", summary)
+    logging.info("PRM exported to %s\n%s", export_dir, json.dumps(summary, indent=2))
