@@ -1,0 +1,27 @@
+"""`edu-prm eval-processbench`: ProcessBench F1 of a PRM on the four subsets.
+
+Example: edu-prm eval-processbench --config.prm=runs/toy/prm/hf --config.data=../shared/data/processbench
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.prm = ""  # PRM in HF format; empty = <workdir>/prm/hf.
+    config.tokenizer = ""  # Tokenizer dir; empty = the PRM dir, else the toy policy.
+    config.data = "../shared/data/processbench"  # Directory with gsm8k.json, math.json, olympiadbench.json, omnimath.json.
+    config.subsets = "gsm8k,math,olympiadbench,omnimath"  # Comma-separated subsets to evaluate.
+    config.limit = 0  # Items per subset (first N, both classes in proportion; 0 = all). Partial runs say so.
+    config.theta = 0.5  # Fixed threshold: the first step scoring below it is the predicted error.
+    config.theta_split = "gsm8k"  # Subset on which the 'chosen' threshold is tuned.
+    config.step_joiner = "\n\n"  # Appended to every step but the last (how steps are joined in the text).
+    config.max_tokens = 4096  # Longest scored sequence; later steps of a longer item are left unscored.
+    config.batch_size = 8  # Items per PRM forward.
+    config.dtype = "float32"  # Compute dtype of the PRM.
+    config.mesh = common.mesh_config()  # Device mesh.
+    return config
