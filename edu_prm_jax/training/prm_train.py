@@ -141,7 +141,8 @@ def make_eval_fn(examples: Sequence[PRMExample], seq_len: int, rows: int, pos_we
             losses.append(float(loss))
             weights.append(int(mask.sum()))
         s, t = np.concatenate(scores), np.concatenate(targets)
-        return {"loss": float(np.average(losses, weights=weights)), "step_accuracy": float(((s >= 0.5) == (t >= 0.5)).mean()),
+        accuracy = float(((s >= 0.5) == (t >= 0.5)).mean())
+        return {"loss": float(np.average(losses, weights=weights)), "step_accuracy": accuracy,
                 "step_auroc": auroc(s, t >= 0.5), "steps": float(len(s))}
 
     return eval_fn
