@@ -1,0 +1,91 @@
+"""`edu-prm pipeline`: sample -> label -> train -> eval-bon -> eval-processbench, then one report.md.
+
+Each stage is the same code as its own subcommand, reads only the previous stage's files in the workdir and
+resumes where it stopped (finished shards are skipped, training restarts from its last checkpoint, sampling
+runs of the evaluation are cached), so rerunning the command after an interruption finishes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import time
+
+import ml_collections
+from absl import logging
+
+from edu_prm_jax import config_utils
+from edu_prm_jax.commands import eval_bon, eval_processbench, label, sample, train
+from edu_prm_jax.data.records import write_text_atomic
+
+DESCRIPTION = "Run the whole method (sample, label, train, eval-bon, eval-processbench) and write report.md."
+
+STAGES = {"sample": sample, "label": label, "train": train, "eval_bon": eval_bon, "processbench": eval_processbench}
+SHARED = ("policy", "dtype", "mesh")
+
+
+def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    sub = ml_collections.ConfigDict(config[name].to_dict())
+    for field in SHARED:
+        if field in sub:
+            sub[field] = config[field]
+    return sub
+
+
+def _section(path: pathlib.Path, image_prefix: str) -> str:
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    return re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", rf"![\1]({image_prefix}/\2)", text)
+
+
+def write_report(config: ml_collections.ConfigDict, workdir: pathlib.Path, timings: dict[str, float]) -> pathlib.Path:
+    parts = ["# EDU-PRM pipeline report", "", f"Workdir: `{workdir}`", ""]
+    stats = workdir / "labels" / "label_stats.json"
+    if stats.is_file():
+        s = json.loads(stats.read_text())
+        parts += ["## Labels", "", "| statistic | value |", "|---|---|"]
+        parts += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in s.items()]
+        parts.append("")
+    summary = workdir / "prm" / "train_summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        parts += ["## PRM training", "", "| metric | value |", "|---|---|"]
+        parts += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in s.items()]
+        parts.append("")
+    parts.append(_section(workdir / "eval_bon" / "report.md", "eval_bon"))
+    parts.append(_section(workdir / "processbench" / "report.md", "processbench"))
+    parts += ["## Stage wall times (this invocation)", "", "| stage | seconds |", "|---|---|"]
+    parts += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    parts += ["", "## Config", "", "```json", json.dumps(config.to_dict(), indent=2, default=str), "```", ""]
+    out = workdir / "report.md"
+    write_text_atomic(out, "\n".join(parts))
+    return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    stages = [s for s in config.stages.split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"config.stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    timings: dict[str, float] = {}
+    for name in STAGES:
+        if name not in stages:
+            continue
+        sub = stage_config(config, name)
+        if name == "processbench" and not pathlib.Path(sub.data).is_dir():
+            logging.warning("ProcessBench data %s not found: stage skipped", sub.data)
+            continue
+        if name == "train" and (workdir / "prm" / "train_summary.json").is_file() and \
+                (workdir / "prm" / "hf" / "config.json").is_file():
+            logging.info("train: finished earlier (%s), skipped", workdir / "prm" / "train_summary.json")
+            continue
+        file_name = "train" if name == "train" else name
+        config_utils.write_config_json(sub, workdir / f"{file_name}_config.json")
+        logging.info("pipeline stage %s", name)
+        start = time.time()
+        STAGES[name].run(sub, workdir)
+        timings[name] = time.time() - start
+    report = write_report(config, workdir, timings)
+    logging.info("pipeline report: %s", report)

@@ -1,0 +1,54 @@
+"""`edu-prm score`: step scores for JSONL solutions (each step tokenised on its own, so step ends are exact)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections
+from absl import logging
+
+from edu_prm_jax.api import load_tokenizer
+from edu_prm_jax.data.questions import TOY_POLICY_DIR
+from edu_prm_jax.data.records import DataError, ListOf, read_jsonl, write_jsonl_atomic
+from edu_prm_jax.models.prm import load_prm
+from edu_prm_jax.training.prm_data import build_example, score_examples
+
+DESCRIPTION = "Step scores for solutions given as JSONL (problem or prompt + a list of steps) with a PRM."
+
+
+def _validate(record: dict) -> None:
+    if "problem" not in record and "prompt" not in record:
+        raise DataError("needs 'problem' (chat template applied) or 'prompt' (verbatim)", field="problem")
+    steps = record.get("steps")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+        raise DataError(f"expected a non-empty list of strings, got {ListOf(str)!r} violated", field="steps")
+
+
+def find_tokenizer_dir(prm_dir: pathlib.Path, override: str) -> pathlib.Path:
+    if override:
+        return pathlib.Path(override)
+    for d in (prm_dir, TOY_POLICY_DIR):
+        if any((d / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+            return d
+    return prm_dir
+
+
+def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    if not config.input:
+        raise ValueError("config.input is not set (pass --config.input=FILE.jsonl)")
+    records = list(read_jsonl(config.input, _validate))  # all lines validated before any scoring
+    prm_dir = pathlib.Path(config.prm) if config.prm else workdir / "prm" / "hf"
+    prm = load_prm(prm_dir, dtype=config.dtype)
+    tokenizer = load_tokenizer(find_tokenizer_dir(prm_dir, config.tokenizer))
+    examples = []
+    for r in records:
+        prompt = r["prompt"] if "prompt" in r else tokenizer.apply_chat_template(r["problem"])
+        steps = [s + (config.step_joiner if i < len(r["steps"]) - 1 else "") for i, s in enumerate(r["steps"])]
+        record = {"prompt_ids": tokenizer.encode(prompt), "step_ids": [tokenizer.encode(s) for s in steps],
+                  "labels": [0.0] * len(steps)}
+        examples.append(build_example(record, convention=prm.head_kind, separator_id=prm.separator_id,
+                                      record_id=r.get("id")))
+    scores = score_examples(prm, examples, batch_size=config.batch_size)
+    out = pathlib.Path(config.output) if config.output else workdir / "scores.jsonl"
+    write_jsonl_atomic(out, [{**r, "step_scores": s} for r, s in zip(records, scores)])
+    logging.info("scored %d solutions -> %s", len(records), out)
