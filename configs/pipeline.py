@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
 from configs import eval_bon as eval_bon_config
 from configs import eval_processbench as processbench_config
 from configs import label as label_config
@@ -27,7 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.stages = STAGES  # Comma-separated stages to run, in pipeline order.
     config.policy = "toy"  # Policy for every stage: 'toy' (shipped), an HF dir or an Orbax dir.
     config.dtype = "float32"  # Compute dtype for every stage.
-    config.mesh = common.mesh_config()  # Device mesh for every stage.
     config.sample = sample_config.get_config("edu")  # Stage 1: EDU trees on training questions.
     config.sample.questions = "toy:train:256"
     config.sample.sampling.num_leaves = 8

@@ -22,7 +22,7 @@ from edu_prm_jax.data.records import write_text_atomic
 DESCRIPTION = "Run the whole method (sample, label, train, eval-bon, eval-processbench) and write report.md."
 
 STAGES = {"sample": sample, "label": label, "train": train, "eval_bon": eval_bon, "processbench": eval_processbench}
-SHARED = ("policy", "dtype", "mesh")
+SHARED = ("policy", "dtype")  # set once for all stages; meshes stay per stage (sampling vs training)
 
 
 def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
