@@ -73,29 +73,33 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values for every layer: [layers, batch, cache_len, kv_heads, head_dim]."""
+    """Keys and values, one [batch, cache_len, kv_heads, head_dim] array per layer.
 
-    k: jax.Array
-    v: jax.Array
+    Per-layer arrays (not one stacked [layers, ...] array) let each layer update its own buffer in place inside
+    a loop; slicing and re-stacking a stacked cache costs a full copy per step."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
     @classmethod
     def zeros(cls, cfg: Qwen2Config, batch: int, length: int, dtype: Any = None) -> KVCache:
-        shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
         dtype = dtype or cfg.compute_dtype
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
+                   tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)))
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
     def gather_rows(self, rows: jax.Array) -> KVCache:
         """Cache rows `rows` (a fork copies its parent's row into a new slot this way)."""
-        return KVCache(self.k[:, rows], self.v[:, rows])
+        return KVCache(tuple(k[rows] for k in self.k), tuple(v[rows] for v in self.v))
 
 
 jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v"], meta_fields=[])
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")  # of each layer's array
 
 
 def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
@@ -234,7 +238,7 @@ class Qwen2(nnx.Module):
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
         hidden = self.final_norm(x)
-        new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+        new_cache = KVCache(tuple(new_k), tuple(new_v)) if cache is not None else None
         return hidden, new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

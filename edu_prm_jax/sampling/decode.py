@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edu_prm_jax.models.qwen2 import KVCache
-from edu_prm_jax.sampling.stats import entropy_and_logz, mask_logits, sample_tokens
+from edu_prm_jax.sampling.stats import entropy_and_logz, mask_logits, sample_tokens, top_k_small
 from edu_prm_jax.sampling.stopping import StopTables
 
 RUNNING, STOP_EOS, STOP_ANSWER, STOP_STRING, STOP_LENGTH, STOP_PRUNED = range(6)
@@ -171,7 +171,7 @@ def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: ja
         z = mask_logits(s["logits"], tables.vocab_mask)
         ent, log_z = entropy_and_logz(z)
         kk = max(p.branch_k, 1)
-        topk = jax.lax.top_k(z, kk)[1].astype(jnp.int32)  # [B, K]
+        topk = top_k_small(z, kk)  # [B, K]
         greedy = p.mode == "greedy" or (p.mode == "edu" and p.edu_greedy)
         if greedy:
             tok = topk[:, 0]

@@ -49,6 +49,28 @@ def filter_logits(z: jax.Array, temperature: float, top_k: int, top_p: float) ->
 
 
 def sample_tokens(z: jax.Array, keys: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """One token per row from softmax(filtered z / T); one independent key per row."""
+    """One token per row from softmax(filtered z / T); one independent key per row.
+
+    Inverse-CDF sampling with one uniform per row (Gumbel-max would draw one number per vocabulary entry,
+    a large share of a step's cost at 150k vocabularies)."""
     filtered = filter_logits(z, temperature, top_k, top_p)
-    return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, filtered).astype(jnp.int32)
+    probs = jax.nn.softmax(filtered, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * cdf[:, -1]
+    idx = jnp.sum(cdf <= u[:, None], axis=-1)
+    # never land on a zero-probability token (float round-off at the top of the cdf)
+    idx = jnp.minimum(idx, z.shape[-1] - 1)
+    ok = probs[jnp.arange(z.shape[0]), idx] > 0
+    return jnp.where(ok, idx, jnp.argmax(filtered, axis=-1)).astype(jnp.int32)
+
+
+def top_k_small(z: jax.Array, k: int) -> jax.Array:
+    """Indices of the k largest logits per row (ties: lowest index), by k argmax passes.
+
+    For the tiny k of EDU branching this beats `lax.top_k`, which lowers to a full vocabulary sort on CPU."""
+    out = []
+    for _ in range(k):
+        i = jnp.argmax(z, axis=-1)
+        out.append(i)
+        z = z.at[jnp.arange(z.shape[0]), i].set(-jnp.inf)
+    return jnp.stack(out, axis=-1).astype(jnp.int32)
