@@ -1,0 +1,281 @@
+"""Build THE embedded toy policy: tokenizer + a tiny Qwen2 trained on toy arithmetic, in HF format.
+
+    python -m edu_prm_jax.data.toy_policy --out edu_prm_jax/assets/toy_policy --seed 0
+
+Everything is a function of the seed: problems (data/toy.py), tokenizer (single-threaded SentencePiece),
+init (nnx.Rngs(seed)), batch order (PackedRowLoader) and the XLA CPU computation, so two builds on the same
+machine and device count give byte-identical safetensors. The policy is deliberately undertrained: it is
+right on roughly half of the test problems and its per-token entropy rises where it goes wrong, which is
+the signal EDU sampling and the PRM need.
+
+Shipped build (seed 0, defaults): 1.0M params, 800 updates of 8x256 packed tokens, greedy accuracy 56.6% on
+512 test problems, max-entropy AUROC for wrong answers 0.75; about 7.5 minutes on a 2-core CPU (13 minutes
+when the cores are shared), see assets/toy_policy/training_report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from edu_prm_jax.data import toy
+from edu_prm_jax.models.config import Qwen2Config
+from edu_prm_jax.models.qwen2 import KVCache, Qwen2
+from edu_prm_jax.tokenization import Tokenizer, load_tokenizer
+from edu_prm_jax.training.lm import lm_example, lm_loss
+from edu_prm_jax.training.loop import TrainConfig, Trainer
+from edu_prm_jax.training.optim import OptimConfig
+from edu_prm_jax.training.packing import PackedRowLoader, pack_examples
+
+REPORT = "training_report.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyPolicyConfig:
+    """Size and training budget of the toy policy (defaults: the shipped asset)."""
+
+    toy: toy.ToyConfig = toy.ToyConfig(max_ops=3, max_operand_digits=1, max_value=100)
+    n_train: int = 30_000  # distinct train problems (a small slice of the problem space)
+    n_tokenizer_texts: int = 4000  # texts the SentencePiece model is trained on
+    tokenizer_vocab: int = 256  # upper bound; BPE stops earlier on the toy alphabet
+    n_test: int = 512  # test problems for the greedy-accuracy report
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 256
+    steps: int = 800  # optimizer updates
+    batch_rows: int = 8  # packed rows per step
+    seq_len: int = 256  # packed row length
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    max_new_tokens: int = 96  # greedy decoding budget (longest toy solution is ~70 tokens)
+    monitor_every: int = 0  # greedy accuracy on `monitor_n` test problems every n steps (0 = off)
+    monitor_n: int = 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def model_config(cfg: ToyPolicyConfig, tokenizer: Tokenizer) -> Qwen2Config:
+    vocab = -(-tokenizer.vocab_size // 64) * 64
+    eos = tokenizer.eos_token_ids[0]
+    return Qwen2Config(
+        vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads,
+        rope_theta=10_000.0, tie_word_embeddings=True, max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=None, eos_token_id=eos, torch_dtype="float32")
+
+
+def encode_examples(problems: Sequence[dict], tokenizer: Tokenizer) -> list[dict[str, np.ndarray]]:
+    """LM examples: prompt = plain_prompt(problem), weighted answer = solution + EOS."""
+    eos = tokenizer.eos_token_ids[0]
+    return [lm_example(tokenizer.encode(toy.plain_prompt(p["problem"])), [*tokenizer.encode(p["solution"]), eos])
+            for p in problems]
+
+
+# ------------------------------------------------------------------------------------------ greedy decoding
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
+def _greedy(graphdef, state, prompts, lengths, eos_id, max_new_tokens):
+    """Greedy continuation of right-padded prompts [B, P] with a KV cache; tokens and entropies [B, N]."""
+    model = nnx.merge(graphdef, state)
+    b, p = prompts.shape
+    cache = KVCache.zeros(model.cfg, b, p + max_new_tokens)
+    logits, cache = model(prompts, cache=cache, write_index=jnp.zeros((b,), jnp.int32))
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+    def entropy(lg):
+        logp = jax.nn.log_softmax(lg, axis=-1)
+        return -(jnp.exp(logp) * logp).sum(-1)
+
+    def body(i, carry):
+        cache, last, done, toks, ents = carry
+        nxt = jnp.argmax(last, axis=-1).astype(jnp.int32)
+        nxt = jnp.where(done, eos_id, nxt)
+        toks = toks.at[:, i].set(nxt)
+        ents = ents.at[:, i].set(jnp.where(done, 0.0, entropy(last)))
+        done = done | (nxt == eos_id)
+        logits, cache = model(nxt[:, None], cache=cache, write_index=lengths + i)
+        return cache, logits[:, 0], done, toks, ents
+
+    init = (cache, last, jnp.zeros((b,), bool), jnp.zeros((b, max_new_tokens), jnp.int32),
+            jnp.zeros((b, max_new_tokens), jnp.float32))
+    _, _, _, toks, ents = jax.lax.fori_loop(0, max_new_tokens, body, init)
+    return toks, ents
+
+
+def greedy_decode(model: Qwen2, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 96,
+                  batch_size: int = 128) -> list[dict[str, Any]]:
+    """[{'text', 'tokens', 'entropies'}] per prompt: greedy until EOS (excluded from text, included in the
+    entropies: the decision to stop is a token too)."""
+    eos = tokenizer.eos_token_ids[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    graphdef, state = nnx.split(model)
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [tokenizer.encode(p) for p in prompts[start:start + batch_size]]
+        n = len(chunk)
+        width = max(len(c) for c in chunk)
+        width = -(-width // 16) * 16  # bucket prompt length: fewer recompiles
+        arr = np.full((batch_size, width), pad, np.int32)
+        lengths = np.ones(batch_size, np.int32)
+        for i, c in enumerate(chunk):
+            arr[i, :len(c)] = c
+            lengths[i] = len(c)
+        toks, ents = jax.device_get(_greedy(graphdef, state, jnp.asarray(arr), jnp.asarray(lengths),
+                                            jnp.int32(eos), max_new_tokens))
+        for i in range(n):
+            row = toks[i].tolist()
+            k = row.index(eos) + 1 if eos in row else len(row)
+            out.append({"text": tokenizer.decode(row[:k - 1] if row[k - 1] == eos else row[:k]),
+                        "tokens": row[:k], "entropies": ents[i, :k].astype(float).tolist()})
+    return out
+
+
+def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
+    """P(score of a random positive > score of a random negative), ties counted 1/2 (Mann-Whitney U)."""
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(positives, bool)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def evaluate_greedy(model: Qwen2, tokenizer: Tokenizer, problems: Sequence[dict],
+                    max_new_tokens: int = 96) -> dict[str, Any]:
+    """Greedy accuracy, and how well the max per-token entropy predicts a wrong answer (AUROC)."""
+    gens = greedy_decode(model, tokenizer, [toy.plain_prompt(p["problem"]) for p in problems], max_new_tokens)
+    correct = [toy.ToyTask.check(g["text"], p["answer"]) for g, p in zip(gens, problems)]
+    max_ent = [max(g["entropies"]) if g["entropies"] else 0.0 for g in gens]
+    return {
+        "greedy_accuracy": float(np.mean(correct)),
+        "n_test": len(problems),
+        "auroc_max_entropy_predicts_wrong": auroc(max_ent, [not c for c in correct]),
+        "mean_max_entropy_correct": float(np.mean([e for e, c in zip(max_ent, correct) if c] or [np.nan])),
+        "mean_max_entropy_wrong": float(np.mean([e for e, c in zip(max_ent, correct) if not c] or [np.nan])),
+        "correct": correct,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ build
+def _atomic_json(path: pathlib.Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def build_toy_policy(out_dir: str | os.PathLike, seed: int = 0, steps: int | None = None,
+                     cfg: ToyPolicyConfig | None = None, progress: bool = True,
+                     workdir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train the toy policy and write it (HF config + safetensors + tokenizer + report) to `out_dir`.
+
+    Returns the report dict (greedy accuracy on cfg.n_test test problems, entropy AUROC, wall time, ...).
+    """
+    from edu_prm_jax.models.checkpoints import save_hf_model
+
+    cfg = cfg or ToyPolicyConfig()
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, steps=steps)
+    t_start = time.perf_counter()
+    out = pathlib.Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="toy_policy_") as tmp:
+        tmp = pathlib.Path(tmp)
+        train = toy.generate_split("train", cfg.n_train, cfg.toy, seed)
+        test = toy.generate_split("test", cfg.n_test, cfg.toy, seed)
+        texts = [toy.plain_prompt(p["problem"]) + p["solution"] + toy.EOS for p in train[:cfg.n_tokenizer_texts]]
+        toy.train_toy_tokenizer(texts, tmp / "tok", cfg.tokenizer_vocab, seed=seed)
+        tokenizer = load_tokenizer(tmp / "tok")
+        mcfg = model_config(cfg, tokenizer)
+        rows = pack_examples(encode_examples(train, tokenizer), cfg.seq_len, pad_id=tokenizer.pad_token_id)
+        loader = PackedRowLoader(rows, cfg.batch_rows, seed=seed)
+        model = Qwen2(mcfg, nnx.Rngs(seed))
+        optim = OptimConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                            weight_decay=0.01, clip_norm=1.0)
+        tcfg = TrainConfig(steps=cfg.steps, log_every=max(1, min(50, cfg.steps)), progress=progress,
+                           async_checkpointing=False, keep_checkpoints=1)
+        tcfg = dataclasses.replace(tcfg, eval_every=cfg.monitor_every)
+
+        def monitor(m: Qwen2, step: int) -> dict[str, float]:
+            ev = evaluate_greedy(m, tokenizer, test[:cfg.monitor_n], cfg.max_new_tokens)
+            return {"greedy_accuracy": ev["greedy_accuracy"], "auroc": ev["auroc_max_entropy_predicts_wrong"]}
+
+        trainer = Trainer(model, lm_loss, optim, tcfg, workdir or tmp / "work",
+                          eval_fn=monitor if cfg.monitor_every else None,
+                          config={"toy_policy": cfg.to_dict(), "seed": seed})
+        t_train = time.perf_counter()
+        last = trainer.train(loader)
+        train_s = time.perf_counter() - t_train
+        model = trainer.model
+        trainer.close()
+        t_eval = time.perf_counter()
+        ev = evaluate_greedy(model, tokenizer, test, cfg.max_new_tokens)
+        eval_s = time.perf_counter() - t_eval
+        staging = out.with_name(out.name + ".building")
+        shutil.rmtree(staging, ignore_errors=True)
+        save_hf_model(model, staging, dtype="float32")
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(tmp / "tok" / name, staging / name)
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        report = {
+            "seed": seed,
+            "greedy_accuracy": ev["greedy_accuracy"],
+            "n_test": ev["n_test"],
+            "auroc_max_entropy_predicts_wrong": ev["auroc_max_entropy_predicts_wrong"],
+            "mean_max_entropy_correct": ev["mean_max_entropy_correct"],
+            "mean_max_entropy_wrong": ev["mean_max_entropy_wrong"],
+            "sample_64_greedy_accuracy": float(np.mean(ev["correct"][:64])),
+            "train_steps": cfg.steps,
+            "train_tokens": cfg.steps * cfg.batch_rows * cfg.seq_len,
+            "packed_rows": int(len(rows["tokens"])),
+            "final_train_loss": last.get("loss"),
+            "final_token_accuracy": last.get("token_accuracy"),
+            "n_params": n_params,
+            "vocab_size": mcfg.vocab_size,
+            "tokenizer_vocab_size": tokenizer.vocab_size,
+            "train_wall_s": round(train_s, 1),
+            "eval_wall_s": round(eval_s, 1),
+            "total_wall_s": round(time.perf_counter() - t_start, 1),
+            "device": f"{jax.devices()[0].platform} x{len(jax.devices())} (trained on 1)",
+            "toy_config": dataclasses.asdict(cfg.toy),
+            "policy_config": {k: v for k, v in cfg.to_dict().items() if k != "toy"},
+        }
+        _atomic_json(staging / REPORT, report)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer updates (default: shipped config)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    report = build_toy_policy(args.out, args.seed, args.steps, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("toy_config", "policy_config")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generic optax training loop, objectives, packing, metrics and resumable checkpoints."""

@@ -1,0 +1,99 @@
+"""Resumable training checkpoints: params + optimizer state + data-iterator state + step + config.
+
+Orbax `CheckpointManager` with async saves; it keeps the last `keep_last` checkpoints plus the best one by
+an eval metric. The state is restored into the shardings of a freshly built train state, so a run can
+resume on another mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _abstract(state: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+class Checkpointer:
+    """Save/restore of (train state pytree, data-iterator state dict, config dict) per step."""
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 3, best_metric: str | None = None,
+                 best_mode: str = "min", async_save: bool = True):
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep_last)]
+        if best_metric is not None:
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda m: float(m[best_metric]), reverse=best_mode == "min", n=1,
+                keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save, create=True)
+        self.directory = pathlib.Path(directory).absolute()
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self._mgr = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step with the best `best_metric` (None without a metric or any scored checkpoint)."""
+        if self.best_metric is None:
+            return None
+        kept = set(self._mgr.all_steps())
+        scored = [(m[self.best_metric], int(step)) for step, m in self._read_metrics().items()
+                  if int(step) in kept and self.best_metric in m]
+        if not scored:
+            return None
+        return (min(scored) if self.best_mode == "min" else max(scored, key=lambda x: (x[0], -x[1])))[1]
+
+    def all_steps(self) -> list[int]:
+        return list(self._mgr.all_steps())
+
+    def save(self, step: int, state: Any, data_state: Mapping[str, Any], config: Mapping[str, Any],
+             metrics: Mapping[str, float] | None = None) -> bool:
+        """Start an (async) save; the device->host copy happens before this returns, so the caller may
+        donate `state` to the next step right away."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(dict(data_state)),
+            config=ocp.args.JsonSave(json.loads(json.dumps(dict(config), default=str))),
+        )
+        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        if metrics:  # a sidecar record, so `best_step` works after a restart too
+            table = self._read_metrics()
+            table[str(step)] = metrics
+            tmp = self._metrics_path.with_name(f".{self._metrics_path.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(table, indent=1))
+            os.replace(tmp, self._metrics_path)
+        return self._mgr.save(step, args=args, metrics=metrics or None, force=True)
+
+    @property
+    def _metrics_path(self) -> pathlib.Path:
+        return self.directory / "eval_metrics.json"
+
+    def _read_metrics(self) -> dict[str, dict[str, float]]:
+        return json.loads(self._metrics_path.read_text()) if self._metrics_path.is_file() else {}
+
+    def restore(self, step: int, like_state: Any) -> tuple[Any, dict, dict]:
+        """(state, data_state, config) of `step`, the state placed like `like_state` (shapes, dtypes and
+        shardings)."""
+        restored = self._mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(like_state)),
+            data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["data"]), dict(restored["config"])
+
+    def wait(self) -> None:
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.wait_until_finished()
+        self._mgr.close()

@@ -1,0 +1,236 @@
+"""A generic, resumable optax training loop over any objective `loss_fn(model, batch) -> (loss, aux)`.
+
+One jitted step: the (model, optimizer) pair is `nnx.split` once; the step is a pure function of
+(state, batch) that merges, differentiates, updates and returns the new state, which is donated. Params
+and optimizer moments are sharded by their logical axes (`parallel.state_shardings`), the batch over the
+mesh's batch axes, so the same code runs on one CPU, 8 simulated devices or an accelerator mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from edu_prm_jax import parallel
+from edu_prm_jax.training.checkpointing import Checkpointer
+from edu_prm_jax.training.metrics import MetricsWriter, mfu, train_flops_per_token
+from edu_prm_jax.training.optim import OptimConfig, make_optimizer, make_schedule
+
+LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+EvalFn = Callable[[nnx.Module, int], Mapping[str, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Loop settings; `steps` counts micro-batches (= optimizer updates * optim.accum_steps)."""
+
+    steps: int = 1000  # micro-batch steps to run in total (a resumed run continues to this)
+    log_every: int = 10  # fetch and write train metrics every n steps (the only host sync)
+    eval_every: int = 0  # run eval_fn every n steps (0 = only at the end, if eval_fn is given)
+    checkpoint_every: int = 0  # save every n steps (0 = only at the end / on SIGTERM)
+    keep_checkpoints: int = 3  # keep the last k checkpoints (plus the best one by best_metric)
+    best_metric: str | None = None  # eval metric that picks the 'best' checkpoint
+    best_mode: str = "min"  # 'min' or 'max' for best_metric
+    async_checkpointing: bool = True  # Orbax async save (the host copy is still synchronous)
+    peak_flops_per_device: float = 1e12  # for the MFU estimate (set per accelerator: bf16 peak FLOP/s)
+    progress: bool = True  # tqdm progress bar on the console
+    tensorboard: bool = True  # TensorBoard event files under workdir/tb
+
+
+class _TrainState(nnx.Module):
+    def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer):
+        self.model = model
+        self.optimizer = optimizer
+
+
+def _state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] | None) -> Any:
+    """`parallel.state_shardings`, except that optimizer-state Variables holding no array (optax's
+    MaskedNode for frozen params) get a replicated sharding (they have no leaves to place)."""
+
+    def one(var: Any) -> Any:
+        if isinstance(var, nnx.Variable) and not hasattr(var.get_raw_value(), "shape"):
+            return NamedSharding(mesh, PartitionSpec())
+        return parallel.variable_sharding(var, mesh, rules)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _seq_len(batch: Mapping[str, Any]) -> int:
+    return int(np.shape(batch["tokens"])[1])
+
+
+class Trainer:
+    """Owns the sharded train state, the jitted step, metrics and checkpoints of one run in `workdir`.
+
+    A run that finds a checkpoint in workdir/checkpoints resumes from it (params, optimizer state, data
+    iterator state, step). SIGTERM makes the loop save after the current step and return.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        loss_fn: LossFn,
+        optim: OptimConfig | optax.GradientTransformation,
+        train_cfg: TrainConfig,
+        workdir: str | pathlib.Path,
+        *,
+        mesh: Mesh | None = None,
+        eval_fn: EvalFn | None = None,
+        config: Mapping[str, Any] | None = None,
+        rules: Mapping[str, Any] | None = None,
+    ):
+        self.cfg = train_cfg
+        self.workdir = pathlib.Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.mesh = mesh or parallel.make_mesh(devices=jax.devices()[:1])
+        self.loss_fn = loss_fn
+        self.eval_fn = eval_fn
+        self.config = dict(config or {})
+        self.schedule = make_schedule(optim) if isinstance(optim, OptimConfig) else None
+        self.accum = optim.accum_steps if isinstance(optim, OptimConfig) else 1
+        tx = make_optimizer(optim) if isinstance(optim, OptimConfig) else optim
+        parallel.shard_model(model, self.mesh, rules)
+        holder = _TrainState(model, nnx.Optimizer(model, tx, wrt=nnx.Param))
+        self.model_cfg = getattr(model, "cfg", None)
+        self.graphdef, state = nnx.split(holder)
+        self.state_shardings = _state_shardings(state, self.mesh, rules)
+        self.state = jax.device_put(state, self.state_shardings)
+        self.step = 0
+        self._stop_requested = False
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", train_cfg.keep_checkpoints,
+                                         train_cfg.best_metric, train_cfg.best_mode, train_cfg.async_checkpointing)
+        self._step_fn = jax.jit(self._train_step, donate_argnums=0,
+                                out_shardings=(self.state_shardings, None))
+
+    # ------------------------------------------------------------------------------------------ step
+    def _train_step(self, state: nnx.State, batch: Mapping[str, jax.Array]):
+        holder = nnx.merge(self.graphdef, state)
+        (loss, aux), grads = nnx.value_and_grad(lambda m: self.loss_fn(m, batch), has_aux=True)(holder.model)
+        holder.optimizer.update(holder.model, grads)
+        return nnx.state(holder), {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+
+    def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        div = parallel.batch_divisor(self.mesh)
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            if v.shape[0] % div:
+                raise ValueError(f"batch field {k!r}: {v.shape[0]} rows do not divide over the mesh's batch "
+                                 f"axes ({div} ways)")
+            out[k] = jax.device_put(v, parallel.batch_sharding(self.mesh, v.ndim))
+        return out
+
+    def train_step(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """One micro-batch step on the sharded state (metrics stay on device)."""
+        self.state, metrics = self._step_fn(self.state, self.shard_batch(batch))
+        self.step += 1
+        return metrics
+
+    @property
+    def model(self) -> nnx.Module:
+        """The current model (a view of the train state; do not keep it across steps, state is donated)."""
+        return nnx.merge(self.graphdef, self.state).model
+
+    def params(self) -> dict[str, np.ndarray]:
+        """Host copies of every parameter, keyed by path (for comparisons and export)."""
+        from edu_prm_jax.models.checkpoints import flat_params
+
+        return {k: np.asarray(jax.device_get(v[...])) for k, v in flat_params(nnx.state(self.model)).items()}
+
+    def learning_rate(self, step: int) -> float:
+        if self.schedule is None:
+            return float("nan")
+        return float(self.schedule(step // self.accum))
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def save(self, data: Any, metrics: Mapping[str, float] | None = None) -> None:
+        data_state = data.get_state() if hasattr(data, "get_state") else {}
+        self.checkpointer.save(self.step, self.state, data_state, {"config": self.config, "step": self.step},
+                               metrics)
+
+    def maybe_restore(self, data: Any) -> bool:
+        """Resume from the latest checkpoint in workdir, if any; returns whether it did."""
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            return False
+        self.state, data_state, _ = self.checkpointer.restore(latest, self.state)
+        if hasattr(data, "set_state"):
+            data.set_state(data_state)
+        self.step = latest
+        return True
+
+    def request_stop(self, *_: Any) -> None:
+        """SIGTERM handler: finish the current step, save, return from `train`."""
+        self._stop_requested = True
+
+    # ---------------------------------------------------------------------------------------- loop
+    def train(self, data: Iterator[Mapping[str, Any]]) -> dict[str, float]:
+        """Run until `cfg.steps` (resuming if possible); returns the last logged metrics (plus eval)."""
+        cfg = self.cfg
+        self.maybe_restore(data)
+        previous = signal.signal(signal.SIGTERM, self.request_stop)
+        writer = MetricsWriter(self.workdir / "tb", cfg.steps, self.step, cfg.progress, cfg.tensorboard)
+        last: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
+        n_dev = self.mesh.devices.size
+        try:
+            t0, tokens, since = time.perf_counter(), 0, 0
+            pending = None
+            while self.step < cfg.steps and not self._stop_requested:
+                batch = next(data)
+                tokens += int(np.prod(np.shape(batch["tokens"])))
+                pending = self.train_step(batch)
+                since += 1
+                writer.advance()
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    fetched = {k: float(v) for k, v in jax.device_get(pending).items()}
+                    dt = time.perf_counter() - t0
+                    tps = tokens / dt
+                    seq = _seq_len(batch)
+                    flops = train_flops_per_token(self.model_cfg, seq) if self.model_cfg is not None else 0.0
+                    last = {**fetched, "lr": self.learning_rate(self.step - 1), "step_time_s": dt / since,
+                            "tokens_per_s": tps,
+                            "mfu": mfu(tps, flops, cfg.peak_flops_per_device * n_dev)}
+                    writer.write(self.step, last)
+                    t0, tokens, since = time.perf_counter(), 0, 0
+                evaluated = False
+                if self.eval_fn is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    eval_metrics = {k: float(v) for k, v in self.eval_fn(self.model, self.step).items()}
+                    writer.write(self.step, eval_metrics, prefix="eval")
+                    evaluated = True
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save(data, eval_metrics if evaluated and cfg.best_metric in eval_metrics else None)
+                    evaluated = True
+                if evaluated:  # keep eval and checkpoint time out of the step-time / throughput numbers
+                    jax.block_until_ready(self.state)
+                    t0, tokens, since = time.perf_counter(), 0, 0
+            if self.eval_fn is not None and not self._stop_requested and (
+                    not cfg.eval_every or self.step % cfg.eval_every):
+                eval_metrics = {k: float(v) for k, v in self.eval_fn(self.model, self.step).items()}
+                writer.write(self.step, eval_metrics, prefix="eval")
+            if self.checkpointer.latest_step() != self.step:
+                self.save(data, eval_metrics if cfg.best_metric in eval_metrics else None)
+            self.checkpointer.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            writer.close()
+        tmp = self.workdir / ".last_metrics.json.tmp"
+        tmp.write_text(json.dumps({"step": self.step, **last, **eval_metrics}, indent=2))
+        os.replace(tmp, self.workdir / "last_metrics.json")
+        return {**last, **{f"eval_{k}": v for k, v in eval_metrics.items()}, "step": self.step,
+                "preempted": float(self._stop_requested)}
+
+    def close(self) -> None:
+        self.checkpointer.close()
