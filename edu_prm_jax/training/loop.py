@@ -181,7 +181,9 @@ class Trainer:
         cfg = self.cfg
         self.maybe_restore(data)
         previous = signal.signal(signal.SIGTERM, self.request_stop)
-        writer = MetricsWriter(self.workdir / "tb", cfg.steps, self.step, cfg.progress, cfg.tensorboard)
+        lead = jax.process_index() == 0  # in a multi-host job only process 0 writes logs and metric files
+        writer = MetricsWriter(self.workdir / "tb", cfg.steps, self.step, cfg.progress and lead,
+                               cfg.tensorboard and lead)
         last: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
         n_dev = self.mesh.devices.size
@@ -227,8 +229,9 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
             writer.close()
         tmp = self.workdir / ".last_metrics.json.tmp"
-        tmp.write_text(json.dumps({"step": self.step, **last, **eval_metrics}, indent=2))
-        os.replace(tmp, self.workdir / "last_metrics.json")
+        if lead:
+            tmp.write_text(json.dumps({"step": self.step, **last, **eval_metrics}, indent=2))
+            os.replace(tmp, self.workdir / "last_metrics.json")
         return {**last, **{f"eval_{k}": v for k, v in eval_metrics.items()}, "step": self.step,
                 "preempted": float(self._stop_requested)}
 
