@@ -1,0 +1,20 @@
+"""`edu-prm build-toy`: train the embedded toy policy from a seed (the shipped asset is seed 0, 800 steps)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import ml_collections
+from absl import logging
+
+from edu_prm_jax.data.toy_policy import build_toy_policy
+
+DESCRIPTION = "Re-create the embedded toy policy and tokenizer from a seed (bit for bit on CPU)."
+
+
+def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    out = pathlib.Path(config.output) if config.output else workdir / "toy_policy"
+    report = build_toy_policy(out, config.seed, config.steps, workdir=workdir / "toy_policy_work")
+    shown = {k: v for k, v in report.items() if k not in ("toy_config", "policy_config")}
+    logging.info("toy policy written to %s\n%s", out, json.dumps(shown, indent=2))
