@@ -12,6 +12,8 @@ import ast
 import difflib
 import importlib
 import importlib.util
+import logging as std_logging
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -129,12 +131,25 @@ def command_help(name: str, scan: _Scan) -> str:
     return "\n".join(lines)
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drop INFO chatter of libraries that log through absl too (Orbax writes several lines per checkpoint)."""
+
+    NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
 def _setup_logging(level: str) -> None:
     if not flags.FLAGS.is_parsed():  # absl logging warns until its own flags count as parsed
         flags.FLAGS.mark_as_parsed()
     logging.use_absl_handler()
     logging.set_verbosity(level)
     logging.set_stderrthreshold(level)
+    if level != "debug":
+        handler = logging.get_absl_handler()
+        if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+            handler.addFilter(_QuietLibraries())
 
 
 def run_command(name: str, args: Sequence[str]) -> int:

@@ -101,6 +101,8 @@ def test_edu_invariants_by_teacher_forcing(peaked_model, mode):
             ent = _np_entropy(z)
             np.testing.assert_allclose(leaf.entropies, ent, atol=2e-3)
             top = np.argsort(-z, axis=-1, kind="stable")[:, :k]
+            qualifying = [t for t in range(len(leaf.token_ids)) if ent[t] > tau and top[t, 0] not in symbols]
+            assert leaf.high_entropy == qualifying  # also right at a child's fork position
             for t, tok in enumerate(leaf.token_ids):
                 if t in leaf.anchors:
                     assert ent[t] > tau and top[t, 0] not in symbols
@@ -113,7 +115,6 @@ def test_edu_invariants_by_teacher_forcing(peaked_model, mode):
                     assert not qualifies or len(leaves) == m or len(leaf.anchors) == p.max_anchors
         for toks in children_at.values():
             n_anchor_total += 1
-            assert len(toks) >= 1
             if len(leaves) < m:
                 assert len(toks) == k
         recount = len({tuple(leaf.token_ids[: i + 1]) for leaf in leaves for i in range(len(leaf.token_ids))})
@@ -203,3 +204,25 @@ def test_p_edu_prunes_low_scoring_paths_and_keeps_one(peaked_model):
         leaves = slots_to_leaves(doubtful, q * 6, 6)
         assert len(leaves) >= 1  # the last running path of a question is never pruned
         assert all(leaf.stop_reason != "pruned" for leaf in leaves)
+
+
+def test_changing_seed_tau_or_temperature_compiles_nothing(peaked_model):
+    from edu_prm_jax.sampling import decode as decode_mod
+
+    _, model = peaked_model
+    prompts = np.random.default_rng(9).integers(0, V - 1, (2, 6)).astype(np.int32)
+    run = lambda **kw: decode(DecodeParams(mode="ht", num_slots=2, max_new_tokens=6, **kw), model, _tables(),  # noqa
+                              prompts, np.array([6, 3]), np.arange(2))
+    first = run(seed=0, tau=1.0, temperature=0.7)
+    size = decode_mod._decode_jit._cache_size()
+    second = run(seed=1, tau=0.5, temperature=1.3)
+    assert decode_mod._decode_jit._cache_size() == size
+    assert not np.array_equal(first["tokens"], second["tokens"])  # the new seed and temperature took effect
+
+
+def test_padding_rows_do_not_run(peaked_model):
+    _, model = peaked_model
+    prompts = np.random.default_rng(10).integers(0, V - 1, (3, 6)).astype(np.int32)
+    out = decode(DecodeParams(mode="greedy", num_slots=1, max_new_tokens=8), model, _tables(), prompts,
+                 np.array([6, 6, 1]), np.array([0, 1, -1]))
+    assert out["gen_len"][2] == 0 and not out["used"][2]

@@ -60,6 +60,19 @@ class DecodeParams:
             raise ValueError("branch_k must be >= 2 for EDU sampling")
 
 
+# Settings that only change values, never shapes or code paths: traced, so changing them recompiles nothing.
+DYNAMIC_FIELDS = ("seed", "tau", "temperature", "top_p", "prune_below")
+
+
+def split_params(p: DecodeParams) -> tuple[DecodeParams, dict[str, jax.Array]]:
+    """(compile-time params with the dynamic fields canonicalised, the dynamic values as device scalars)."""
+    knobs = {"seed": jnp.asarray(p.seed, jnp.uint32)}
+    knobs.update({k: jnp.asarray(getattr(p, k), jnp.float32) for k in DYNAMIC_FIELDS if k != "seed"})
+    static = dataclasses.replace(p, seed=0, tau=0.0, temperature=1.0, prune_below=0.0,
+                                 top_p=1.0 if p.top_p >= 1.0 else 0.5)  # only "is nucleus on" stays static
+    return static, knobs
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Tables:
@@ -86,7 +99,7 @@ class Tables:
                    jnp.asarray(stop.stop_seqs))
 
 
-def _row_keys(seed: int, question_ids: jax.Array, num_slots: int, step: jax.Array) -> jax.Array:
+def _row_keys(seed: jax.Array, question_ids: jax.Array, num_slots: int, step: jax.Array) -> jax.Array:
     base = jax.random.key(seed)
     slots = jnp.arange(num_slots)
 
@@ -127,8 +140,9 @@ def _fork_plan(p: DecodeParams, cand, prio, used, topk_tokens):
     return src, child_token, is_child, is_anchor
 
 
-def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: jax.Array, prompt_lens: jax.Array,
-                 question_ids: jax.Array, prm: nnx.Module | None = None) -> dict[str, jax.Array]:
+def _decode_loop(p: DecodeParams, knobs: dict[str, jax.Array], model: nnx.Module, tables: Tables,
+                 prompts: jax.Array, prompt_lens: jax.Array, question_ids: jax.Array,
+                 prm: nnx.Module | None = None) -> dict[str, jax.Array]:
     """The rollout loop. With `prm` (a scalar-head PRM) this is P-EDU: the PRM reads every generated token in
     lockstep with the policy (its own KV cache, forked alongside), and at each step boundary (a position that
     qualifies as an anchor) a path whose just-finished step scores below `prune_below` is dropped and its slot
@@ -152,6 +166,7 @@ def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: ja
         prm_cache = prm_cache.gather_rows(expand)  # the prompt scores nothing: last_score starts at 1
     slot = jnp.tile(jnp.arange(m_n), q_n)
     start = (slot == 0) if p.mode != "ht" else jnp.ones((b_n,), bool)
+    start = start & (question_ids >= 0)[expand]  # padding rows of a short batch never run
     state = dict(
         step=jnp.int32(0), logits=logits, cache=cache, cache_len=prompt_lens[expand].astype(jnp.int32),
         tokens=jnp.zeros((b_n, g_n), jnp.int32), logprobs=jnp.zeros((b_n, g_n), jnp.float32),
@@ -176,14 +191,14 @@ def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: ja
         if greedy:
             tok = topk[:, 0]
         else:
-            keys = _row_keys(p.seed, question_ids, m_n, t)
-            tok = sample_tokens(z, keys, p.temperature, p.top_k, p.top_p)
+            keys = _row_keys(knobs["seed"], question_ids, m_n, t)
+            tok = sample_tokens(z, keys, knobs["temperature"], p.top_k, knobs["top_p"], nucleus=p.top_p < 1.0)
         history = ("tokens", "logprobs", "entropies", "gen_len", "active", "used", "stop", "parent", "fork_pos",
                    "anchors", "n_anchors", "box_on", "box_depth", "cache_len", "high_entropy", "last_score")
-        qualifies = (ent > p.tau) & ~tables.symbol[topk[:, 0]]
+        qualifies = (ent > knobs["tau"]) & ~tables.symbol[topk[:, 0]]
         if prm is not None:
             s = dict(s)
-            weak = (s["active"] & qualifies & (t > 0) & (s["last_score"] < p.prune_below)).reshape(q_n, m_n)
+            weak = (s["active"] & qualifies & (t > 0) & (s["last_score"] < knobs["prune_below"])).reshape(q_n, m_n)
             survivors = jnp.sum(s["active"].reshape(q_n, m_n) & ~weak, axis=-1, keepdims=True)
             # if every running path is weak, the best-scoring one (lowest slot on ties) is spared
             best = jnp.argmax(jnp.where(weak, s["last_score"].reshape(q_n, m_n), -jnp.inf), axis=-1)
@@ -211,6 +226,7 @@ def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: ja
                 s[name] = jnp.where(is_child.reshape((-1,) + (1,) * (s[name].ndim - 1)), s[name][src_row], s[name])
             z = jnp.where(is_child[:, None], z[src_row], z)
             ent, log_z = jnp.where(is_child, ent[src_row], ent), jnp.where(is_child, log_z[src_row], log_z)
+            qualifies = jnp.where(is_child, qualifies[src_row], qualifies)
             for name in ("cache", "prm_cache") if prm is not None else ("cache",):
                 s[name] = jax.lax.cond(jnp.any(is_child), lambda c: c.gather_rows(src_row), lambda c: c, s[name])
             tok = jnp.where(is_child, child_tok.reshape(-1), tok)
@@ -259,10 +275,10 @@ def _decode_loop(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: ja
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _decode_jit(p: DecodeParams, graphdef: Any, prm_graphdef: Any, state: Any, prm_state: Any, tables: Tables,
-                prompts, prompt_lens, question_ids):
+def _decode_jit(p: DecodeParams, graphdef: Any, prm_graphdef: Any, knobs: dict, state: Any, prm_state: Any,
+                tables: Tables, prompts, prompt_lens, question_ids):
     prm = nnx.merge(prm_graphdef, prm_state) if prm_graphdef is not None else None
-    return _decode_loop(p, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids, prm)
+    return _decode_loop(p, knobs, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids, prm)
 
 
 def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarray, prompt_lens: np.ndarray,
@@ -274,6 +290,7 @@ def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarr
     'data' only, so params keep their fsdp/tensor sharding) and each device forks within its own questions.
     """
     graphdef, state = nnx.split(model)
+    p, knobs = split_params(p)
     if prm is not None and getattr(prm, "uses_separator", False):
         raise ValueError("P-EDU needs a scalar-head PRM (scores at a step's last token); this PRM reads an "
                          "inserted separator token")
@@ -281,7 +298,7 @@ def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarr
     args = (jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32),
             jnp.asarray(question_ids, jnp.int32))
     if mesh is None or mesh.shape.get("data", 1) == 1:
-        out = _decode_jit(p, graphdef, prm_graphdef, state, prm_state, tables, *args)
+        out = _decode_jit(p, graphdef, prm_graphdef, knobs, state, prm_state, tables, *args)
     else:
         from edu_prm_jax.parallel import state_shardings
 
@@ -289,7 +306,7 @@ def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarr
         if prm_state is not None:
             prm_state = jax.device_put(prm_state, state_shardings(prm_state, mesh))
         tables = jax.device_put(tables, NamedSharding(mesh, PartitionSpec()))
-        out = _sharded_decode(p, graphdef, prm_graphdef, mesh)(state, prm_state, tables, *args)
+        out = _sharded_decode(p, graphdef, prm_graphdef, mesh)(knobs, state, prm_state, tables, *args)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -297,17 +314,19 @@ def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarr
 def _sharded_decode(p: DecodeParams, graphdef: Any, prm_graphdef: Any, mesh: Mesh):
     data = PartitionSpec("data")
 
-    def local(state, prm_state, tables, prompts, prompt_lens, question_ids):
+    def local(knobs, state, prm_state, tables, prompts, prompt_lens, question_ids):
         prm = nnx.merge(prm_graphdef, prm_state) if prm_graphdef is not None else None
-        return _decode_loop(p, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids, prm)
+        return _decode_loop(p, knobs, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids, prm)
 
     rep = PartitionSpec()
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep, data, data, data), out_specs=data,
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep, rep, data, data, data), out_specs=data,
                        axis_names={"data"}, check_vma=False)
     jitted = jax.jit(fn)
 
-    def run(state, prm_state, tables, prompts, prompt_lens, question_ids):
+    def run(knobs, state, prm_state, tables, prompts, prompt_lens, question_ids):
         put = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))  # noqa: E731
-        return jitted(state, prm_state, tables, put(prompts), put(prompt_lens), put(question_ids))
+        rep_put = lambda x: jax.device_put(x, NamedSharding(mesh, rep))  # noqa: E731
+        return jitted(jax.tree.map(rep_put, knobs), state, prm_state, tables, put(prompts), put(prompt_lens),
+                      put(question_ids))
 
     return run

@@ -32,13 +32,17 @@ def entropy_and_logz(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.maximum(entropy, 0.0), log_z_shifted + peak[..., 0]
 
 
-def filter_logits(z: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """Logits of the sampling distribution: softmax(z / T) restricted to top-k and the top-p nucleus."""
+def filter_logits(z: jax.Array, temperature: float | jax.Array, top_k: int, top_p: float | jax.Array,
+                  nucleus: bool | None = None) -> jax.Array:
+    """Logits of the sampling distribution: softmax(z / T) restricted to top-k and the top-p nucleus.
+
+    `temperature` and `top_p` may be traced values; `nucleus` (static) says whether the top-p branch is built,
+    by default when a Python `top_p` is below 1."""
     z = z / jnp.maximum(temperature, 1e-6)
     if top_k and top_k < z.shape[-1]:
         kth = jax.lax.top_k(z, top_k)[0][..., -1:]
         z = jnp.where(z >= kth, z, MASKED)
-    if top_p < 1.0:
+    if nucleus if nucleus is not None else top_p < 1.0:
         sorted_z = jnp.sort(z, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(sorted_z, axis=-1)
         # keep a token if the mass strictly before it is < top_p (the top token is always kept)
@@ -48,12 +52,13 @@ def filter_logits(z: jax.Array, temperature: float, top_k: int, top_p: float) ->
     return z
 
 
-def sample_tokens(z: jax.Array, keys: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+def sample_tokens(z: jax.Array, keys: jax.Array, temperature: float | jax.Array, top_k: int,
+                  top_p: float | jax.Array, nucleus: bool | None = None) -> jax.Array:
     """One token per row from softmax(filtered z / T); one independent key per row.
 
     Inverse-CDF sampling with one uniform per row (Gumbel-max would draw one number per vocabulary entry,
     a large share of a step's cost at 150k vocabularies)."""
-    filtered = filter_logits(z, temperature, top_k, top_p)
+    filtered = filter_logits(z, temperature, top_k, top_p, nucleus)
     probs = jax.nn.softmax(filtered, axis=-1)
     cdf = jnp.cumsum(probs, axis=-1)
     u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * cdf[:, -1]
