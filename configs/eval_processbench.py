@@ -13,7 +13,7 @@ from configs import common
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.prm = ""  # PRM in HF format; empty = <workdir>/prm/hf.
-    config.tokenizer = ""  # Tokenizer dir; empty = the PRM dir, else the toy policy.
+    config.tokenizer = ""  # Tokenizer dir; empty = the PRM dir (training copies the policy's tokenizer there).
     config.data = "../shared/data/processbench"  # Dir with gsm8k/math/olympiadbench/omnimath .json files.
     config.subsets = "gsm8k,math,olympiadbench,omnimath"  # Comma-separated subsets to evaluate.
     config.limit = 0  # Items per subset (first N, both classes in proportion; 0 = all). Partial runs say so.

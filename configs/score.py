@@ -13,7 +13,7 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.prm = ""  # PRM in HF format; empty = <workdir>/prm/hf.
-    config.tokenizer = ""  # Tokenizer dir; empty = the PRM dir, else the toy policy.
+    config.tokenizer = ""  # Tokenizer dir; empty = the PRM dir (training copies the policy's tokenizer there).
     config.input = config_dict.placeholder(str)  # JSONL with id, problem|prompt and steps.
     config.output = ""  # Output JSONL (input fields + step_scores); empty = <workdir>/scores.jsonl.
     config.step_joiner = "\n"  # Appended to every step but the last before tokenising.

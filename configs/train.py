@@ -1,7 +1,7 @@
 """`edu-prm train`: a PRM (policy backbone + reward head) on labelled steps, sharded, checkpointed, resumable.
 
 Example: edu-prm train --workdir=runs/toy --config.steps=400 --config.mesh.fsdp=2
-The 72B layout on a pod slice is in configs/qwen72b_prm_tpu.py.
+The 72B layout on a pod slice is in configs/qwen25_72b_prm_tpu.py.
 """
 
 from __future__ import annotations

@@ -55,6 +55,12 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     model = load_model(policy_dir, dtype=config.dtype, mesh=mesh)
     tokenizer = load_tokenizer(config.tokenizer or policy_dir)
     prm = load_prm(prm_path(config, workdir), mesh, dtype=config.dtype)
+    if config.p_edu and prm.uses_separator:
+        raise ValueError("config.p_edu=True needs a scalar-head PRM (P-EDU scores each step at its last token); "
+                         f"{prm_path(config, workdir)} has the {prm.head_kind} head: pass --config.p_edu=False")
+    weights = sorted(prm_path(config, workdir).glob("*.safetensors"))
+    prm_identity = [str(prm_path(config, workdir).resolve())] + [f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
+                                                                 for w in weights]
     out = workdir / "eval_bon"
     s = config.sampling
     stops = [x for x in s.stop_strings.split("|") if x]
@@ -65,7 +71,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                           prompt_bucket=config.prompt_bucket, stop_strings=stops, extra_symbols=s.extra_symbols,
                           disable_symbols=s.disable_symbols, prm=prm_model)
         run_dir = out / "runs" / name
-        sample_to_shards(sampler, questions, run_dir, config.num_shards, desc=name)
+        fingerprint = {"policy": str(policy_dir.resolve()), "dtype": config.dtype, "stop_strings": s.stop_strings,
+                       "symbols": [s.extra_symbols, s.disable_symbols],
+                       "prm": prm_identity if prm_model is not None else None}
+        sample_to_shards(sampler, questions, run_dir, config.num_shards, desc=name, fingerprint=fingerprint)
         return list(read_shards(run_dir, "trees"))
 
     greedy = sampled("greedy", 0, mode="greedy", num_slots=1)

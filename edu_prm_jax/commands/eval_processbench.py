@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_tokenizer
-from edu_prm_jax.data.questions import TOY_POLICY_DIR
+from edu_prm_jax.commands.score import find_tokenizer_dir
 from edu_prm_jax.data.records import write_json_atomic, write_text_atomic
 from edu_prm_jax.data.sources import read_processbench
 from edu_prm_jax.evaluation.processbench import best_theta, evaluate_processbench, processbench_f1, theta_from_split
@@ -78,9 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     prm_dir = pathlib.Path(config.prm) if config.prm else workdir / "prm" / "hf"
     prm = load_prm(prm_dir, mesh, dtype=config.dtype)
-    tok_dir = config.tokenizer or next((d for d in (prm_dir, TOY_POLICY_DIR) if any(
-        (d / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model"))), prm_dir)
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(find_tokenizer_dir(prm_dir, config.tokenizer))
     data = pathlib.Path(config.data)
     subsets = [s for s in config.subsets.split(",") if s]
     scores, labels, unscored = {}, {}, {}

@@ -19,7 +19,8 @@ DESCRIPTION = "Export a trained PRM (latest or best checkpoint) to Hugging Face 
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    from edu_prm_jax.commands.train import build_prm, make_trainer
+    from edu_prm_jax.commands.convert import copy_tokenizer_files
+    from edu_prm_jax.commands.train import build_prm, make_trainer, tokenizer_source
 
     saved = workdir / "train_config.json"
     if not saved.is_file():
@@ -35,6 +36,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         trainer.state, _, _ = ckpt.restore(step, trainer.state)
         out = pathlib.Path(config.output) if config.output else workdir / "prm" / f"hf_{config.which}"
         save_prm(trainer.model, out, dtype=config.dtype)
+        copy_tokenizer_files(tokenizer_source(train_cfg), out)
     finally:
         trainer.close()
     logging.info("exported step %d (%s) -> %s", step, config.which, out)

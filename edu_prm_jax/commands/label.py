@@ -45,6 +45,7 @@ from edu_prm_jax.data.records import (
     ListOf,
     Schema,
     ShardedJsonlWriter,
+    check_fingerprint,
     read_jsonl,
     read_shards,
     write_json_atomic,
@@ -259,6 +260,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     sizes = [count_records(p) for p in shards]
     total = sum(sizes)
     num_shards = max(1, min(config.num_shards or len(shards), total))
+    settings = {k: config[k] for k in ("target", "method", "extra_rollouts_min_leaves", "extra_rollouts_k",
+                                       "shepherd_k")}
+    check_fingerprint(out, {"samples": str(samples.resolve()), "input_shards": [p.name for p in shards],
+                            "input_bytes": [p.stat().st_size for p in shards], "num_shards": num_shards, **settings})
     writer = ShardedJsonlWriter(out, OUTPUT_PREFIX, num_shards)
     bounds = [round(i * total / num_shards) for i in range(num_shards + 1)]
     pending = writer.pending()

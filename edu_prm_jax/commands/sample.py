@@ -14,7 +14,7 @@ from tqdm import tqdm
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_model, load_tokenizer
 from edu_prm_jax.data.questions import load_questions, resolve_policy
-from edu_prm_jax.data.records import ShardedJsonlWriter
+from edu_prm_jax.data.records import ShardedJsonlWriter, check_fingerprint
 from edu_prm_jax.sampling.decode import DecodeParams
 from edu_prm_jax.sampling.engine import Sampler, distinct_tokens
 
@@ -50,9 +50,12 @@ def tree_record(question: dict, index: int, prompt: str, prompt_ids: list[int], 
 
 
 def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.Path, num_shards: int,
-                     desc: str = "sample") -> pathlib.Path:
-    """Sample every question and write `trees-*` shards; finished shards from an earlier run are kept."""
+                     desc: str = "sample", fingerprint: dict[str, Any] | None = None) -> pathlib.Path:
+    """Sample every question and write `trees-*` shards; finished shards from an earlier run are kept (only
+    when `fingerprint` — the settings that make the shards — matches the one recorded in out_dir)."""
     num_shards = max(1, min(num_shards, len(questions)))
+    check_fingerprint(out_dir, {"params": dataclasses.asdict(sampler.params), "num_shards": num_shards,
+                                "questions": [q["id"] for q in questions], **(fingerprint or {})})
     writer = ShardedJsonlWriter(out_dir, "trees", num_shards)
     bounds = [round(i * len(questions) / num_shards) for i in range(num_shards + 1)]
     pending = writer.pending()
@@ -86,5 +89,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     sampler = build_sampler(config.policy, config.tokenizer, config.sampling, config.mesh, config.dtype,
                             config.batch_questions, config.prompt_bucket)
     out = pathlib.Path(config.output) if config.output else workdir / f"samples_{config.sampling.mode}"
-    sample_to_shards(sampler, questions, out, config.num_shards, desc=f"sample[{config.sampling.mode}]")
+    sample_to_shards(sampler, questions, out, config.num_shards, desc=f"sample[{config.sampling.mode}]",
+                     fingerprint={"policy": str(resolve_policy(config.policy).resolve()), "dtype": config.dtype,
+                                  "stop_strings": config.sampling.stop_strings,
+                                  "symbols": [config.sampling.extra_symbols, config.sampling.disable_symbols]})
     logging.info("wrote %s", out)

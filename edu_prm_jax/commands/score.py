@@ -8,7 +8,6 @@ import ml_collections
 from absl import logging
 
 from edu_prm_jax.api import load_tokenizer
-from edu_prm_jax.data.questions import TOY_POLICY_DIR
 from edu_prm_jax.data.records import DataError, ListOf, read_jsonl, write_jsonl_atomic
 from edu_prm_jax.models.prm import load_prm
 from edu_prm_jax.training.prm_data import build_example, score_examples
@@ -24,13 +23,19 @@ def _validate(record: dict) -> None:
         raise DataError(f"expected a non-empty list of strings, got {ListOf(str)!r} violated", field="steps")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
 def find_tokenizer_dir(prm_dir: pathlib.Path, override: str) -> pathlib.Path:
+    """The tokenizer beside the PRM (`edu-prm train` copies the policy's there), unless one is given.
+
+    Never a silent fallback: scoring a real PRM with another model's tokenizer gives garbage, not an error."""
     if override:
         return pathlib.Path(override)
-    for d in (prm_dir, TOY_POLICY_DIR):
-        if any((d / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
-            return d
-    return prm_dir
+    if any((prm_dir / f).is_file() for f in TOKENIZER_FILES):
+        return prm_dir
+    raise FileNotFoundError(f"{prm_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass "
+                            "--config.tokenizer=DIR (the policy's tokenizer)")
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:

@@ -10,6 +10,7 @@ from absl import logging
 
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_model, load_tokenizer
+from edu_prm_jax.commands.convert import copy_tokenizer_files
 from edu_prm_jax.data.questions import resolve_policy
 from edu_prm_jax.data.records import write_json_atomic
 from edu_prm_jax.models.prm import PRM, load_prm, prm_loss, save_prm
@@ -19,6 +20,10 @@ from edu_prm_jax.training.prm_data import separator_ids
 from edu_prm_jax.training.prm_train import PackedStream, load_label_records, make_eval_fn, split_records, to_examples
 
 DESCRIPTION = "Train a PRM (policy backbone + reward head) on MC-labelled steps; Orbax checkpoints, resume."
+
+
+def tokenizer_source(config: ml_collections.ConfigDict) -> pathlib.Path:
+    return pathlib.Path(config.init_prm) if config.init_prm else resolve_policy(config.policy)
 
 
 def build_prm(config: ml_collections.ConfigDict, mesh) -> PRM:
@@ -66,6 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         logging.warning("stopped by SIGTERM at step %d; rerun with the same workdir to resume", trainer.step)
         return
     save_prm(trainer.model, export_dir)
+    copy_tokenizer_files(tokenizer_source(config), export_dir)  # scoring needs the policy's tokenizer
     summary = {"train_solutions": len(train_ex), "eval_solutions": len(eval_ex), "dropped_too_long": dropped,
                **metrics}
     write_json_atomic(workdir / "prm" / "train_summary.json", summary)

@@ -332,3 +332,24 @@ def read_shards(
         raise DataError(f"incomplete output: {len(missing)} missing shard(s): {names}", path=out_dir)
     for _, _, p in shards:
         yield from read_jsonl(p, validate)
+
+
+FINGERPRINT = "fingerprint.json"
+
+
+def check_fingerprint(out_dir: PathLike, fingerprint: Mapping[str, Any]) -> None:
+    """Bind an output directory to the settings that produce it.
+
+    The first run writes `fingerprint.json`; a rerun with different settings would otherwise skip "finished"
+    shards made under the old ones and mix results, so it is an error naming the fields that changed."""
+    out_dir = pathlib.Path(out_dir)
+    path = out_dir / FINGERPRINT
+    wanted = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            raise DataError(f"holds outputs made with other settings (changed: {changed}); use a fresh "
+                            "directory or delete it to recompute", path=out_dir)
+        return
+    write_json_atomic(path, wanted)
