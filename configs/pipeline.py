@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.sampling.num_leaves = 8
     config.label = label_config.get_config()  # Stage 2: Monte Carlo step labels.
     config.train = train_config.get_config()  # Stage 3: PRM training (exported to <workdir>/prm/hf).
-    config.eval_bon = eval_bon_config.get_config()  # Stage 4: Best-of-N on held-out questions.
+    config.eval_bon = eval_bon_config.get_config()  # Stage 4: Best-of-N (its sampling = config.sample.sampling).
     config.processbench = processbench_config.get_config()  # Stage 5: ProcessBench (skipped if data missing).
     config.processbench.limit = 40
     config.processbench.max_tokens = 1024

@@ -171,6 +171,18 @@ class Trainer:
         self.step = latest
         return True
 
+    def _stop_everywhere(self) -> bool:
+        """Whether any process got SIGTERM. Multi-host: every process must leave the loop at the same step
+        (a host that stops alone would deadlock the others in the next collective), so the flags are
+        all-gathered; single-process runs skip the sync."""
+        if jax.process_count() == 1:
+            return self._stop_requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(self._stop_requested, np.int32))
+        self._stop_requested = bool(np.any(flags))
+        return self._stop_requested
+
     def request_stop(self, *_: Any) -> None:
         """SIGTERM handler: finish the current step, save, return from `train`."""
         self._stop_requested = True
@@ -190,7 +202,7 @@ class Trainer:
         try:
             t0, tokens, since = time.perf_counter(), 0, 0
             pending = None
-            while self.step < cfg.steps and not self._stop_requested:
+            while self.step < cfg.steps and not self._stop_everywhere():
                 batch = next(data)
                 tokens += int(np.prod(np.shape(batch["tokens"])))
                 pending = self.train_step(batch)

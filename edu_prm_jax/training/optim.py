@@ -69,18 +69,16 @@ def trainable_labels(pattern: str | None) -> Callable:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW(schedule) on trainable params, zero updates on frozen ones, wrapped in
-    MultiSteps when accumulating (so the state carries the partial gradient sum and resumes exactly)."""
+    """clip_by_global_norm -> AdamW(schedule) on trainable params (the norm over them only), zero updates on
+    frozen ones, wrapped in MultiSteps when accumulating (the state carries the partial gradient sum, so a
+    resumed run continues exactly)."""
     adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    parts = []
-    if cfg.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    if cfg.clip_norm > 0:  # clip inside the trainable branch: frozen params' gradients must not shrink updates
+        adamw = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
     if cfg.trainable is None:
-        parts.append(adamw)
+        tx = adamw
     else:
-        parts.append(optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
-                                           trainable_labels(cfg.trainable)))
-    tx = optax.chain(*parts)
+        tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, trainable_labels(cfg.trainable))
     if cfg.accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.accum_steps)
     return tx
