@@ -30,5 +30,9 @@ def test_eval_bon_writes_report_and_counts_tokens(tmp_path):
         assert got == expected
     for r in runs:
         assert r["pass@n"] >= max(r[k] for k in r if k.startswith("prm_") or k in ("majority", "weighted_vote"))
-    edu = [r for r in runs if r["sampler"] == "edu" and r["n"] == 1]
-    assert edu[0]["tokens"] == edu[1]["tokens"]  # greedy EDU trees are shared across seeds
+    for sampler in ("edu", "p-edu"):  # tree cost recounted from the leaves: distinct prefixes (+ pruned tokens)
+        trees = list(read_shards(out / "runs" / f"{sampler}_n2_s0", "trees"))
+        recount = sum(len({tuple(leaf["token_ids"][: i + 1]) for leaf in t["leaves"]
+                           for i in range(len(leaf["token_ids"]))}) + t["pruned_tokens"] for t in trees)
+        got = next(r["tokens"] for r in runs if (r["sampler"], r["n"], r["seed"]) == (sampler, 2, 0))
+        assert got == recount / len(trees)
