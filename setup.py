@@ -27,6 +27,7 @@ RUNTIME = [
 TEST = [
     "pytest>=8.0",
     "pytest-xdist>=3.5",
+    "portpicker>=1.6",
     "torch==2.13.0",
     "transformers>=4.46",
     "ruff>=0.6",
