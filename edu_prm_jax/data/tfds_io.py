@@ -34,7 +34,7 @@ from edu_prm_jax.data import sources
 from edu_prm_jax.data.records import DataError, PathLike
 
 # The project's read-only data tree (REPO/../shared); prepared datasets never go there.
-SHARED_ROOT = pathlib.Path(__file__).resolve().parents[3] / "shared"
+SHARED_ROOT = (pathlib.Path(__file__).resolve().parents[3] / "shared").resolve()  # follows a symlinked tree
 
 _SCALARS = {"int32": np.int32, "int64": np.int64, "float32": np.float32, "bool": np.bool_}
 SPEC_KINDS = (*_SCALARS, "string", *(f"{k}[]" for k in (*_SCALARS, "string")))
