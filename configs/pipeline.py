@@ -27,10 +27,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.policy = "toy"  # Policy for every stage: 'toy' (shipped), an HF dir or an Orbax dir.
     config.dtype = "float32"  # Compute dtype for every stage.
     config.sample = sample_config.get_config("edu")  # Stage 1: EDU trees on training questions.
-    config.sample.questions = "toy:train:256"
+    config.sample.questions = "toy:train:2048"
     config.sample.sampling.num_leaves = 8
+    config.sample.sampling.tau = 0.5  # the toy policy is confident: 1.0 nats would anchor ~1 fork per question
     config.label = label_config.get_config()  # Stage 2: Monte Carlo step labels.
     config.train = train_config.get_config()  # Stage 3: PRM training (exported to <workdir>/prm/hf).
+    config.train.steps = 400
+    config.train.learning_rate = 3e-4
     config.eval_bon = eval_bon_config.get_config()  # Stage 4: Best-of-N (its sampling = config.sample.sampling).
     config.processbench = processbench_config.get_config()  # Stage 5: ProcessBench (skipped if data missing).
     config.processbench.limit = 40
