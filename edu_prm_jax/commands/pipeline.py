@@ -42,20 +42,19 @@ def _section(path: pathlib.Path, image_prefix: str) -> str:
     return re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", rf"![\1]({image_prefix}/\2)", text)
 
 
+def _json_table(title: str, path: pathlib.Path, key: str) -> list[str]:
+    """A flat JSON file as a two-column markdown table (nothing when the stage has not run)."""
+    if not path.is_file():
+        return []
+    rows = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in json.loads(path.read_text()).items()]
+    return [f"## {title}", "", f"| {key} | value |", "|---|---|", *rows, ""]
+
+
 def write_report(config: ml_collections.ConfigDict, workdir: pathlib.Path, timings: dict[str, float]) -> pathlib.Path:
     parts = ["# EDU-PRM pipeline report", "", f"Workdir: `{workdir}`", ""]
-    stats = workdir / "labels" / "label_stats.json"
-    if stats.is_file():
-        s = json.loads(stats.read_text())
-        parts += ["## Labels", "", "| statistic | value |", "|---|---|"]
-        parts += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in s.items()]
-        parts.append("")
-    summary = workdir / "prm" / "train_summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        parts += ["## PRM training", "", "| metric | value |", "|---|---|"]
-        parts += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in s.items()]
-        parts.append("")
+    parts += _json_table("Labels", workdir / "labels" / "label_stats.json", "statistic")
+    parts += _json_table("PRM training", workdir / "prm" / "train_summary.json", "metric")
     parts.append(_section(workdir / "eval_bon" / "report.md", "eval_bon"))
     parts.append(_section(workdir / "processbench" / "report.md", "processbench"))
     parts += ["## Stage wall times (this invocation)", "", "| stage | seconds |", "|---|---|"]
