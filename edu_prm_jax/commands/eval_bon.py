@@ -22,6 +22,7 @@ from edu_prm_jax.data.records import read_shards
 from edu_prm_jax.evaluation.bon import SELECTORS, select_all
 from edu_prm_jax.evaluation.candidates import score_records
 from edu_prm_jax.evaluation.report import write_bon_report
+from edu_prm_jax.labeling.answers import is_correct
 from edu_prm_jax.models.prm import load_prm
 from edu_prm_jax.sampling.engine import Sampler
 
@@ -78,7 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         return list(read_shards(run_dir, "trees"))
 
     greedy = sampled("greedy", 0, mode="greedy", num_slots=1)
-    greedy_acc = _accuracies(score_records(prm, greedy, "high_entropy"))["pass@n"]
+    greedy_acc = sum(is_correct(r["leaves"][0]["text"], r["answer"]) for r in greedy if r["leaves"]) / len(greedy)
+    scored: dict[str, dict[str, float]] = {}  # run name -> accuracies (greedy EDU trees are shared by seeds)
     runs: list[dict[str, Any]] = []
     edu_seeds = seeds[:1] if s.edu_greedy else seeds
     samplers = ["edu", "p-edu"] if config.p_edu else ["edu"]
@@ -93,9 +95,12 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         for name in samplers:
             for n in n_grid:
                 tree_seed = seed if seed in edu_seeds else edu_seeds[0]
-                trees = sampled(f"{name}_n{n}_s{tree_seed}", tree_seed, prm_model=prm if name == "p-edu" else None,
+                run_name = f"{name}_n{n}_s{tree_seed}"
+                trees = sampled(run_name, tree_seed, prm_model=prm if name == "p-edu" else None,
                                 mode="edu", num_slots=n, prune_below=config.prune_below)
-                acc = _accuracies(score_records(prm, trees, "anchors"))
+                if run_name not in scored:
+                    scored[run_name] = _accuracies(score_records(prm, trees, "anchors"))
+                acc = scored[run_name]
                 tokens = sum(r["distinct_tokens"] for r in trees) / len(trees)
                 runs.append({"sampler": name, "n": n, "seed": seed, "tokens": tokens, **acc})
     notes = ("HT candidates are split into steps at their high-entropy positions (the policy's in-graph "
