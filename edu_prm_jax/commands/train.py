@@ -12,7 +12,7 @@ from edu_prm_jax import parallel
 from edu_prm_jax.api import load_model, load_tokenizer
 from edu_prm_jax.commands.convert import copy_tokenizer_files
 from edu_prm_jax.data.questions import resolve_policy
-from edu_prm_jax.data.records import write_json_atomic
+from edu_prm_jax.data.records import check_fingerprint, write_json_atomic
 from edu_prm_jax.models.prm import PRM, load_prm, prm_loss, save_prm
 from edu_prm_jax.training.loop import TrainConfig, Trainer
 from edu_prm_jax.training.optim import OptimConfig
@@ -53,6 +53,11 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     labels_dir = pathlib.Path(config.labels) if config.labels else workdir / "labels"
     export_dir = workdir / "prm" / "hf"
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    label_files = sorted(labels_dir.glob("steps-*.jsonl"))
+    check_fingerprint(workdir / "prm", {  # a resumed run must train on the same data and model
+        "labels": str(labels_dir.resolve()), "label_shards": [f"{p.name}:{p.stat().st_size}" for p in label_files],
+        **{k: config[k] for k in ("policy", "init_prm", "head", "separator", "seq_len", "rows", "seed",
+                                  "eval_fraction")}})
     records = load_label_records(labels_dir)
     train_records, held = split_records(records, config.eval_fraction)
     prm = build_prm(config, mesh)
