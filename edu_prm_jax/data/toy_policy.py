@@ -33,6 +33,8 @@ import numpy as np
 from flax import nnx
 
 from edu_prm_jax.data import toy
+from edu_prm_jax.data.records import write_json_atomic
+from edu_prm_jax.evaluation.metrics import auroc  # re-exported: the report's entropy AUROC
 from edu_prm_jax.models.config import Qwen2Config
 from edu_prm_jax.models.qwen2 import KVCache, Qwen2
 from edu_prm_jax.tokenization import Tokenizer, load_tokenizer
@@ -149,18 +151,6 @@ def greedy_decode(model: Qwen2, tokenizer: Tokenizer, prompts: Sequence[str], ma
     return out
 
 
-def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
-    """P(score of a random positive > score of a random negative), ties counted 1/2 (Mann-Whitney U)."""
-    s = np.asarray(scores, np.float64)
-    y = np.asarray(positives, bool)
-    pos, neg = s[y], s[~y]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
-
-
 def evaluate_greedy(model: Qwen2, tokenizer: Tokenizer, problems: Sequence[dict],
                     max_new_tokens: int = 96) -> dict[str, Any]:
     """Greedy accuracy, and how well the max per-token entropy predicts a wrong answer (AUROC)."""
@@ -178,12 +168,6 @@ def evaluate_greedy(model: Qwen2, tokenizer: Tokenizer, problems: Sequence[dict]
 
 
 # ------------------------------------------------------------------------------------------------ build
-def _atomic_json(path: pathlib.Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def build_toy_policy(out_dir: str | os.PathLike, seed: int = 0, steps: int | None = None,
                      cfg: ToyPolicyConfig | None = None, progress: bool = True,
                      workdir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -259,7 +243,7 @@ def build_toy_policy(out_dir: str | os.PathLike, seed: int = 0, steps: int | Non
             "toy_config": dataclasses.asdict(cfg.toy),
             "policy_config": {k: v for k, v in cfg.to_dict().items() if k != "toy"},
         }
-        _atomic_json(staging / REPORT, report)
+        write_json_atomic(staging / REPORT, report)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

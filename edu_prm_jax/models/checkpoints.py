@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from edu_prm_jax import parallel
 from edu_prm_jax.models.config import Qwen2Config, dtype_from_name
@@ -307,7 +307,3 @@ def load_orbax_model(directory: str | os.PathLike, *, param_dtype: str | None = 
     cfg = cfg.replace(param_dtype=param_dtype or cfg.param_dtype, dtype=dtype or cfg.dtype)
     abstract = nnx.eval_shape(lambda: Qwen2(cfg, nnx.Rngs(0)))
     return restore_orbax_into(abstract, directory, mesh, rules)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
