@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -28,7 +27,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -36,7 +34,7 @@ from edu_prm_jax.data import toy
 from edu_prm_jax.data.records import write_json_atomic
 from edu_prm_jax.evaluation.metrics import auroc  # re-exported: the report's entropy AUROC
 from edu_prm_jax.models.config import Qwen2Config
-from edu_prm_jax.models.qwen2 import KVCache, Qwen2
+from edu_prm_jax.models.qwen2 import Qwen2
 from edu_prm_jax.tokenization import Tokenizer, load_tokenizer
 from edu_prm_jax.training.lm import lm_example, lm_loss
 from edu_prm_jax.training.loop import TrainConfig, Trainer
@@ -94,60 +92,20 @@ def encode_examples(problems: Sequence[dict], tokenizer: Tokenizer) -> list[dict
 
 
 # ------------------------------------------------------------------------------------------ greedy decoding
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _greedy(graphdef, state, prompts, lengths, eos_id, max_new_tokens):
-    """Greedy continuation of right-padded prompts [B, P] with a KV cache; tokens and entropies [B, N]."""
-    model = nnx.merge(graphdef, state)
-    b, p = prompts.shape
-    cache = KVCache.zeros(model.cfg, b, p + max_new_tokens)
-    logits, cache = model(prompts, cache=cache, write_index=jnp.zeros((b,), jnp.int32))
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-
-    def entropy(lg):
-        logp = jax.nn.log_softmax(lg, axis=-1)
-        return -(jnp.exp(logp) * logp).sum(-1)
-
-    def body(i, carry):
-        cache, last, done, toks, ents = carry
-        nxt = jnp.argmax(last, axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, eos_id, nxt)
-        toks = toks.at[:, i].set(nxt)
-        ents = ents.at[:, i].set(jnp.where(done, 0.0, entropy(last)))
-        done = done | (nxt == eos_id)
-        logits, cache = model(nxt[:, None], cache=cache, write_index=lengths + i)
-        return cache, logits[:, 0], done, toks, ents
-
-    init = (cache, last, jnp.zeros((b,), bool), jnp.zeros((b, max_new_tokens), jnp.int32),
-            jnp.zeros((b, max_new_tokens), jnp.float32))
-    _, _, _, toks, ents = jax.lax.fori_loop(0, max_new_tokens, body, init)
-    return toks, ents
-
-
 def greedy_decode(model: Qwen2, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 96,
                   batch_size: int = 128) -> list[dict[str, Any]]:
     """[{'text', 'tokens', 'entropies'}] per prompt: greedy until EOS (excluded from text, included in the
-    entropies: the decision to stop is a token too)."""
-    eos = tokenizer.eos_token_ids[0]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    graphdef, state = nnx.split(model)
+    entropies: the decision to stop is a token too). Runs the project's sampler in greedy mode."""
+    from edu_prm_jax.sampling import DecodeParams, Sampler
+
+    params = DecodeParams(mode="greedy", num_slots=1, max_new_tokens=max_new_tokens, stop_at_answer=False)
+    sampler = Sampler(model, tokenizer, params, batch_questions=batch_size, prompt_bucket=16)
+    eos = set(tokenizer.eos_token_ids)
     out: list[dict[str, Any]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [tokenizer.encode(p) for p in prompts[start:start + batch_size]]
-        n = len(chunk)
-        width = max(len(c) for c in chunk)
-        width = -(-width // 16) * 16  # bucket prompt length: fewer recompiles
-        arr = np.full((batch_size, width), pad, np.int32)
-        lengths = np.ones(batch_size, np.int32)
-        for i, c in enumerate(chunk):
-            arr[i, :len(c)] = c
-            lengths[i] = len(c)
-        toks, ents = jax.device_get(_greedy(graphdef, state, jnp.asarray(arr), jnp.asarray(lengths),
-                                            jnp.int32(eos), max_new_tokens))
-        for i in range(n):
-            row = toks[i].tolist()
-            k = row.index(eos) + 1 if eos in row else len(row)
-            out.append({"text": tokenizer.decode(row[:k - 1] if row[k - 1] == eos else row[:k]),
-                        "tokens": row[:k], "entropies": ents[i, :k].astype(float).tolist()})
+    for leaves in sampler.sample_ids([tokenizer.encode(p) for p in prompts], list(range(len(prompts)))):
+        toks = leaves[0].token_ids
+        text = tokenizer.decode(toks[:-1] if toks and toks[-1] in eos else toks)
+        out.append({"text": text, "tokens": toks, "entropies": leaves[0].entropies})
     return out
 
 
