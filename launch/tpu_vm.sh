@@ -48,28 +48,12 @@ Options:
 Example:
   $PROG launch --name prm --zone us-west4-a --accelerator-type v5litepod-8 \\
       --version v2-alpha-tpuv5-lite --spot --delete-after -- \\
-      train --config=configs/train.py --config.batch_size=64 --workdir=gs://my-bucket/runs/prm
+      train --config=configs/train.py --config.rows=64 --workdir=gs://my-bucket/runs/prm
 EOF
 }
 
-die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
-
-# Quote one word for a POSIX shell: bare when it is plainly safe, else single-quoted.
-q() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./=:,@%+^-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-# Quote a whole argv into one pasteable line.
-qargs() {
-  local out="" a
-  for a in "$@"; do out+="${out:+ }$(q "$a")"; done
-  printf '%s' "$out"
-}
+HERE=${BASH_SOURCE[0]%/*}; [[ $HERE == "${BASH_SOURCE[0]}" ]] && HERE=.  # no dirname: runs on a bare PATH
+source "$HERE/common.sh"  # die, q, qargs
 
 # Echo then (unless dry run) execute an argv.
 run_cmd() {
