@@ -21,7 +21,6 @@ barriers on busy cores made `generate` 10-100x slower, which measures the conten
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -262,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         result = {"benchmark": "decode", "model": model, "env": env, "args": {
             k: v for k, v in vars(args).items() if k != "json"}, "throughput": rows, "edu_vs_ht": edu}
-        tmp_path = args.json.with_name(args.json.name + ".tmp")
-        tmp_path.write_text(json.dumps(result, indent=2))
-        os.replace(tmp_path, args.json)
+        from edu_prm_jax.data.records import write_json_atomic
+
+        write_json_atomic(args.json, result)
     return 0
 
 

@@ -12,7 +12,6 @@ this same process. On a shared CPU the absolute numbers move with load; the rati
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -172,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, list(runners)))
     if args.json:
         result = {"benchmark": "forward_prefill", "model": model, "env": env, "rows": rows}
-        tmp_path = args.json.with_name(args.json.name + ".tmp")
-        tmp_path.write_text(json.dumps(result, indent=2))
-        os.replace(tmp_path, args.json)
+        from edu_prm_jax.data.records import write_json_atomic
+
+        write_json_atomic(args.json, result)
     return 0
 
 
