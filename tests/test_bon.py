@@ -1,8 +1,7 @@
 """Best-of-N selectors on hand-worked candidate sets."""
 
-import pytest
 
-from edu_prm_jax.evaluation.bon import Candidate, majority_vote, prm_best, select_all, step_spans, weighted_vote
+from edu_prm_jax.evaluation.bon import Candidate, majority_vote, prm_best, select_all, weighted_vote
 
 
 def _c(answer, correct, scores):
@@ -44,8 +43,3 @@ def test_select_all():
     assert res["prm_min"] is False and res["majority"] is False and res["pass@n"] is True
     assert select_all(CANDS[:3])["prm_min"] is True
 
-
-@pytest.mark.parametrize("n,b,expected", [(5, [2, 4], [(0, 2), (2, 4), (4, 5)]), (3, [0, 3, 1], [(0, 1), (1, 3)]),
-                                          (4, [], [(0, 4)])])
-def test_step_spans(n, b, expected):
-    assert step_spans(n, b) == expected

@@ -27,6 +27,7 @@ def test_step_spans_cut_before_anchors_and_drop_empty_spans():
     assert step_spans(5, [0, 3, 3, 5]) == [(0, 3), (3, 5)]  # anchor at 0 / repeated / at the end: no empty step
     assert step_spans(4, []) == [(0, 4)]
     assert step_spans(0, [0]) == []
+    assert step_spans(3, [0, 3, 1]) == [(0, 1), (1, 3)]  # unsorted boundaries
 
 
 def test_tree_with_a_one_third_node_and_an_all_wrong_subtree():

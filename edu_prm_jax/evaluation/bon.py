@@ -81,9 +81,3 @@ def select_all(cands: Sequence[Candidate]) -> dict[str, bool]:
 
 SELECTORS = tuple(f"prm_{a}" for a in AGGREGATORS) + ("majority", "weighted_vote", "pass@n")
 
-
-def step_spans(num_tokens: int, boundaries: Sequence[int]) -> list[tuple[int, int]]:
-    """Token spans [start, end) of steps that start at each boundary index (empty spans dropped)."""
-    cuts = sorted({b for b in boundaries if 0 < b < num_tokens})
-    edges = [0, *cuts, num_tokens]
-    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]

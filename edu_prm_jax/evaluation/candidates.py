@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from edu_prm_jax.evaluation.bon import Candidate, step_spans
+from edu_prm_jax.evaluation.bon import Candidate
 from edu_prm_jax.labeling.answers import extract_answer, is_correct
+from edu_prm_jax.labeling.mc import step_spans
 from edu_prm_jax.training.prm_data import build_example, score_examples
 
 
