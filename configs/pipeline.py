@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.stages = STAGES  # Comma-separated stages to run, in pipeline order.
     config.policy = "toy"  # Policy for every stage: 'toy' (shipped), an HF dir or an Orbax dir.
+    config.prm_backbone = ""  # PRM initialisation (sets train.policy), e.g. a base model; empty = the policy.
     config.dtype = "float32"  # Compute dtype for every stage.
     config.sample = sample_config.get_config("edu")  # Stage 1: EDU trees on training questions.
     config.sample.questions = "toy:train:2048"

@@ -2,7 +2,8 @@
 
 Run on a Cloud TPU VM (see launch/tpu_vm.sh):
   edu-prm pipeline --config=configs/qwen25_math_7b.py --config.policy=/models/Qwen2.5-Math-7B-Instruct \
-      --config.sample.questions=/data/math/train.jsonl --workdir=/runs/math7b
+      --config.prm_backbone=/models/Qwen2.5-Math-7B --config.sample.questions=/data/math/train.jsonl \
+      --workdir=/runs/math7b
 
 Expected memory per device (estimates from the formulas below, not measurements; TPU v4-8: 4 chips x 32 GB):
 - sampling / eval (mesh data=4): bf16 weights 7.6e9 x 2 B = 15.2 GB replicated per chip; KV cache per slot =
@@ -21,6 +22,7 @@ from configs import pipeline
 def get_config():
     config = pipeline.get_config()
     config.policy = "/models/Qwen2.5-Math-7B-Instruct"  # HF dir of the policy (set this).
+    config.prm_backbone = "/models/Qwen2.5-Math-7B"  # HF dir of the PRM's base model (set this).
     config.dtype = "bfloat16"  # bf16 compute on TPU; master weights stay float32 in training.
     for stage in (config.sample, config.label, config.eval_bon, config.processbench):
         stage.mesh.data = -1  # sampling, rollouts and evaluation: questions over all chips
@@ -33,7 +35,7 @@ def get_config():
     config.sample.prompt_bucket = 128
     config.sample.num_shards = 64
     config.label.sampling.max_new_tokens = 2048
-    # PRM: Qwen2.5-Math-PRM convention (separator after each step) on the same backbone
+    # PRM: Qwen2.5-Math-PRM convention (separator after each step) on the base model
     config.train.head = "qwen_math"
     config.train.seq_len = 4096
     config.train.rows = 32

@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_prm = ""  # Start from an existing PRM in HF format instead (e.g. Qwen2.5-Math-PRM-7B).
     config.head = "scalar"  # scalar (read at each step's last token) or qwen_math (separator after each step).
     config.separator = "<extra_0>"  # Separator token text for the qwen_math head (must be one token).
+    config.supervise = "step_end"  # Labelled positions: step_end, or step_tokens (every token of a step).
     config.seq_len = 256  # Packed row length (a solution longer than this is dropped and counted).
     config.rows = 16  # Rows per micro-batch (a multiple of the mesh's data x fsdp size).
     config.steps = 300  # Micro-batch steps in total (a resumed run continues to this).

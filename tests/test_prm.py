@@ -285,6 +285,20 @@ def test_build_example_marks_spans_both_conventions():
     assert ex.step_ends.tolist() == [5, 7, 11]
 
 
+def test_step_token_supervision_labels_every_token_of_a_step():
+    ex = build_example(_record(), convention="scalar", supervise="step_tokens")
+    assert ex.targets.tolist() == [0, 0, 0, 1.0, 1.0, 0.5, 0.0, 0.0, 0.0]
+    assert ex.loss_mask.tolist() == [False] * 3 + [True] * 6 and ex.step_ends.tolist() == [4, 5, 8]
+    ex = build_example(_record(), convention="qwen_math", separator_id=SEP, supervise="step_tokens")
+    assert ex.targets.tolist() == [0, 0, 0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
+    assert ex.loss_mask.sum() == 9
+    assert build_example(_record(), convention="scalar").loss_mask.tolist() == [i in (4, 5, 8) for i in range(9)]
+    batch = make_prm_batches([build_example(_record(), convention="scalar", supervise="step_tokens")], 16, 1)[0]
+    assert batch["loss_mask"][0].tolist() == [False] * 3 + [True] * 6 + [False] * 7
+    with pytest.raises(ValueError, match="supervise"):
+        build_example(_record(), convention="scalar", supervise="all")
+
+
 BAD = [
     (dict(labels=[1.0, 0.0]), "labels"),
     (dict(labels=[1.0, 1.2, 0.0]), r"labels\[1\]"),

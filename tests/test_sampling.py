@@ -9,6 +9,7 @@ import torch
 from hf_reference import make_hf_qwen2
 
 from edu_prm_jax import parallel
+from edu_prm_jax.labeling.mc import step_spans
 from edu_prm_jax.models.checkpoints import load_hf_model
 from edu_prm_jax.sampling.decode import DecodeParams, Tables, decode
 from edu_prm_jax.sampling.engine import distinct_tokens, slots_to_leaves
@@ -113,6 +114,11 @@ def test_edu_invariants_by_teacher_forcing(peaked_model, mode):
                     qualifies = ent[t] > tau and top[t, 0] not in symbols
                     # a qualifying position that did not branch is only allowed once the slot budget is spent
                     assert not qualifies or len(leaves) == m or len(leaf.anchors) == p.max_anchors
+        for leaf in leaves:  # dense step supervision relies on this: inside a step no path leaves the prefix
+            def below(n, leaf=leaf, leaves=leaves):
+                return {i for i, other in enumerate(leaves) if other.token_ids[:n] == leaf.token_ids[:n]}
+            for start, end in step_spans(len(leaf.token_ids), leaf.anchors):
+                assert all(below(j) == below(end) for j in range(start + 1, end + 1))
         for toks in children_at.values():
             n_anchor_total += 1
             if len(leaves) < m:

@@ -7,7 +7,7 @@ from tiny_policy import make_tiny_policy
 
 from edu_prm_jax import cli
 from edu_prm_jax.models.prm import load_prm
-from edu_prm_jax.training.prm_train import is_eval_question, load_label_records, split_records
+from edu_prm_jax.training.prm_train import is_eval_question, load_label_records, selection_metrics, split_records
 
 
 def test_train_command_exports_a_loadable_prm(tmp_path):
@@ -25,6 +25,7 @@ def test_train_command_exports_a_loadable_prm(tmp_path):
                      "--config.eval_every=3", "--config.checkpoint_every=3", "--config.eval_fraction=0.3"]) == 0
     summary = json.loads((w / "prm" / "train_summary.json").read_text())
     assert summary["step"] == 6 and np.isfinite(summary["loss"])
+    assert "eval_pair_accuracy" in summary and "eval_select_accuracy" in summary
     prm = load_prm(w / "prm" / "hf")
     assert prm.head_kind == "scalar"
     # a rerun finds the finished checkpoint and does not train again
@@ -36,3 +37,15 @@ def test_train_command_exports_a_loadable_prm(tmp_path):
     tokens = np.arange(12, dtype=np.int32)[None] % 40
     np.testing.assert_allclose(np.asarray(again(tokens)), np.asarray(prm(tokens)), atol=1e-6)
     assert cli.main(["export", f"--workdir={w}", "--config.which=best"]) == 0
+
+
+def test_selection_metrics_hand_worked():
+    # question a: correct solution min 0.6 vs wrong ones min 0.2 and 0.6 (tie) -> 1.5 of 2 pairs; top is a tie
+    # between the correct (first) and a wrong one, the first wins -> selected correct.
+    # question b: min 0.3 correct vs 0.9 wrong -> 0 of 1 pair, selected wrong. question c: no correct solution.
+    scores = [[0.9, 0.6], [0.2, 0.8], [0.6], [0.3], [0.9, 0.95], [0.5]]
+    finals = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    groups = ["a", "a", "a", "b", "b", "c"]
+    got = selection_metrics(scores, finals, groups)
+    assert got["pair_accuracy"] == 1.5 / 3 and got["select_accuracy"] == 0.5
+    assert np.isnan(selection_metrics([[0.1]], [0.0], ["c"])["pair_accuracy"])

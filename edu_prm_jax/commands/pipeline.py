@@ -30,6 +30,8 @@ def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections
     for field in SHARED:
         if field in sub:
             sub[field] = config[field]
+    if name == "train" and config.get("prm_backbone"):
+        sub.policy = config.prm_backbone
     if name == "eval_bon":  # evaluate with the anchor rule the PRM's training steps were cut by
         sub.sampling = ml_collections.ConfigDict(config.sample.sampling.to_dict())
     return sub

@@ -205,9 +205,11 @@ def masked_bce(
 def prm_loss(
     prm: PRM, batch: Mapping[str, jax.Array], pos_weight: float | jax.Array = 1.0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Loss on a packed batch {tokens, positions, segment_ids, step_end_mask, targets} (see prm_data)."""
+    """Loss on a packed batch {tokens, positions, segment_ids, step_end_mask, targets[, loss_mask]} (see
+    prm_data): BCE over `loss_mask` (every supervised token) when present, else over step ends."""
     logits = prm(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
-    return masked_bce(logits, batch["targets"], batch["step_end_mask"], pos_weight)
+    mask = batch["loss_mask"] if "loss_mask" in batch else batch["step_end_mask"]
+    return masked_bce(logits, batch["targets"], mask, pos_weight)
 
 
 # ---------------------------------------------------------------------------------------------- HF IO

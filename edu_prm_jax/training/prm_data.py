@@ -10,6 +10,12 @@ Conventions (`PRM.head_kind`):
 - "qwen_math": a separator id (Qwen's `<extra_0>`) is inserted after each step; the step end is the
   separator.
 
+Supervision (`supervise=`): "step_end" puts each step's label on its step end only; "step_tokens" puts it on
+every token of the step (and its separator). With tree labels that is exact, not an approximation: the path is
+deterministic between anchors, so every prefix ending inside a step has the same leaves below it, hence the same
+MC value, as the step end. It supervises the anchor token itself (the digit a fork chose), where a wrong choice
+is cheapest to detect; scoring still reads step ends only.
+
 Malformed input raises `PRMDataError` naming the record and field; nothing is silently masked out. A record
 longer than `max_len` would lose at least its last step end: by default that is an error; with
 `on_overflow="drop"` the whole record is skipped and counted in `BuildStats.dropped_too_long`.
@@ -30,6 +36,7 @@ from flax import nnx
 
 from edu_prm_jax.training.packing import pack_examples
 
+SUPERVISE = ("step_end", "step_tokens")
 SCORE_BUCKET = 64  # scoring pads lengths to a multiple of this, so jit compiles once per bucket
 
 
@@ -45,6 +52,11 @@ class PRMExample:
     tokens: np.ndarray  # int32 [L]
     step_end_mask: np.ndarray  # bool [L]
     targets: np.ndarray  # float32 [L]
+    loss_mask: np.ndarray | None = None  # bool [L], positions that carry a target; None = step ends
+
+    def __post_init__(self) -> None:
+        if self.loss_mask is None:
+            self.loss_mask = self.step_end_mask
 
     @property
     def step_ends(self) -> np.ndarray:
@@ -98,8 +110,11 @@ def build_example(
     on_overflow: str = "error",
     vocab_size: int | None = None,
     record_id: Any = None,
+    supervise: str = "step_end",
 ) -> PRMExample | None:
     """One record -> `PRMExample` (None only when it overflows `max_len` and on_overflow="drop")."""
+    if supervise not in SUPERVISE:
+        raise ValueError(f"supervise must be one of {SUPERVISE}, got {supervise!r}")
     if convention not in ("qwen_math", "scalar"):
         raise ValueError(f"unknown convention {convention!r}; expected 'qwen_math' or 'scalar'")
     if on_overflow not in ("error", "drop"):
@@ -155,8 +170,15 @@ def build_example(
     mask = np.zeros(n, bool)
     targets = np.zeros(n, np.float32)
     mask[ends] = True
-    targets[ends] = np.asarray(labels, np.float32)
-    return PRMExample(rid, np.asarray(tokens, np.int32), mask, targets)
+    starts = [len(prompt), *[e + 1 for e in ends[:-1]]]
+    loss_mask = mask.copy() if supervise == "step_tokens" else None
+    for start, end, label in zip(starts, ends, labels):
+        if loss_mask is not None:
+            targets[start:end + 1] = float(label)
+            loss_mask[start:end + 1] = True
+        else:
+            targets[end] = float(label)
+    return PRMExample(rid, np.asarray(tokens, np.int32), mask, targets, loss_mask)
 
 
 def build_examples(
@@ -167,6 +189,7 @@ def build_examples(
     max_len: int | None = None,
     on_overflow: str = "error",
     vocab_size: int | None = None,
+    supervise: str = "step_end",
 ) -> tuple[list[PRMExample], BuildStats]:
     """All records -> examples (a record without "id" is named by its 0-based index)."""
     stats = BuildStats()
@@ -180,6 +203,7 @@ def build_examples(
             on_overflow=on_overflow,
             vocab_size=vocab_size,
             record_id=i,
+            supervise=supervise,
         )
         if ex is None:
             stats.dropped_too_long += 1
@@ -194,8 +218,8 @@ def make_prm_batches(
     examples: Sequence[PRMExample], seq_len: int, rows: int, seed: int = 0, pad_id: int = 0
 ) -> list[dict[str, np.ndarray]]:
     """Shuffle (by `seed`), pack into [rows, seq_len] batches: {tokens, positions, segment_ids, step_end_mask,
-    targets}. The last batch is filled with empty rows (segment 0, no step ends) so every batch has one shape.
-    An example longer than seq_len is an error naming its record id."""
+    loss_mask, targets}. The last batch is filled with empty rows (segment 0, no step ends) so every batch has
+    one shape. An example longer than seq_len is an error naming its record id."""
     if not examples:
         raise PRMDataError("make_prm_batches: no examples")
     for ex in examples:
@@ -209,6 +233,7 @@ def make_prm_batches(
             {
                 "tokens": examples[i].tokens,
                 "step_end_mask": examples[i].step_end_mask.astype(np.int32),
+                "loss_mask": examples[i].loss_mask.astype(np.int32),
                 "targets": examples[i].targets,
             }
             for i in order
@@ -217,6 +242,7 @@ def make_prm_batches(
         pad_id,
     )
     packed["step_end_mask"] = packed["step_end_mask"].astype(bool)
+    packed["loss_mask"] = packed["loss_mask"].astype(bool)
     packed["targets"] = packed["targets"].astype(np.float32)
     n = len(packed["tokens"])
     total = -(-n // rows) * rows

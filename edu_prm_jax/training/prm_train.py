@@ -22,7 +22,7 @@ from flax import nnx
 from edu_prm_jax.data.records import read_shards
 from edu_prm_jax.evaluation.metrics import auroc
 from edu_prm_jax.models.prm import masked_bce
-from edu_prm_jax.training.prm_data import PRMExample, build_example, make_prm_batches
+from edu_prm_jax.training.prm_data import PRMExample, build_example, make_prm_batches, score_examples
 
 TFDS_NAME = "labels"
 
@@ -61,11 +61,11 @@ def split_records(records: Sequence[dict], eval_fraction: float) -> tuple[list[d
     return train, held
 
 
-def to_examples(records: Sequence[dict], prm: Any, max_len: int) -> list[PRMExample]:
+def to_examples(records: Sequence[dict], prm: Any, max_len: int, supervise: str = "step_end") -> list[PRMExample]:
     out = []
     for r in records:
         ex = build_example(r, convention=prm.head_kind, separator_id=prm.separator_id, max_len=max_len,
-                           on_overflow="drop", record_id=r.get("id"))
+                           on_overflow="drop", record_id=r.get("id"), supervise=supervise)
         if ex is not None:
             out.append(ex)
     return out
@@ -97,7 +97,7 @@ class PackedStream:
         shape = (self.rows, self.seq_len)
         batch = {"tokens": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32),
                  "segment_ids": np.zeros(shape, np.int32), "step_end_mask": np.zeros(shape, bool),
-                 "targets": np.zeros(shape, np.float32)}
+                 "loss_mask": np.zeros(shape, bool), "targets": np.zeros(shape, np.float32)}
         row, col, seg = 0, 0, 0
         while True:
             ex = self.examples[int(self.order[self.position])]
@@ -112,13 +112,45 @@ class PackedStream:
             batch["positions"][row, sl] = np.arange(n)
             batch["segment_ids"][row, sl] = seg
             batch["step_end_mask"][row, sl] = ex.step_end_mask
+            batch["loss_mask"][row, sl] = ex.loss_mask
             batch["targets"][row, sl] = ex.targets
             col += n
             self.position += 1
 
 
-def make_eval_fn(examples: Sequence[PRMExample], seq_len: int, rows: int, pos_weight: float = 1.0):
-    """Held-out loss, step accuracy and step AUROC (target >= 0.5 is the positive class)."""
+def selection_metrics(step_scores: Sequence[Sequence[float]], final_labels: Sequence[float],
+                      groups: Sequence[Any]) -> dict[str, float]:
+    """How well min-aggregated solution scores rank solutions of the same question (what Best-of-N needs; a
+    pooled step AUROC also rewards knowing which questions are hard). A solution is correct when its last
+    step's label is >= 0.5 (for tree labels that label is the leaf's own correctness).
+
+    - pair_accuracy: over (correct, wrong) solution pairs of one question, the share where the correct one
+      scores higher (ties count half); 0.5 is chance.
+    - select_accuracy: over questions with at least one correct solution, the share where the top-scored
+      solution is correct.
+    """
+    by_group: dict[Any, list[tuple[float, bool]]] = {}
+    for scores, label, group in zip(step_scores, final_labels, groups):
+        by_group.setdefault(group, []).append((min(scores), label >= 0.5))
+    wins = pairs = selected = solvable = 0.0
+    for members in by_group.values():
+        good = [s for s, ok in members if ok]
+        bad = [s for s, ok in members if not ok]
+        if not good:
+            continue
+        solvable += 1
+        selected += max(members, key=lambda m: m[0])[1]
+        for g in good:
+            wins += sum((g > b) + 0.5 * (g == b) for b in bad)
+            pairs += len(bad)
+    return {"pair_accuracy": wins / pairs if pairs else float("nan"),
+            "select_accuracy": selected / solvable if solvable else float("nan")}
+
+
+def make_eval_fn(examples: Sequence[PRMExample], seq_len: int, rows: int, pos_weight: float = 1.0,
+                 groups: Sequence[Any] | None = None):
+    """Held-out loss, step accuracy and step AUROC (target >= 0.5 is the positive class); with `groups` (the
+    question id of each example) also the within-question `selection_metrics`."""
     batches = make_prm_batches(list(examples), seq_len, rows, seed=0) if examples else []
 
     @jax.jit
@@ -142,7 +174,12 @@ def make_eval_fn(examples: Sequence[PRMExample], seq_len: int, rows: int, pos_we
             weights.append(int(mask.sum()))
         s, t = np.concatenate(scores), np.concatenate(targets)
         accuracy = float(((s >= 0.5) == (t >= 0.5)).mean())
-        return {"loss": float(np.average(losses, weights=weights)), "step_accuracy": accuracy,
-                "step_auroc": auroc(s, t >= 0.5), "steps": float(len(s))}
+        out = {"loss": float(np.average(losses, weights=weights)), "step_accuracy": accuracy,
+               "step_auroc": auroc(s, t >= 0.5), "steps": float(len(s))}
+        if groups is not None:
+            per_example = score_examples(model, examples, batch_size=rows)
+            finals = [float(ex.targets[ex.step_ends[-1]]) for ex in examples]
+            out.update(selection_metrics(per_example, finals, groups))
+        return out
 
     return eval_fn
