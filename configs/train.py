@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every = 100  # Save an Orbax checkpoint every n steps (0 = only at the end / SIGTERM).
     config.keep_checkpoints = 2  # Checkpoints kept (plus the best by eval step AUROC).
     config.dtype = "float32"  # Compute dtype (bfloat16 on TPU); master weights stay float32.
+    config.remat = "none"  # Activation rematerialisation per decoder layer: none, full (least memory) or dots.
     config.peak_flops = 1e12  # Peak FLOP/s per device for the MFU estimate (v5e bf16: 1.97e14).
     config.seed = 0  # Head initialisation and data order.
     config.mesh = common.mesh_config()  # Device mesh: batch over data x fsdp, params over fsdp and tensor.

@@ -472,3 +472,20 @@ def test_tiny_prm_learns_step_errors():
     print(f"held-out step AUROC {auroc:.4f}, {time.time() - start:.1f}s")
     assert auroc > 0.9, f"held-out step AUROC {auroc:.3f} (final train loss {float(metrics['loss']):.3f})"
     assert time.time() - start < 60
+
+
+def test_remat_gives_the_same_gradients_with_less_activation_memory():
+    cfg = tiny_cfg().replace(num_hidden_layers=6)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 40, (4, 64)), jnp.int32)
+    batch = {"tokens": tokens, "targets": jnp.ones(tokens.shape) * 0.7, "step_end_mask": tokens % 3 == 0}
+    grads, temp = {}, {}
+    for mode in ("none", "full"):
+        graphdef, state = nnx.split(PRM(cfg.replace(remat=mode), "scalar", rngs=nnx.Rngs(0)))
+        grad_fn = jax.jit(jax.grad(lambda s, g=graphdef: prm_loss(nnx.merge(g, s), batch)[0]))
+        grads[mode] = grad_fn(state)
+        temp[mode] = grad_fn.lower(state).compile().memory_analysis().temp_size_in_bytes
+    for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["full"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert temp["full"] < temp["none"]
+    with pytest.raises(Exception, match="remat"):
+        cfg.replace(remat="sometimes")

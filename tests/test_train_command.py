@@ -22,7 +22,8 @@ def test_train_command_exports_a_loadable_prm(tmp_path):
     assert {r["question_id"] for r in train}.isdisjoint({r["question_id"] for r in held})
     assert all(is_eval_question(r["question_id"], 0.3) for r in held)
     assert cli.main(["train", *common, "--config.steps=6", "--config.rows=8", "--config.seq_len=64",
-                     "--config.eval_every=3", "--config.checkpoint_every=3", "--config.eval_fraction=0.3"]) == 0
+                     "--config.eval_every=3", "--config.checkpoint_every=3", "--config.eval_fraction=0.3",
+                     "--config.remat=full"]) == 0
     summary = json.loads((w / "prm" / "train_summary.json").read_text())
     assert summary["step"] == 6 and np.isfinite(summary["loss"])
     assert "eval_pair_accuracy" in summary and "eval_select_accuracy" in summary

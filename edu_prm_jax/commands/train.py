@@ -28,11 +28,14 @@ def tokenizer_source(config: ml_collections.ConfigDict) -> pathlib.Path:
 
 def build_prm(config: ml_collections.ConfigDict, mesh) -> PRM:
     if config.init_prm:
-        return load_prm(config.init_prm, mesh, dtype=config.dtype)
-    policy_dir = resolve_policy(config.policy)
-    policy = load_model(policy_dir, dtype=config.dtype, mesh=mesh)
-    sep = separator_ids(load_tokenizer(policy_dir), config.separator) if config.head == "qwen_math" else None
-    return PRM.from_policy(policy, head=config.head, seed=config.seed, separator_id=sep, mesh=mesh)
+        prm = load_prm(config.init_prm, mesh, dtype=config.dtype)
+    else:
+        policy_dir = resolve_policy(config.policy)
+        policy = load_model(policy_dir, dtype=config.dtype, mesh=mesh)
+        sep = separator_ids(load_tokenizer(policy_dir), config.separator) if config.head == "qwen_math" else None
+        prm = PRM.from_policy(policy, head=config.head, seed=config.seed, separator_id=sep, mesh=mesh)
+    prm.backbone.cfg = prm.backbone.cfg.replace(remat=config.remat)  # a runtime choice, never exported
+    return prm
 
 
 def make_trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, prm: PRM, eval_fn, mesh) -> Trainer:

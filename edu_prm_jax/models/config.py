@@ -35,6 +35,9 @@ def dtype_from_name(name: str) -> Any:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
 
 
+REMAT_MODES = ("none", "full", "dots")
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
     """Architecture hyper-parameters plus the dtypes this process computes in."""
@@ -55,6 +58,7 @@ class Qwen2Config:
     torch_dtype: str = "bfloat16"  # the dtype the weights were saved in (informational, kept on export)
     param_dtype: str = "float32"  # dtype of the parameters in this process
     dtype: str = "float32"  # compute dtype of matmuls; norms, rope, softmax and logits stay float32
+    remat: str = "none"  # activation rematerialisation of decoder layers without a cache: none | full | dots
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -64,6 +68,8 @@ class Qwen2Config:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat not in REMAT_MODES:
+            raise ConfigError(f"remat={self.remat!r}: expected one of {REMAT_MODES}")
 
     @property
     def compute_dtype(self) -> Any:

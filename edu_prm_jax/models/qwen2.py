@@ -188,6 +188,17 @@ def cache_mask(write_index: jax.Array, num_new: int, cache_len: int) -> jax.Arra
     return jnp.arange(cache_len)[None, None, :] <= query_index[:, :, None]
 
 
+def _layer_without_cache(layer: DecoderLayer, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    return layer(x, positions, mask, None, None)[0]
+
+
+def _remat_layer(mode: str):
+    """`full` keeps only each layer's input (least memory, one extra forward); `dots` also keeps matmul outputs
+    without a batch dimension (less recompute, more memory)."""
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if mode == "dots" else None
+    return nnx.remat(_layer_without_cache, policy=policy)
+
+
 class Qwen2(nnx.Module):
     """Qwen2ForCausalLM. `backbone` gives final hidden states; `logits` the LM head in float32."""
 
@@ -231,7 +242,11 @@ class Qwen2(nnx.Module):
                 mask = causal_mask(segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32))
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
         new_k, new_v = [], []
+        remat = cache is None and cfg.remat != "none"
         for i, layer in enumerate(self.layers):
+            if remat:  # training: recompute the layer's activations in the backward pass instead of storing them
+                x = _remat_layer(cfg.remat)(layer, x, positions, mask)
+                continue
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
             x, layer_cache = layer(x, positions, mask, layer_cache, write_index)
             if cache is not None:
