@@ -86,7 +86,8 @@ def _in_bounds(value: int, cfg: ToyConfig) -> bool:
     return abs(value) < cfg.max_value and (cfg.allow_negative or value >= 0)
 
 
-def _apply(op: str, a: int, b: int) -> int:
+def apply_op(op: str, a: int, b: int) -> int:
+    """a op b for one toy operation ("/" must be exact)."""
     if op == "+":
         return a + b
     if op == "-":
@@ -136,7 +137,7 @@ def render(start: int, ops: list[tuple[str, int]]) -> dict:
     problem += " What is the result?"
     lines, value = [], start
     for op, b in ops:
-        result = _apply(op, value, b)
+        result = apply_op(op, value, b)
         lines.append(f"{value} {op} {b} = {result}")
         value = result
     lines.append(f"The answer is \\boxed{{{value}}}.")
@@ -163,7 +164,7 @@ def generate_problem(rng: random.Random, cfg: ToyConfig) -> dict:
             b = _draw_operand(rng, op, value, cfg)
             if b is None:
                 break
-            value = _apply(op, value, b)
+            value = apply_op(op, value, b)
             if not _in_bounds(value, cfg):
                 break
             ops.append((op, b))
@@ -215,7 +216,7 @@ def problem_space_size(cfg: ToyConfig) -> int:
                 for b in _operand_range(op, cfg):
                     if op == "/" and (value == 0 or value % b):
                         continue
-                    result = _apply(op, value, b)
+                    result = apply_op(op, value, b)
                     if _in_bounds(result, cfg):
                         nxt[result] = nxt.get(result, 0) + count
         ways = nxt
