@@ -30,29 +30,37 @@ from edu_prm_jax.tokenization import load_tokenizer  # noqa: E402
 SLIPS = (-10, -2, -1, 1, 2, 10)
 
 
-def corrupted_lines(start: int, ops: list[tuple[str, int]], slip_at: int, rng: random.Random) -> list[str]:
-    """Solution lines with the result of operation `slip_at` wrong and every later line consistent with it."""
-    lines, value = [], start
-    for i, (op, b) in enumerate(ops):
-        right = toy.apply_op(op, value, b)
-        result = right
-        if i == slip_at:
-            result = max(0, right + rng.choice(SLIPS))
-            result = result if result != right else right + 1
-        lines.append(f"{value} {op} {b} = {result}")
-        value = result
-    return lines + [f"The answer is \\boxed{{{value}}}."]
+def corrupted_lines(start: int, ops: list[tuple[str, int]], slip_at: int, rng: random.Random,
+                    allow_negative: bool = False) -> list[str] | None:
+    """Solution lines with the result of operation `slip_at` wrong and every later line consistent with it;
+    None when no slip keeps the chain valid (a later division turns inexact, or a value goes negative)."""
+    for slip in rng.sample(SLIPS, len(SLIPS)):
+        lines, value = [], start
+        try:
+            for i, (op, b) in enumerate(ops):
+                result = toy.apply_op(op, value, b) + (slip if i == slip_at else 0)
+                if result < 0 and not allow_negative:
+                    raise ValueError(f"negative value {result}")
+                lines.append(f"{value} {op} {b} = {result}")
+                value = result
+        except ValueError:
+            continue
+        return lines + [f"The answer is \\boxed{{{value}}}."]
+    return None
 
 
 def clean_label_records(n_questions: int, tokenizer, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     records = []
-    for p in toy.generate_split("train", n_questions, toy_config_of()):
+    cfg = toy_config_of()
+    for p in toy.generate_split("train", n_questions, cfg):
         start, ops = toy.ToyTask.parse_problem(p["problem"])
         prompt_ids = tokenizer.encode(toy.plain_prompt(p["problem"]))
         slip = rng.randrange(len(ops))
         reference = p["solution"].split("\n")
-        wrong = corrupted_lines(start, ops, slip, rng)
+        wrong = corrupted_lines(start, ops, slip, rng, cfg.allow_negative)
+        if wrong is None:
+            continue
         for tag, lines, labels in (("ref", reference, [1.0] * len(reference)),
                                    ("slip", wrong, [1.0] * slip + [0.0] * (len(wrong) - slip))):
             steps = [tokenizer.encode(line + ("\n" if i < len(lines) - 1 else "")) for i, line in enumerate(lines)]

@@ -60,19 +60,21 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     check_fingerprint(workdir / "prm", {  # a resumed run must train on the same data and model
         "labels": str(labels_dir.resolve()), "label_shards": [f"{p.name}:{p.stat().st_size}" for p in label_files],
         **{k: config[k] for k in ("policy", "init_prm", "head", "separator", "seq_len", "rows", "seed",
-                                  "eval_fraction", "supervise")}})
+                                  "eval_fraction")},
+        **({"supervise": config.supervise} if config.supervise != "step_end" else {})})  # older runs resume
     records = load_label_records(labels_dir)
     train_records, held = split_records(records, config.eval_fraction)
     prm = build_prm(config, mesh)
     train_ex = to_examples(train_records, prm, config.seq_len, config.supervise)
-    eval_ex = to_examples(held, prm, config.seq_len)  # held-out metrics read step ends, like scoring does
+    eval_kept = [(ex, r.get("question_id", i)) for i, r in enumerate(held)  # metrics read step ends, like scoring
+                 for ex in to_examples([r], prm, config.seq_len)]
+    eval_ex = [ex for ex, _ in eval_kept]
     dropped = len(train_records) + len(held) - len(train_ex) - len(eval_ex)
     logging.info("PRM data: %d train / %d eval solutions (%d longer than seq_len=%d dropped)", len(train_ex),
                  len(eval_ex), dropped, config.seq_len)
     stream = PackedStream(train_ex, config.seq_len, config.rows, config.seed)
-    question_of = {r.get("id"): r.get("question_id", r.get("id")) for r in held}
     eval_fn = make_eval_fn(eval_ex, config.seq_len, config.rows, config.pos_weight,
-                           groups=[question_of[ex.record_id] for ex in eval_ex])
+                           groups=[question for _, question in eval_kept])
     trainer = make_trainer(config, workdir, prm, eval_fn, mesh)
     try:
         metrics = trainer.train(stream)

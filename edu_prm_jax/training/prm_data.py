@@ -11,10 +11,10 @@ Conventions (`PRM.head_kind`):
   separator.
 
 Supervision (`supervise=`): "step_end" puts each step's label on its step end only; "step_tokens" puts it on
-every token of the step (and its separator). With tree labels that is exact, not an approximation: the path is
-deterministic between anchors, so every prefix ending inside a step has the same leaves below it, hence the same
-MC value, as the step end. It also supervises the anchor token itself (the token a fork chose), the position
-right after the choice; scoring still reads step ends only.
+every token of the step (and its separator). With tree labels (no extra rollouts) that is exact, not an
+approximation: the path is deterministic between anchors, so every prefix ending inside a step has the same leaves
+below it, hence the same MC value, as the step end (extra rollouts count only at the node they start from).
+It also supervises the anchor token itself (the token a fork chose); scoring still reads step ends only.
 
 Malformed input raises `PRMDataError` naming the record and field; nothing is silently masked out. A record
 longer than `max_len` would lose at least its last step end: by default that is an error; with
