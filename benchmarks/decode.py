@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-TESTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "tests"
+from benchmarks.model_args import add_model_args, build_hf_weights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,12 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--questions", type=int, default=4, help="prompts for EDU vs HT")
     p.add_argument("--tau-quantile", type=float, default=0.9, help="tau = this quantile of greedy entropies")
     p.add_argument("--branch-k", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--inter", type=int, default=768)
+    add_model_args(p, vocab=4096, hidden=256, layers=4, heads=8, kv_heads=2, inter=768)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -65,16 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0.0 < args.tau_quantile < 1.0:
         p.error("--tau-quantile must be in (0, 1)")
     return args
-
-
-def build_weights(args: argparse.Namespace, out_dir: pathlib.Path) -> None:
-    """The tests' random transformers Qwen2 (perturbed biases and norms), saved as safetensors."""
-    sys.path.insert(0, str(TESTS_DIR))
-    from hf_reference import make_hf_qwen2
-
-    make_hf_qwen2(out_dir, vocab=args.vocab, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
-                  layers=args.layers, inter=args.inter, seed=args.seed,
-                  max_pos=max(256, args.prompt_len + args.new_tokens))
 
 
 def open_tables(vocab: int) -> Any:
@@ -239,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         weights = pathlib.Path(tmp) / "weights"
-        build_weights(args, weights)
+        build_hf_weights(args, weights, max_pos=max(256, args.prompt_len + args.new_tokens))
         jax_side = JaxSide(weights, args.vocab)
         hf = hf_generate(weights, args.hf_attn)
         rows = throughput(args, jax_side, hf, rng) if args.batch_sizes else []

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.model_args import add_model_args, build_hf_weights
+
 IMPLS = ("jax", "eager", "sdpa")
 
 
@@ -34,35 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per cell (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards per cell before timing")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--inter", type=int, default=384)
+    add_model_args(p, vocab=1024, hidden=128, layers=2, heads=4, kv_heads=2, inter=384)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here")
     return p.parse_args(argv)
-
-
-def build_weights(args: argparse.Namespace, out_dir: pathlib.Path) -> None:
-    """A random float32 transformers Qwen2 (biases and norms perturbed too) saved as safetensors."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(args.seed)
-    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq_lens),
-                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=args.vocab - 1,
-                      pad_token_id=None)
-    model = Qwen2ForCausalLM(cfg).to(torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                param.add_(0.1 * torch.randn_like(param))
-    model.save_pretrained(out_dir, safe_serialization=True)
 
 
 def jax_forward(weights: pathlib.Path) -> Callable[[np.ndarray], Any]:
@@ -139,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = pathlib.Path(tmp) / "weights"
-        build_weights(args, weights)
+        build_hf_weights(args, weights, max_pos=max(args.seq_lens))
         runners: dict[str, Callable] = {}
         for impl in args.impls:
             runners[impl] = jax_forward(weights) if impl == "jax" else torch_forward(weights, impl)

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.model_args import add_model_args  # noqa: E402
 from edu_prm_jax.models.config import Qwen2Config  # noqa: E402
 from edu_prm_jax.models.qwen2 import Qwen2  # noqa: E402
 from edu_prm_jax.training.lm import lm_loss  # noqa: E402
@@ -67,16 +68,15 @@ def torch_tokens_per_s(cfg: Qwen2Config, batch: dict[str, np.ndarray], steps: in
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=192)
+    add_model_args(p, vocab=192, hidden=128, layers=4, heads=4, kv_heads=2, inter=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
-    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=args.hidden // 4, rope_theta=10000.0, tie_word_embeddings=True,
+    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+                      rope_theta=10000.0, tie_word_embeddings=True,
                       max_position_embeddings=args.seq, torch_dtype="float32")
     rng = np.random.default_rng(0)
     seq = rng.integers(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int32)
