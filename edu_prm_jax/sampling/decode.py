@@ -185,7 +185,7 @@ def _decode_loop(p: DecodeParams, knobs: dict[str, jax.Array], model: nnx.Module
         t = s["step"]
         z = mask_logits(s["logits"], tables.vocab_mask)
         ent, log_z = entropy_and_logz(z)
-        kk = max(p.branch_k, 1)
+        kk = max(p.branch_k, 1) if p.mode == "edu" else 1  # only EDU forks use the runners-up
         topk = top_k_small(z, kk)  # [B, K]
         greedy = p.mode == "greedy" or (p.mode == "edu" and p.edu_greedy)
         if greedy:
@@ -222,13 +222,17 @@ def _decode_loop(p: DecodeParams, knobs: dict[str, jax.Array], model: nnx.Module
             src_row = (jnp.arange(q_n)[:, None] * m_n + src).reshape(-1)
             is_child = is_child.reshape(-1)
             s = dict(s)
-            for name in history:
-                s[name] = jnp.where(is_child.reshape((-1,) + (1,) * (s[name].ndim - 1)), s[name][src_row], s[name])
-            z = jnp.where(is_child[:, None], z[src_row], z)
-            ent, log_z = jnp.where(is_child, ent[src_row], ent), jnp.where(is_child, log_z[src_row], log_z)
-            qualifies = jnp.where(is_child, qualifies[src_row], qualifies)
+
+            def adopt(rows):  # children take their source row's state; skipped on the (most) steps without a fork
+                return jax.tree.map(
+                    lambda a: jnp.where(is_child.reshape((-1,) + (1,) * (a.ndim - 1)), a[src_row], a), rows)
+
+            forked = jnp.any(is_child)
+            rows = ({name: s[name] for name in history}, z, ent, log_z, qualifies)
+            hist, z, ent, log_z, qualifies = jax.lax.cond(forked, adopt, lambda r: r, rows)
+            s.update(hist)
             for name in ("cache", "prm_cache") if prm is not None else ("cache",):
-                s[name] = jax.lax.cond(jnp.any(is_child), lambda c: c.gather_rows(src_row), lambda c: c, s[name])
+                s[name] = jax.lax.cond(forked, lambda c: c.gather_rows(src_row), lambda c: c, s[name])
             tok = jnp.where(is_child, child_tok.reshape(-1), tok)
             s["parent"] = jnp.where(is_child, src.reshape(-1), s["parent"])  # a slot index within the question
             s["fork_pos"] = jnp.where(is_child, t, s["fork_pos"])
