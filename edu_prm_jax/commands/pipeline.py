@@ -84,8 +84,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                 (workdir / "prm" / "hf" / "config.json").is_file():
             logging.info("train: finished earlier (%s), skipped", workdir / "prm" / "train_summary.json")
             continue
-        file_name = "train" if name == "train" else name
-        config_utils.write_config_json(sub, workdir / f"{file_name}_config.json")
+        config_utils.write_config_json(sub, workdir / f"{name}_config.json")
         logging.info("pipeline stage %s", name)
         start = time.time()
         STAGES[name].run(sub, workdir)

@@ -16,7 +16,7 @@ from edu_prm_jax.api import load_model, load_tokenizer
 from edu_prm_jax.data.questions import load_questions, resolve_policy
 from edu_prm_jax.data.records import ShardedJsonlWriter, check_fingerprint
 from edu_prm_jax.sampling.decode import DecodeParams
-from edu_prm_jax.sampling.engine import Sampler, distinct_tokens
+from edu_prm_jax.sampling.engine import Sampler, Tree
 
 DESCRIPTION = "HT or EDU sampling of questions (JSONL or the toy world) into tree shards."
 
@@ -42,11 +42,11 @@ def build_sampler(policy: str, tokenizer_dir: str, s: ml_collections.ConfigDict,
 
 
 def tree_record(question: dict, index: int, prompt: str, prompt_ids: list[int], params: DecodeParams,
-                leaves: list, pruned_tokens: int = 0) -> dict[str, Any]:
+                tree: Tree) -> dict[str, Any]:
     return {"id": str(question["id"]), "index": index, "problem": question["problem"],
             "answer": question.get("answer"), "prompt": prompt, "prompt_ids": prompt_ids, "mode": params.mode,
-            "params": dataclasses.asdict(params), "leaves": [leaf.to_json() for leaf in leaves],
-            "distinct_tokens": distinct_tokens(leaves) + pruned_tokens, "pruned_tokens": pruned_tokens}
+            "params": dataclasses.asdict(params), "leaves": [leaf.to_json() for leaf in tree.leaves],
+            "distinct_tokens": tree.cost, "pruned_tokens": tree.pruned_tokens}
 
 
 def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.Path, num_shards: int,
@@ -73,8 +73,7 @@ def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.P
             prompt_ids = [tok.encode(p) for p in prompts]
             records = []
             for i, tree in enumerate(sampler.sample_trees(prompt_ids, list(range(lo, hi)))):
-                records.append(tree_record(chunk[i], lo + i, prompts[i], prompt_ids[i], sampler.params, tree.leaves,
-                                           tree.pruned_tokens))
+                records.append(tree_record(chunk[i], lo + i, prompts[i], prompt_ids[i], sampler.params, tree))
                 n_tokens += records[-1]["distinct_tokens"]
                 bar.update(1)
                 bar.set_postfix(tok_per_s=f"{n_tokens / max(time.time() - start, 1e-9):.0f}")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from edu_prm_jax.evaluation.bon import Candidate
-from edu_prm_jax.labeling.answers import extract_answer, is_correct
+from edu_prm_jax.labeling.answers import answers_equal, extract_answer
 from edu_prm_jax.labeling.mc import step_spans
 from edu_prm_jax.training.prm_data import build_example, score_examples
 
@@ -43,6 +43,7 @@ def score_records(prm: Any, records: Sequence[dict[str, Any]], split: str, batch
     for qi, leaf, ex in owners:
         gold = records[qi].get("answer")
         text = leaf["text"]
-        out[qi].append(Candidate(answer=extract_answer(text), correct=bool(gold is not None and is_correct(text, gold)),
+        answer = extract_answer(text)
+        out[qi].append(Candidate(answer=answer, correct=bool(gold is not None and answers_equal(answer, gold)),
                                  step_scores=scores[ex] if ex is not None else []))
     return out

@@ -319,13 +319,3 @@ def save_prm(
         prm, lambda p: prm_to_hf(p, prm.head_kind), dtype_from_name(dtype_name)
     )
     checkpoints.write_hf_directory(out_dir, prm_hf_config(prm, dtype_name), tensors, shard_bytes)
-
-
-def is_prm_directory(path: str | os.PathLike) -> bool:
-    """Whether `path` holds an HF PRM checkpoint (by config.json), as opposed to a causal LM."""
-    config_path = pathlib.Path(path) / "config.json"
-    if not config_path.is_file():
-        return False
-    raw = json.loads(config_path.read_text())
-    archs = raw.get("architectures") or []
-    return HEAD_CONFIG_KEY in raw or any("ProcessRewardModel" in a for a in archs)

@@ -7,7 +7,7 @@ time (the last batch padded with dummy rows), so a run compiles once per prompt-
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -127,9 +127,3 @@ class Sampler:
                 for leaf in leaves:
                     leaf.text = self.tokenizer.decode(leaf.token_ids)
                 yield Tree(leaves, int(out["pruned_tokens"][i]))
-
-    def sample_questions(self, questions: Iterable[str], question_ids: Sequence[int] | None = None
-                         ) -> Iterator[list[Leaf]]:
-        prompts = [self.tokenizer.encode_chat(q) for q in questions]
-        ids = list(question_ids) if question_ids is not None else list(range(len(prompts)))
-        return self.sample_ids(prompts, ids)

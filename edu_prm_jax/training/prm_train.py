@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from edu_prm_jax.data.records import read_shards
+from edu_prm_jax.evaluation.bon import Candidate, prm_best
 from edu_prm_jax.evaluation.metrics import auroc
 from edu_prm_jax.models.prm import masked_bce
 from edu_prm_jax.training.prm_data import PRMExample, build_example, make_prm_batches, score_examples
@@ -129,17 +130,17 @@ def selection_metrics(step_scores: Sequence[Sequence[float]], final_labels: Sequ
     - select_accuracy: over questions with at least one correct solution, the share where the top-scored
       solution is correct.
     """
-    by_group: dict[Any, list[tuple[float, bool]]] = {}
+    by_group: dict[Any, list[Candidate]] = {}
     for scores, label, group in zip(step_scores, final_labels, groups):
-        by_group.setdefault(group, []).append((min(scores), label >= 0.5))
+        by_group.setdefault(group, []).append(Candidate(answer=None, correct=label >= 0.5, step_scores=list(scores)))
     wins = pairs = selected = solvable = 0.0
-    for members in by_group.values():
-        good = [s for s, ok in members if ok]
-        bad = [s for s, ok in members if not ok]
+    for cands in by_group.values():
+        good = [c.score("min") for c in cands if c.correct]
+        bad = [c.score("min") for c in cands if not c.correct]
         if not good:
             continue
         solvable += 1
-        selected += max(members, key=lambda m: m[0])[1]
+        selected += prm_best(cands, "min").correct
         for g in good:
             wins += sum((g > b) + 0.5 * (g == b) for b in bad)
             pairs += len(bad)
