@@ -399,9 +399,9 @@ def test_score_solutions_batch_invariant_and_compiles_per_bucket():
         ex = prm_data.encode_solution(tok, *item, convention="scalar")
         alone = jax.nn.sigmoid(alone_logits(prm, ex.tokens, 32))
         np.testing.assert_allclose(got, np.asarray(alone)[ex.step_ends], atol=1e-5)
-    before = prm_data._step_probs._cache_size()
+    before = prm_data._step_logits._cache_size()
     prm_data.score_solutions(prm, tok, [("1 2 3", ["4"] * k) for k in range(1, 20)], batch_size=2)
-    assert prm_data._step_probs._cache_size() == before  # all lengths < 64: the same bucket, no retrace
+    assert prm_data._step_logits._cache_size() == before  # all lengths < 64: the same bucket, no retrace
 
 
 # ------------------------------------------------------------------------------------------- learning

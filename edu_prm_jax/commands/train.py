@@ -73,7 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     logging.info("PRM data: %d train / %d eval solutions (%d longer than seq_len=%d dropped)", len(train_ex),
                  len(eval_ex), dropped, config.seq_len)
     stream = PackedStream(train_ex, config.seq_len, config.rows, config.seed)
-    eval_fn = make_eval_fn(eval_ex, config.seq_len, config.rows, config.pos_weight,
+    eval_fn = make_eval_fn(eval_ex, config.rows, config.pos_weight,
                            groups=[question for _, question in eval_kept])
     trainer = make_trainer(config, workdir, prm, eval_fn, mesh)
     try:

@@ -257,11 +257,11 @@ def make_prm_batches(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _step_probs(
+def _step_logits(
     graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, segment_ids: jax.Array
 ) -> jax.Array:
     prm = nnx.merge(graphdef, state)
-    return jax.nn.sigmoid(prm(tokens, None, segment_ids))
+    return prm(tokens, None, segment_ids)
 
 
 def encode_solution(
@@ -312,9 +312,9 @@ def score_solutions(
     return score_examples(prm, examples, batch_size=batch_size, bucket=bucket)
 
 
-def score_examples(prm: Any, examples: Sequence[PRMExample], *, batch_size: int = 8, bucket: int = SCORE_BUCKET
-                   ) -> list[list[float]]:
-    """Step scores for built examples (token ids with step ends marked), in input order.
+def score_examples(prm: Any, examples: Sequence[PRMExample], *, batch_size: int = 8, bucket: int = SCORE_BUCKET,
+                   logits: bool = False) -> list[list[float]]:
+    """Step scores (or, with `logits=True`, the step logits) for built examples, in input order.
 
     Examples are sorted by length and right-padded to a multiple of `bucket`, so the jitted forward compiles
     once per length bucket whatever the number of examples."""
@@ -330,7 +330,8 @@ def score_examples(prm: Any, examples: Sequence[PRMExample], *, batch_size: int 
             n = len(examples[i].tokens)
             tokens[r, :n] = examples[i].tokens
             segments[r, :n] = 1
-        probs = np.asarray(_step_probs(graphdef, state, jnp.asarray(tokens), jnp.asarray(segments)))
+        z = np.asarray(_step_logits(graphdef, state, jnp.asarray(tokens), jnp.asarray(segments)), np.float64)
+        values = z if logits else 1.0 / (1.0 + np.exp(-z))
         for r, i in enumerate(members):
-            results[i] = [float(p) for p in probs[r, examples[i].step_ends]]
+            results[i] = [float(v) for v in values[r, examples[i].step_ends]]
     return results

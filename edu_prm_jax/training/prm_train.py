@@ -15,15 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
-import jax
 import numpy as np
-from flax import nnx
 
 from edu_prm_jax.data.records import read_shards
 from edu_prm_jax.evaluation.bon import Candidate, prm_best
 from edu_prm_jax.evaluation.metrics import auroc
-from edu_prm_jax.models.prm import masked_bce
-from edu_prm_jax.training.prm_data import PRMExample, build_example, make_prm_batches, score_examples
+from edu_prm_jax.training.prm_data import PRMExample, build_example, score_examples
 
 TFDS_NAME = "labels"
 
@@ -148,39 +145,26 @@ def selection_metrics(step_scores: Sequence[Sequence[float]], final_labels: Sequ
             "select_accuracy": selected / solvable if solvable else float("nan")}
 
 
-def make_eval_fn(examples: Sequence[PRMExample], seq_len: int, rows: int, pos_weight: float = 1.0,
+def make_eval_fn(examples: Sequence[PRMExample], rows: int, pos_weight: float = 1.0,
                  groups: Sequence[Any] | None = None):
-    """Held-out loss, step accuracy and step AUROC (target >= 0.5 is the positive class); with `groups` (the
-    question id of each example) also the within-question `selection_metrics`."""
-    batches = make_prm_batches(list(examples), seq_len, rows, seed=0) if examples else []
-
-    @jax.jit
-    def forward(graphdef, state, batch):
-        prm = nnx.merge(graphdef, state)
-        logits = prm(batch["tokens"], batch["positions"], batch["segment_ids"])
-        loss, _ = masked_bce(logits, batch["targets"], batch["step_end_mask"], pos_weight)
-        return logits, loss
+    """Held-out loss (the training BCE at step ends), step accuracy and step AUROC (target >= 0.5 is the
+    positive class); with `groups` (the question id of each example) also the within-question
+    `selection_metrics`. One scoring pass over the held-out set serves all of them."""
+    targets = np.concatenate([ex.targets[ex.step_ends] for ex in examples]).astype(np.float64) if examples else None
 
     def eval_fn(model: Any, step: int) -> dict[str, float]:
-        if not batches:
+        if not examples:
             return {}
-        graphdef, state = nnx.split(model)
-        scores, targets, losses, weights = [], [], [], []
-        for b in batches:
-            logits, loss = forward(graphdef, state, b)
-            mask = b["step_end_mask"]
-            scores.append(np.asarray(jax.nn.sigmoid(logits))[mask])
-            targets.append(b["targets"][mask])
-            losses.append(float(loss))
-            weights.append(int(mask.sum()))
-        s, t = np.concatenate(scores), np.concatenate(targets)
-        accuracy = float(((s >= 0.5) == (t >= 0.5)).mean())
-        out = {"loss": float(np.average(losses, weights=weights)), "step_accuracy": accuracy,
-               "step_auroc": auroc(s, t >= 0.5), "steps": float(len(s))}
+        per_example = score_examples(model, examples, batch_size=rows, logits=True)
+        z = np.concatenate([np.asarray(x, np.float64) for x in per_example])
+        loss = pos_weight * targets * np.logaddexp(0.0, -z) + (1.0 - targets) * np.logaddexp(0.0, z)
+        scores = 1.0 / (1.0 + np.exp(-z))
+        out = {"loss": float(loss.mean()), "step_accuracy": float(((z >= 0.0) == (targets >= 0.5)).mean()),
+               "step_auroc": auroc(scores, targets >= 0.5), "steps": float(len(z))}
         if groups is not None:
-            per_example = score_examples(model, examples, batch_size=rows)
+            step_scores = np.split(scores, np.cumsum([len(x) for x in per_example])[:-1])
             finals = [float(ex.targets[ex.step_ends[-1]]) for ex in examples]
-            out.update(selection_metrics(per_example, finals, groups))
+            out.update(selection_metrics(step_scores, finals, groups))
         return out
 
     return eval_fn
