@@ -34,3 +34,4 @@ def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
     assert f32_dtypes == bf16_dtypes == {np.dtype(np.float32)}
     assert np.isfinite(bf16).all()
     np.testing.assert_allclose(bf16, f32, rtol=0.05)  # same trajectory up to bf16 rounding
+    assert not np.array_equal(bf16, f32)  # ... and the bf16 run really computed in bf16

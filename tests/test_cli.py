@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from hf_reference import hf_logits, make_hf_qwen2
 
-from edu_prm_jax import api, cli, config_utils
+from edu_prm_jax import api, cli, config_utils, tokenization
 from edu_prm_jax.models.safetensors_io import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def test_load_model_from_hf_and_orbax_dirs(hf_dir, tmp_path):
     assert {v.dtype for v in checkpoints.flat_params(nnx.state(restored)).values()} == {jnp.dtype("bfloat16")}
     restored32 = api.load_model(tmp_path / "ck")
     np.testing.assert_allclose(np.asarray(restored32(jnp.asarray(TOKENS))), ref, atol=1e-4, rtol=0)
-    assert callable(api.load_tokenizer)
+    assert api.load_tokenizer is tokenization.load_tokenizer
 
 
 def test_load_model_bad_paths(tmp_path):

@@ -127,18 +127,9 @@ def _torch_prm(tmp_path, head):
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    hcfg = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=10000.0,
-        max_position_embeddings=128,
-        attn_implementation="eager",
-        tie_word_embeddings=False,
-    )
+    # the same sizes as tiny_cfg(), written by its own HF export; the model code is transformers'
+    hcfg = transformers.Qwen2Config(**(tiny_cfg().to_hf_dict() | {"max_position_embeddings": 128}),
+                                    attn_implementation="eager")
     body = transformers.Qwen2Model(hcfg).to(torch.float32).eval()
     if head == "qwen_math":
         score = torch.nn.Sequential(
@@ -329,7 +320,8 @@ def test_missing_field_and_index_as_id():
 def test_truncation_is_an_error_or_a_counted_drop():
     with pytest.raises(PRMDataError, match=r"rec-7.*max_len=10.*1 of 3 step end"):
         build_example(_record(), convention="qwen_math", separator_id=SEP, max_len=10)
-    assert build_example(_record(), convention="qwen_math", separator_id=SEP, max_len=12) is not None
+    exact_fit = build_example(_record(), convention="qwen_math", separator_id=SEP, max_len=12)
+    assert exact_fit is not None and len(exact_fit.tokens) == 12 and exact_fit.step_ends.tolist() == [5, 7, 11]
     exs, stats = build_examples(
         [_record(), _record(id="short", step_ids=[[4], [5], [6]])],
         convention="qwen_math",

@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 from tiny_policy import make_tiny_policy
 
@@ -32,6 +33,13 @@ def test_score_matches_direct_scoring_and_rejects_bad_lines(tmp_path):
                         "step_ids": [tok.encode("3 + 4 = 7\n"), tok.encode("\\boxed{7}")], "labels": [0, 0]},
                        convention="scalar")
     np.testing.assert_allclose(got[0]["step_scores"], score_examples(prm, [ex])[0], atol=1e-6)
+    # and independently of the scoring helper: one plain forward, sigmoid at the hand-counted step ends
+    n_prompt, n_step0, n_step1 = (len(tok.encode(tok.apply_chat_template(rows[0]["problem"]))),
+                                  len(tok.encode("3 + 4 = 7\n")), len(tok.encode("\\boxed{7}")))
+    ends = [n_prompt + n_step0 - 1, n_prompt + n_step0 + n_step1 - 1]
+    assert ex.step_ends.tolist() == ends
+    plain = 1.0 / (1.0 + np.exp(-np.asarray(prm(jnp.asarray(ex.tokens[None])), np.float64)[0, ends]))
+    np.testing.assert_allclose(got[0]["step_scores"], plain, atol=1e-5)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"id": "c", "problem": "x", "steps": []}) + "\n")
     argv[-2:] = [f"--config.input={bad}", f"--config.output={tmp_path / 'bad_out.jsonl'}"]
