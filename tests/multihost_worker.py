@@ -1,9 +1,11 @@
 """One process of a multi-process (multi-host style) PRM training run on CPU; see test_multihost.py.
 
-Usage: python multihost_worker.py OUT_DIR [PROCESS_ID NUM_PROCESSES PORT]
-Without process arguments it runs single-process on 2 local CPU devices (the reference)."""
+Usage: python multihost_worker.py OUT_DIR [PROCESS_ID NUM_PROCESSES PORT [SIGTERM_AT]]
+Without process arguments it runs single-process on 2 local CPU devices (the reference). With SIGTERM_AT, the
+last process sends itself SIGTERM when it hands out that batch (a preemption notice reaching one host)."""
 
 import os
+import signal
 import sys
 
 out_dir = sys.argv[1]
@@ -43,12 +45,26 @@ for i in range(64):
     labels = [float(33 not in s) for s in steps]
     examples.append(build_example({"prompt_ids": [1, 2, 3], "step_ids": steps, "labels": labels},
                                   convention="scalar", record_id=i))
+sigterm_at = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+
+
+class Stream(PackedStream):
+    handed = 0
+
+    def __next__(self):
+        self.handed += 1
+        if self.handed == sigterm_at and jax.process_index() == jax.process_count() - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().__next__()
+
+
 mesh = parallel.make_mesh(data=2)
 prm = PRM(cfg, "scalar", rngs=nnx.Rngs(0))
 trainer = Trainer(prm, prm_loss, OptimConfig(learning_rate=3e-3, warmup_steps=2, total_steps=8),
                   TrainConfig(steps=8, log_every=4, progress=False, tensorboard=False, async_checkpointing=False),
                   out_dir, mesh=mesh)
-metrics = trainer.train(PackedStream(examples, 64, 4, seed=0))
+metrics = trainer.train(Stream(examples, 64, 4, seed=0))
+print(f"process {jax.process_index()} left the loop at step {trainer.step}, preempted={metrics['preempted']}")
 params = {k: v for k, v in trainer.params().items()}
 if jax.process_index() == 0:
     np.savez(os.path.join(out_dir, "params.npz"), **params)
