@@ -21,7 +21,7 @@ from edu_prm_jax.data.records import write_json_atomic, write_text_atomic
 from edu_prm_jax.data.sources import read_processbench
 from edu_prm_jax.evaluation.processbench import best_theta, evaluate_processbench, processbench_f1, theta_from_split
 from edu_prm_jax.models.prm import load_prm
-from edu_prm_jax.training.prm_data import build_example, score_examples
+from edu_prm_jax.training.prm_data import build_example, joined_steps, score_examples
 
 DESCRIPTION = "ProcessBench F1 (per subset and average) of a PRM, at fixed, GSM8K-tuned and best theta."
 
@@ -29,8 +29,7 @@ DESCRIPTION = "ProcessBench F1 (per subset and average) of a PRM, at fixed, GSM8
 def item_example(prm: Any, tokenizer: Any, item: dict, joiner: str, max_tokens: int):
     """The item as PRM input, keeping only the steps that fit in max_tokens (the rest stay unscored)."""
     prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(item["problem"]))
-    steps = [tokenizer.encode(s + (joiner if i < len(item["steps"]) - 1 else "")) for i, s in
-             enumerate(item["steps"])]
+    steps = [tokenizer.encode(s) for s in joined_steps(item["steps"], joiner)]
     steps = [s if s else [tokenizer.pad_token_id] for s in steps]
     sep = 1 if prm.uses_separator else 0
     total, kept = len(prompt_ids), []

@@ -10,7 +10,7 @@ from absl import logging
 from edu_prm_jax.api import load_tokenizer
 from edu_prm_jax.data.records import DataError, ListOf, read_jsonl, write_jsonl_atomic
 from edu_prm_jax.models.prm import load_prm
-from edu_prm_jax.training.prm_data import build_example, score_examples
+from edu_prm_jax.training.prm_data import encode_solution, joined_steps, score_examples
 
 DESCRIPTION = "Step scores for solutions given as JSONL (problem or prompt + a list of steps) with a PRM."
 
@@ -45,14 +45,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     prm_dir = pathlib.Path(config.prm) if config.prm else workdir / "prm" / "hf"
     prm = load_prm(prm_dir, dtype=config.dtype)
     tokenizer = load_tokenizer(find_tokenizer_dir(prm_dir, config.tokenizer))
-    examples = []
-    for r in records:
-        prompt = r["prompt"] if "prompt" in r else tokenizer.apply_chat_template(r["problem"])
-        steps = [s + (config.step_joiner if i < len(r["steps"]) - 1 else "") for i, s in enumerate(r["steps"])]
-        record = {"prompt_ids": tokenizer.encode(prompt), "step_ids": [tokenizer.encode(s) for s in steps],
-                  "labels": [0.0] * len(steps)}
-        examples.append(build_example(record, convention=prm.head_kind, separator_id=prm.separator_id,
-                                      record_id=r.get("id")))
+    prompts = [r["prompt"] if "prompt" in r else tokenizer.apply_chat_template(r["problem"]) for r in records]
+    examples = [encode_solution(tokenizer, prompt, joined_steps(r["steps"], config.step_joiner),
+                                convention=prm.head_kind, separator_id=prm.separator_id, record_id=r.get("id"))
+                for prompt, r in zip(prompts, records)]
     scores = score_examples(prm, examples, batch_size=config.batch_size)
     out = pathlib.Path(config.output) if config.output else workdir / "scores.jsonl"
     write_jsonl_atomic(out, [{**r, "step_scores": s} for r, s in zip(records, scores)])

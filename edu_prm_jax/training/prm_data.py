@@ -264,8 +264,14 @@ def _step_logits(
     return prm(tokens, None, segment_ids)
 
 
+def joined_steps(steps: Sequence[str], joiner: str) -> list[str]:
+    """Step texts with `joiner` (e.g. the blank line between paragraphs) after every step but the last."""
+    return [s + (joiner if i < len(steps) - 1 else "") for i, s in enumerate(steps)]
+
+
 def encode_solution(
-    tokenizer: Any, prompt: str, steps: Sequence[str], *, convention: str, separator_id: int | None = None
+    tokenizer: Any, prompt: str, steps: Sequence[str], *, convention: str, separator_id: int | None = None,
+    record_id: Any = None,
 ) -> PRMExample:
     """Tokenize the prompt and each step separately and concatenate ids (step ends stay exact)."""
     record = {
@@ -273,7 +279,7 @@ def encode_solution(
         "step_ids": [tokenizer.encode(s) for s in steps],
         "labels": [0.0] * len(steps),
     }
-    return build_example(record, convention=convention, separator_id=separator_id)
+    return build_example(record, convention=convention, separator_id=separator_id, record_id=record_id)
 
 
 def score_solutions(
