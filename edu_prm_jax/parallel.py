@@ -98,9 +98,10 @@ def _leaf_axes(var: Any) -> tuple[str | None, ...] | None:
 
 
 def variable_sharding(var: Any, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> NamedSharding:
-    """NamedSharding of one Variable from its logical axis names (replicated when it has none)."""
+    """NamedSharding of one Variable from its logical axis names (replicated when it has none, or when it holds
+    no array, like optax's MaskedNode in the optimizer state of a frozen parameter)."""
     axes = _leaf_axes(var)
-    if axes is None:
+    if axes is None or (isinstance(var, nnx.Variable) and not hasattr(var.get_raw_value(), "shape")):
         return NamedSharding(mesh, PartitionSpec())
     return named_sharding(axes, var.shape, mesh, rules)
 

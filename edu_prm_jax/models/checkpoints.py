@@ -113,14 +113,15 @@ class HFCheckpoint:
         return self.files[self.where[name]].array(name)
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
+def path_str(path: tuple[Any, ...]) -> str:
+    """'layers.0.attn.q_proj.kernel' from a jax key path (the flat parameter names of checkpoints)."""
     return ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
 
 
 def flat_params(state: nnx.State) -> dict[str, nnx.Variable]:
     """{'layers.0.attn.q_proj.kernel': Variable} for every Param in `state`."""
     leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-    return {_path_str(path): var for path, var in leaves if isinstance(var, nnx.Param)}
+    return {path_str(path): var for path, var in leaves if isinstance(var, nnx.Param)}
 
 
 def load_tensors_into(
@@ -172,7 +173,7 @@ def load_tensors_into(
         loaded[path] = jax.make_array_from_callback(
             want, sharding, lambda idx, v=view, d=dtype: np.asarray(v[idx], dtype=d))
     new_state = jax.tree_util.tree_map_with_path(
-        lambda p, var: var.replace(loaded[_path_str(p)]) if isinstance(var, nnx.Param) else var,
+        lambda p, var: var.replace(loaded[path_str(p)]) if isinstance(var, nnx.Param) else var,
         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.merge(graphdef, new_state)
 

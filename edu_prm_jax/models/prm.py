@@ -149,7 +149,7 @@ class PRM(nnx.Module):
         def adopt(path: tuple[Any, ...], var: Any) -> Any:
             if not isinstance(var, nnx.Param):
                 return var
-            name = ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+            name = checkpoints.path_str(path)
             value = source[name][...]
             if tuple(value.shape) != tuple(var.shape):
                 raise ValueError(f"policy parameter {name} has shape {value.shape}, expected {var.shape}")

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from edu_prm_jax import parallel
 from edu_prm_jax.training.checkpointing import Checkpointer
@@ -53,18 +53,6 @@ class _TrainState(nnx.Module):
     def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer):
         self.model = model
         self.optimizer = optimizer
-
-
-def _state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] | None) -> Any:
-    """`parallel.state_shardings`, except that optimizer-state Variables holding no array (optax's
-    MaskedNode for frozen params) get a replicated sharding (they have no leaves to place)."""
-
-    def one(var: Any) -> Any:
-        if isinstance(var, nnx.Variable) and not hasattr(var.get_raw_value(), "shape"):
-            return NamedSharding(mesh, PartitionSpec())
-        return parallel.variable_sharding(var, mesh, rules)
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _seq_len(batch: Mapping[str, Any]) -> int:
@@ -105,7 +93,7 @@ class Trainer:
         holder = _TrainState(model, nnx.Optimizer(model, tx, wrt=nnx.Param))
         self.model_cfg = getattr(model, "cfg", None)
         self.graphdef, state = nnx.split(holder)
-        self.state_shardings = _state_shardings(state, self.mesh, rules)
+        self.state_shardings = parallel.state_shardings(state, self.mesh, rules)
         self.state = jax.device_put(state, self.state_shardings)
         self.step = 0
         self._stop_requested = False
