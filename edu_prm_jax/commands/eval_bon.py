@@ -17,6 +17,7 @@ from absl import logging
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_model, load_tokenizer
 from edu_prm_jax.commands.sample import decode_params, sample_to_shards
+from edu_prm_jax.commands.train import prm_dir
 from edu_prm_jax.data.questions import load_questions, resolve_policy
 from edu_prm_jax.data.records import read_shards
 from edu_prm_jax.evaluation.bon import SELECTORS, select_all
@@ -39,10 +40,6 @@ def parse_ints(text: str, field: str) -> list[int]:
     return values
 
 
-def prm_path(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(config.prm) if config.prm else workdir / "prm" / "hf"
-
-
 def _accuracies(cands_per_q: list[list[Any]]) -> dict[str, float]:
     per_q = [select_all(c) for c in cands_per_q]
     return {s: sum(r[s] for r in per_q) / len(per_q) for s in SELECTORS}
@@ -55,13 +52,14 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     policy_dir = resolve_policy(config.policy)
     model = load_model(policy_dir, dtype=config.dtype, mesh=mesh)
     tokenizer = load_tokenizer(config.tokenizer or policy_dir)
-    prm = load_prm(prm_path(config, workdir), mesh, dtype=config.dtype)
+    prm_path = prm_dir(workdir, config.prm)
+    prm = load_prm(prm_path, mesh, dtype=config.dtype)
     if config.p_edu and prm.uses_separator:
         raise ValueError("config.p_edu=True needs a scalar-head PRM (P-EDU scores each step at its last token); "
-                         f"{prm_path(config, workdir)} has the {prm.head_kind} head: pass --config.p_edu=False")
-    weights = sorted(prm_path(config, workdir).glob("*.safetensors"))
-    prm_identity = [str(prm_path(config, workdir).resolve())] + [f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
-                                                                 for w in weights]
+                         f"{prm_path} has the {prm.head_kind} head: pass --config.p_edu=False")
+    weights = sorted(prm_path.glob("*.safetensors"))
+    prm_identity = [str(prm_path.resolve())] + [f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
+                                                for w in weights]
     out = workdir / "eval_bon"
     s = config.sampling
     stops = [x for x in s.stop_strings.split("|") if x]

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_tokenizer
 from edu_prm_jax.commands.score import find_tokenizer_dir
+from edu_prm_jax.commands.train import prm_dir
 from edu_prm_jax.data.records import write_json_atomic, write_text_atomic
 from edu_prm_jax.data.sources import read_processbench
 from edu_prm_jax.evaluation.processbench import best_theta, evaluate_processbench, processbench_f1, theta_from_split
@@ -75,9 +76,9 @@ def _table(title: str, result: dict) -> list[str]:
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    prm_dir = pathlib.Path(config.prm) if config.prm else workdir / "prm" / "hf"
-    prm = load_prm(prm_dir, mesh, dtype=config.dtype)
-    tokenizer = load_tokenizer(find_tokenizer_dir(prm_dir, config.tokenizer))
+    prm_path = prm_dir(workdir, config.prm)
+    prm = load_prm(prm_path, mesh, dtype=config.dtype)
+    tokenizer = load_tokenizer(find_tokenizer_dir(prm_path, config.tokenizer))
     data = pathlib.Path(config.data)
     subsets = [s for s in config.subsets.split(",") if s]
     scores, labels, unscored = {}, {}, {}

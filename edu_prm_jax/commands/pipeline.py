@@ -81,7 +81,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
             logging.warning("ProcessBench data %s not found: stage skipped", sub.data)
             continue
         if name == "train" and (workdir / "prm" / "train_summary.json").is_file() and \
-                (workdir / "prm" / "hf" / "config.json").is_file():
+                (train.prm_dir(workdir) / "config.json").is_file():
             logging.info("train: finished earlier (%s), skipped", workdir / "prm" / "train_summary.json")
             continue
         config_utils.write_config_json(sub, workdir / f"{name}_config.json")

@@ -8,6 +8,7 @@ import ml_collections
 from absl import logging
 
 from edu_prm_jax.api import load_tokenizer
+from edu_prm_jax.commands.train import prm_dir
 from edu_prm_jax.data.records import DataError, ListOf, read_jsonl, write_jsonl_atomic
 from edu_prm_jax.models.prm import load_prm
 from edu_prm_jax.training.prm_data import encode_solution, joined_steps, score_examples
@@ -42,9 +43,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     if not config.input:
         raise ValueError("config.input is not set (pass --config.input=FILE.jsonl)")
     records = list(read_jsonl(config.input, _validate))  # all lines validated before any scoring
-    prm_dir = pathlib.Path(config.prm) if config.prm else workdir / "prm" / "hf"
-    prm = load_prm(prm_dir, dtype=config.dtype)
-    tokenizer = load_tokenizer(find_tokenizer_dir(prm_dir, config.tokenizer))
+    prm_path = prm_dir(workdir, config.prm)
+    prm = load_prm(prm_path, dtype=config.dtype)
+    tokenizer = load_tokenizer(find_tokenizer_dir(prm_path, config.tokenizer))
     prompts = [r["prompt"] if "prompt" in r else tokenizer.apply_chat_template(r["problem"]) for r in records]
     examples = [encode_solution(tokenizer, prompt, joined_steps(r["steps"], config.step_joiner),
                                 convention=prm.head_kind, separator_id=prm.separator_id, record_id=r.get("id"))

@@ -22,6 +22,11 @@ from edu_prm_jax.training.prm_train import PackedStream, load_label_records, mak
 DESCRIPTION = "Train a PRM (policy backbone + reward head) on MC-labelled steps; Orbax checkpoints, resume."
 
 
+def prm_dir(workdir: pathlib.Path, configured: str = "") -> pathlib.Path:
+    """Where a PRM is read from: the configured path, else the one `edu-prm train` exports in the workdir."""
+    return pathlib.Path(configured) if configured else workdir / "prm" / "hf"
+
+
 def tokenizer_source(config: ml_collections.ConfigDict) -> pathlib.Path:
     return pathlib.Path(config.init_prm) if config.init_prm else resolve_policy(config.policy)
 
@@ -54,7 +59,7 @@ def make_trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, prm: 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     labels_dir = pathlib.Path(config.labels) if config.labels else workdir / "labels"
-    export_dir = workdir / "prm" / "hf"
+    export_dir = prm_dir(workdir)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     label_files = sorted(labels_dir.glob("steps-*.jsonl"))
     check_fingerprint(workdir / "prm", {  # a resumed run must train on the same data and model
