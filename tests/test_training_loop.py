@@ -14,6 +14,7 @@ from edu_prm_jax.models.config import Qwen2Config
 from edu_prm_jax.models.qwen2 import Qwen2
 from edu_prm_jax.training.lm import lm_example, lm_loss
 from edu_prm_jax.training.loop import TrainConfig, Trainer
+from edu_prm_jax.training.metrics import matmul_params, train_flops_per_token
 from edu_prm_jax.training.optim import OptimConfig, make_schedule
 from edu_prm_jax.training.packing import PackedRowLoader, pack_examples
 
@@ -200,3 +201,13 @@ def test_eight_devices_match_one(tmp_path, shape):
     for k in p1:
         np.testing.assert_allclose(p8[k], p1[k], rtol=1e-4, atol=5e-5, err_msg=k)
     assert not np.array_equal(p1["embed"], np.asarray(Qwen2(CFG, nnx.Rngs(0)).embed[...]))
+
+
+def test_flops_per_token_hand_worked():
+    # h=8, 2 heads x 4 + 1 kv head x 4: attention 8*8*2 + 8*4*2 = 192, MLP 3*8*16 = 384, per layer 576,
+    # x3 layers = 1728; LM head 8*10 = 80. Attention term 12 * 3 layers * 2 heads * 4 * seq 5 = 1440.
+    cfg = Qwen2Config(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    assert matmul_params(cfg) == 1808 and matmul_params(cfg, lm_head=False) == 1728
+    assert train_flops_per_token(cfg, 5) == 6 * 1808 + 1440
+    assert train_flops_per_token(cfg, 5, lm_head=False) == 6 * 1728 + 1440

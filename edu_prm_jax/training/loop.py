@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from edu_prm_jax import parallel
+from edu_prm_jax.models.qwen2 import Qwen2
 from edu_prm_jax.training.checkpointing import Checkpointer
 from edu_prm_jax.training.metrics import MetricsWriter, mfu, train_flops_per_token
 from edu_prm_jax.training.optim import OptimConfig, make_optimizer, make_schedule
@@ -92,6 +93,7 @@ class Trainer:
         parallel.shard_model(model, self.mesh, rules)
         holder = _TrainState(model, nnx.Optimizer(model, tx, wrt=nnx.Param))
         self.model_cfg = getattr(model, "cfg", None)
+        self.has_lm_head = isinstance(model, Qwen2)  # a PRM (backbone + reward head) computes no vocab logits
         self.graphdef, state = nnx.split(holder)
         self.state_shardings = parallel.state_shardings(state, self.mesh, rules)
         self.state = jax.device_put(state, self.state_shardings)
@@ -205,7 +207,8 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     tps = tokens / dt
                     seq = _seq_len(batch)
-                    flops = train_flops_per_token(self.model_cfg, seq) if self.model_cfg is not None else 0.0
+                    flops = (train_flops_per_token(self.model_cfg, seq, self.has_lm_head)
+                             if self.model_cfg is not None else 0.0)
                     last = {**fetched, "lr": self.learning_rate(self.step - 1), "step_time_s": dt / since,
                             "tokens_per_s": tps,
                             "mfu": mfu(tps, flops, cfg.peak_flops_per_device * n_dev)}

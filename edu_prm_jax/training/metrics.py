@@ -9,19 +9,20 @@ from collections.abc import Mapping
 from edu_prm_jax.models.config import Qwen2Config
 
 
-def matmul_params(cfg: Qwen2Config) -> int:
-    """Parameters that take part in a matmul per token (embedding lookup excluded, LM head included)."""
+def matmul_params(cfg: Qwen2Config, lm_head: bool = True) -> int:
+    """Parameters that take part in a matmul per token (embedding lookup excluded; the LM head only when the
+    model has one: a PRM reads a reward head of negligible size instead)."""
     h, d = cfg.hidden_size, cfg.head_dim
     attn = h * cfg.num_attention_heads * d * 2 + h * cfg.num_key_value_heads * d * 2
     mlp = 3 * h * cfg.intermediate_size
-    return cfg.num_hidden_layers * (attn + mlp) + h * cfg.vocab_size
+    return cfg.num_hidden_layers * (attn + mlp) + (h * cfg.vocab_size if lm_head else 0)
 
 
-def train_flops_per_token(cfg: Qwen2Config, seq_len: int) -> float:
+def train_flops_per_token(cfg: Qwen2Config, seq_len: int, lm_head: bool = True) -> float:
     """6 * N (forward + backward matmuls) plus the attention score/value term 12 * L * heads * head_dim *
     seq_len (PaLM appendix B convention: full, not causal-halved, attention)."""
     attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-    return 6.0 * matmul_params(cfg) + attn
+    return 6.0 * matmul_params(cfg, lm_head) + attn
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
