@@ -86,12 +86,6 @@ def validate_tree(record: dict) -> None:
             raise DataError("negative token id", field=f"leaves[{i}].token_ids")
 
 
-def leaf_from_json(d: dict) -> Leaf:
-    return Leaf(slot=d["slot"], parent_slot=d.get("parent_slot", -1), fork_pos=d.get("fork_pos", 0),
-                token_ids=list(d["token_ids"]), entropies=[], logprobs=[], anchors=list(d["anchors"]),
-                stop_reason=d.get("stop_reason", ""), text=d["text"])
-
-
 def input_shards(samples: pathlib.Path) -> list[pathlib.Path]:
     """All `trees-*` shards of `samples`, checked complete (a missing shard is an error, not a gap)."""
     pattern = re.compile(re.escape(INPUT_PREFIX) + r"-(\d{5})-of-(\d{5})\.jsonl")
@@ -188,7 +182,7 @@ def label_records(items: Sequence[tuple[dict, str]], config: ml_collections.Conf
         if gold is None:
             logging.warning("%s: question %s has no gold answer; not labelled", source, rec["id"])
             continue
-        leaves = [leaf_from_json(d) for d in rec["leaves"] if d["token_ids"]]
+        leaves = [Leaf.from_json(d) for d in rec["leaves"] if d["token_ids"]]
         correct = [answers.is_correct(leaf.text, str(gold)) for leaf in leaves]
         trees.append(Tree(leaves, correct, rec["prompt_ids"], str(gold)))
         kept.append((rec, source))

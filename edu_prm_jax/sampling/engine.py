@@ -45,6 +45,15 @@ class Leaf:
         d["logprobs"] = [round(x, 5) for x in self.logprobs]
         return d
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Leaf:
+        """The inverse of `to_json`; fields a labeller does not need may be absent (validated by the reader)."""
+        return cls(slot=d["slot"], parent_slot=d.get("parent_slot", -1), fork_pos=d.get("fork_pos", 0),
+                   token_ids=list(d["token_ids"]), entropies=list(d.get("entropies", [])),
+                   logprobs=list(d.get("logprobs", [])), anchors=list(d["anchors"]),
+                   stop_reason=d.get("stop_reason", ""), high_entropy=list(d.get("high_entropy", [])),
+                   text=d["text"])
+
 
 def distinct_tokens(leaves: Sequence[Leaf]) -> int:
     """Tree token cost: each generated token counted once, a shared prefix once (METHOD.md "Token cost")."""
