@@ -117,28 +117,32 @@ def add_rollouts(counts: dict[Prefix, NodeCount], node: Prefix, outcomes: Sequen
             c.rollouts_correct += sum(bool(o) for o in outcomes)
 
 
+def path_labels(leaf: Leaf, ok: bool, spans: Sequence[tuple[int, int]],
+                node: Callable[[Prefix], tuple[int, int, int]]) -> PathLabels:
+    """One leaf's labels. A non-final step's node (its token prefix) gives (leaves, correct leaves, of which
+    extra rollouts) through `node`; the final step ends in the leaf itself, so its value is the leaf's own
+    correctness. Shared by the tree labels here and the Math-Shepherd labels (`labeling.shepherd`)."""
+    values, n_leaves, n_correct, n_roll = [], [], [], []
+    for k, (_, end) in enumerate(spans):
+        total, correct, rolled = (1, int(bool(ok)), 0) if k == len(spans) - 1 else node(tuple(leaf.token_ids[:end]))
+        values.append(correct / total)
+        n_leaves.append(total)
+        n_correct.append(correct)
+        n_roll.append(rolled)
+    return PathLabels(leaf.slot, list(spans), values, n_leaves, n_correct, n_roll, bool(ok))
+
+
 def label_paths(leaves: Sequence[Leaf], correct: Sequence[bool],
                 counts: dict[Prefix, NodeCount] | None = None) -> list[PathLabels]:
     """Per leaf: its step spans and each step's node value (the last step: the leaf's own correctness)."""
     counts = count_tree(leaves, correct) if counts is None else counts
-    out = []
-    for leaf, ok in zip(leaves, correct):
-        spans = step_spans(len(leaf.token_ids), leaf.anchors)
-        values, n_leaves, n_correct, n_roll = [], [], [], []
-        for k, (_, end) in enumerate(spans):
-            if k == len(spans) - 1:
-                values.append(float(bool(ok)))
-                n_leaves.append(1)
-                n_correct.append(int(bool(ok)))
-                n_roll.append(0)
-            else:
-                c = counts[tuple(leaf.token_ids[:end])]
-                values.append(c.value)
-                n_leaves.append(c.total)
-                n_correct.append(c.correct + c.rollouts_correct)
-                n_roll.append(c.rollouts)
-        out.append(PathLabels(leaf.slot, spans, values, n_leaves, n_correct, n_roll, bool(ok)))
-    return out
+
+    def node(prefix: Prefix) -> tuple[int, int, int]:
+        c = counts[prefix]
+        return c.total, c.correct + c.rollouts_correct, c.rollouts
+
+    return [path_labels(leaf, ok, step_spans(len(leaf.token_ids), leaf.anchors), node)
+            for leaf, ok in zip(leaves, correct)]
 
 
 def apply_target(values: Sequence[float], target: str) -> tuple[list[float], list[str]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from edu_prm_jax.labeling import answers
-from edu_prm_jax.labeling.mc import Judge, PathLabels, Prefix, RolloutFn, Tree
+from edu_prm_jax.labeling.mc import Judge, PathLabels, Prefix, RolloutFn, Tree, path_labels
 
 
 def line_step_spans(token_ids: Sequence[int], token_texts: Sequence[str]) -> list[tuple[int, int]]:
@@ -60,18 +60,10 @@ def label_shepherd(trees: Sequence[Tree], token_texts: Sequence[str], *, rollout
         outcomes.append([judge(prefix_text + t, trees[i].gold) for t in conts])
     out = []
     for i, tree in enumerate(trees):
-        paths = []
-        for leaf, ok, spans in zip(tree.leaves, tree.correct, spans_of[i]):
-            values, n_leaves, n_correct = [], [], []
-            for k, (_, end) in enumerate(spans):
-                if k == len(spans) - 1:
-                    res = [bool(ok)]
-                else:
-                    res = outcomes[requests[(i, tuple(leaf.token_ids[:end]))]]
-                values.append(sum(res) / len(res))
-                n_leaves.append(len(res))
-                n_correct.append(sum(res))
-            rolled = [n if k < len(spans) - 1 else 0 for k, n in enumerate(n_leaves)]
-            paths.append(PathLabels(leaf.slot, spans, values, n_leaves, n_correct, rolled, bool(ok)))
-        out.append(paths)
+        def node(prefix: Prefix, i: int = i) -> tuple[int, int, int]:  # every count at a prefix is a rollout
+            res = outcomes[requests[(i, prefix)]]
+            return len(res), sum(res), len(res)
+
+        out.append([path_labels(leaf, ok, spans, node)
+                    for leaf, ok, spans in zip(tree.leaves, tree.correct, spans_of[i])])
     return out
