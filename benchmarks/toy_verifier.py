@@ -1,6 +1,7 @@
 """Can a PRM learn to check toy arithmetic? The capability the toy Best-of-N figure depends on, without MC noise.
 
     python -m benchmarks.toy_verifier [--backbone toy --questions 4000 --steps 400 --lr 1e-3 --workdir DIR]
+    python -m benchmarks.toy_verifier --backbone DIR --expand-layers 4 --trainable expanded --lr 3e-3
 
 Clean process labels: for each toy train question, its reference solution (every line labelled 1) and a copy
 with one result off by a small amount and the later lines recomputed from it (lines before the slip 1, from the
@@ -76,6 +77,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--supervise", default="step_end", choices=("step_end", "step_tokens"))
+    ap.add_argument("--expand-layers", type=int, default=0, help="train.expand_layers")
+    ap.add_argument("--trainable", default="all", choices=("all", "head", "expanded"))
     ap.add_argument("--workdir", default="", help="default: a temporary directory")
     args = ap.parse_args()
     work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="toy_verifier_"))
@@ -85,11 +88,13 @@ def main() -> None:
         writer.write(0, clean_label_records(args.questions, load_tokenizer(resolve_policy(args.backbone))))
     code = cli.main(["train", f"--workdir={work}", f"--config.labels={labels}", f"--config.policy={args.backbone}",
                      f"--config.steps={args.steps}", f"--config.learning_rate={args.lr}",
-                     f"--config.supervise={args.supervise}", f"--config.eval_every={max(1, args.steps // 4)}"])
+                     f"--config.supervise={args.supervise}", f"--config.eval_every={max(1, args.steps // 4)}",
+                     f"--config.expand_layers={args.expand_layers}", f"--config.trainable={args.trainable}"])
     if code:
         raise SystemExit(code)
     summary = json.loads((work / "prm" / "train_summary.json").read_text())
     print(json.dumps({"backbone": args.backbone, "steps": args.steps, "lr": args.lr, "supervise": args.supervise,
+                      "expand_layers": args.expand_layers, "trainable": args.trainable,
                       "held_out_pair_accuracy": summary["eval_pair_accuracy"],
                       "held_out_step_auroc": summary["eval_step_auroc"], "workdir": str(work)}, indent=2))
 

@@ -4,7 +4,7 @@ Input: the `trees-*` shards of `edu-prm sample` (README "Sample records"); every
 one stops the run with a DataError naming the file, line and field. Output under `<output>`:
 
 - `steps-0000i-of-0000n.jsonl`: one record per leaf path: `id` (`<question id>/<slot>`), `question_id`,
-  `prompt`, `prompt_ids`, `steps` (text per step), `step_ids` (generated token ids per step; their
+  `problem`, `prompt`, `prompt_ids`, `steps` (text per step), `step_ids` (generated token ids per step; their
   concatenation is the leaf's token ids), `labels` (float per step), `label_kind` ('hard' for a 0/1 label, else
   'soft'), `target`, `final_correct`, `provenance` (`method`, `source_shard`, `mode` and `sampler` params of the
   tree, `slot`, per step `values` (v before the target), `node_leaves`, `node_correct`, `node_rollouts`, and
@@ -16,7 +16,9 @@ one stops the run with a DataError naming the file, line and field. Output under
   `final_correct` (bool). Built once all shards exist; rebuilt when this run (re)wrote a shard.
 - `label_stats.json` (also printed): labelled steps, hard/soft share of the emitted labels, `value_hard_share`
   (share of steps whose MC value v is 0 or 1, whatever the target), positive share (label >= 0.5), mean steps
-  per solution, share of correct leaves, questions with at least one correct leaf.
+  per solution, share of correct leaves, questions with at least one correct leaf; for toy questions
+  `toy_step_agreement` (share of steps where "a right answer is reachable below" (v > 0) matches exact step
+  correctness) and `toy_right_answers_through_a_wrong_step` (share of right answers whose path has a wrong line).
 
 Output shard j holds input records [j*N/n, (j+1)*N/n) in input order; finished shards are skipped on rerun.
 Questions without a gold answer cannot be labelled and are skipped (logged).
@@ -53,6 +55,7 @@ from edu_prm_jax.data.records import (
 from edu_prm_jax.labeling import answers
 from edu_prm_jax.labeling.mc import TARGETS, PathLabels, Tree, apply_target, label_trees
 from edu_prm_jax.labeling.shepherd import label_shepherd
+from edu_prm_jax.labeling.toy_audit import ToyLabelAudit
 from edu_prm_jax.sampling.engine import Leaf
 
 DESCRIPTION = "Monte Carlo step labels (EDU tree or Math-Shepherd) of sample shards, as JSONL + TFDS."
@@ -162,7 +165,8 @@ def path_record(rec: dict, source: str, leaf: Leaf, path: PathLabels, target: st
     labels, kinds = apply_target(path.values, target)
     qid = str(rec["id"])
     return {
-        "id": f"{qid}/{leaf.slot}", "question_id": qid, "prompt": rec["prompt"], "prompt_ids": rec["prompt_ids"],
+        "id": f"{qid}/{leaf.slot}", "question_id": qid, "problem": rec.get("problem", ""), "prompt": rec["prompt"],
+        "prompt_ids": rec["prompt_ids"],
         "steps": step_texts(decode, leaf.token_ids, path.spans),
         "step_ids": [leaf.token_ids[s:e] for s, e in path.spans], "labels": labels, "label_kind": kinds,
         "target": target, "final_correct": path.correct,
@@ -202,11 +206,14 @@ def label_records(items: Sequence[tuple[dict, str]], config: ml_collections.Conf
 
 # ------------------------------------------------------------------------------------- stats, TFDS
 def label_stats(records: Iterator[dict]) -> dict[str, Any]:
-    """Summary of labelled-step records (the paper reports 52% hard labels)."""
+    """Summary of labelled-step records (the paper reports 52% hard labels); for toy questions also how the MC
+    values compare with exact step correctness (labeling/toy_audit.py)."""
     steps = hard = value_hard = positive = solutions = correct = 0
     questions: set[str] = set()
     solved: set[str] = set()
+    toy_audit = ToyLabelAudit()
     for r in records:
+        toy_audit.add(r)
         solutions += 1
         steps += len(r["labels"])
         hard += sum(k == "hard" for k in r["label_kind"])
@@ -222,7 +229,7 @@ def label_stats(records: Iterator[dict]) -> dict[str, Any]:
             "positive_share": share(positive, steps), "solutions": solutions,
             "mean_steps_per_solution": share(steps, solutions), "correct_leaf_share": share(correct, solutions),
             "questions": len(questions), "questions_with_correct_leaf": len(solved),
-            "questions_with_correct_leaf_share": share(len(solved), len(questions))}
+            "questions_with_correct_leaf_share": share(len(solved), len(questions)), **toy_audit.summary()}
 
 
 def tfds_example(r: dict) -> dict[str, Any]:

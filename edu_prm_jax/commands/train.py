@@ -13,6 +13,7 @@ from edu_prm_jax.api import load_model, load_tokenizer
 from edu_prm_jax.commands.convert import copy_tokenizer_files
 from edu_prm_jax.data.questions import resolve_policy
 from edu_prm_jax.data.records import check_fingerprint, write_json_atomic
+from edu_prm_jax.models.expansion import expanded_layers_pattern
 from edu_prm_jax.models.prm import PRM, load_prm, prm_loss, save_prm
 from edu_prm_jax.training.loop import TrainConfig, Trainer
 from edu_prm_jax.training.optim import OptimConfig
@@ -31,14 +32,33 @@ def tokenizer_source(config: ml_collections.ConfigDict) -> pathlib.Path:
     return pathlib.Path(config.init_prm) if config.init_prm else resolve_policy(config.policy)
 
 
+TRAINABLE = ("all", "head", "expanded")
+
+
+def trainable_pattern(config: ml_collections.ConfigDict, prm: PRM) -> str | None:
+    """The optimizer's trainable-parameter regex for `config.trainable` (None = every parameter)."""
+    if config.trainable not in TRAINABLE:
+        raise ValueError(f"train.trainable must be one of {TRAINABLE}, got {config.trainable!r}")
+    if config.trainable == "all":
+        return None
+    if config.trainable == "head":
+        return r"^head\."
+    if config.expand_layers <= 0:
+        raise ValueError("train.trainable='expanded' needs train.expand_layers > 0 (the blocks to train)")
+    return expanded_layers_pattern(prm.cfg.num_hidden_layers - config.expand_layers, config.expand_layers)
+
+
 def build_prm(config: ml_collections.ConfigDict, mesh) -> PRM:
     if config.init_prm:
+        if config.expand_layers:
+            raise ValueError("train.expand_layers applies to a PRM started from train.policy, not train.init_prm")
         prm = load_prm(config.init_prm, mesh, dtype=config.dtype)
     else:
         policy_dir = resolve_policy(config.policy)
         policy = load_model(policy_dir, dtype=config.dtype, mesh=mesh)
         sep = separator_ids(load_tokenizer(policy_dir), config.separator) if config.head == "qwen_math" else None
-        prm = PRM.from_policy(policy, head=config.head, seed=config.seed, separator_id=sep, mesh=mesh)
+        prm = PRM.from_policy(policy, head=config.head, seed=config.seed, separator_id=sep, mesh=mesh,
+                              expand_layers=config.expand_layers)
     prm.backbone.cfg = prm.backbone.cfg.replace(remat=config.remat)  # a runtime choice, never exported
     return prm
 
@@ -48,7 +68,7 @@ def make_trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, prm: 
     optim = OptimConfig(learning_rate=config.learning_rate, warmup_steps=min(config.warmup_steps, updates - 1),
                         total_steps=updates, end_lr_fraction=config.end_lr_fraction,
                         weight_decay=config.weight_decay, clip_norm=config.clip_norm,
-                        accum_steps=config.accum_steps, trainable=r"^head\." if config.freeze_backbone else None)
+                        accum_steps=config.accum_steps, trainable=trainable_pattern(config, prm))
     train_cfg = TrainConfig(steps=config.steps, log_every=10, eval_every=config.eval_every,
                             checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
                             best_metric="step_auroc", best_mode="max", peak_flops_per_device=config.peak_flops)
@@ -66,7 +86,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         "labels": str(labels_dir.resolve()), "label_shards": [f"{p.name}:{p.stat().st_size}" for p in label_files],
         **{k: config[k] for k in ("policy", "init_prm", "head", "separator", "seq_len", "rows", "seed",
                                   "eval_fraction")},
-        **({"supervise": config.supervise} if config.supervise != "step_end" else {})})  # older runs resume
+        **{k: config[k] for k, default in (("supervise", "step_end"), ("expand_layers", 0), ("trainable", "all"))
+           if config[k] != default}})  # runs written before these options existed still resume
     records = load_label_records(labels_dir)
     train_records, held = split_records(records, config.eval_fraction)
     prm = build_prm(config, mesh)

@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from edu_prm_jax import parallel
 from edu_prm_jax.models import checkpoints
 from edu_prm_jax.models.config import ConfigError, Qwen2Config, dtype_from_name
+from edu_prm_jax.models.expansion import expansion_source
 from edu_prm_jax.models.qwen2 import Dense, Qwen2
 from edu_prm_jax.models.safetensors_io import CheckpointError
 
@@ -138,10 +139,15 @@ class PRM(nnx.Module):
         seed: int = 0,
         separator_id: int | None = None,
         mesh: Mesh | None = None,
+        expand_layers: int = 0,
     ) -> PRM:
         """A PRM whose backbone shares the policy's weights (no copy; the LM head is dropped) and whose head
-        is freshly initialised. With `mesh`, the head (and backbone) are placed by their logical axes."""
-        cfg: Qwen2Config = policy.cfg
+        is freshly initialised. `expand_layers` appends that many identity-initialised decoder blocks
+        (models/expansion.py). With `mesh`, the head (and backbone) are placed by their logical axes."""
+        if expand_layers < 0:
+            raise ValueError(f"expand_layers must be >= 0, got {expand_layers}")
+        num_layers = policy.cfg.num_hidden_layers
+        cfg: Qwen2Config = policy.cfg.replace(num_hidden_layers=num_layers + expand_layers)
         abstract = nnx.eval_shape(lambda: Qwen2(_backbone_cfg(cfg), nnx.Rngs(0)))
         source = checkpoints.flat_params(nnx.state(policy))
         graphdef, state = nnx.split(abstract)
@@ -149,10 +155,13 @@ class PRM(nnx.Module):
         def adopt(path: tuple[Any, ...], var: Any) -> Any:
             if not isinstance(var, nnx.Param):
                 return var
-            name = checkpoints.path_str(path)
+            own_name = checkpoints.path_str(path)
+            name, zeroed = expansion_source(own_name, num_layers)
             value = source[name][...]
             if tuple(value.shape) != tuple(var.shape):
                 raise ValueError(f"policy parameter {name} has shape {value.shape}, expected {var.shape}")
+            if name != own_name:  # a new block: its own buffer (a shared one would be donated twice per step)
+                value = jnp.zeros_like(value) if zeroed else jnp.copy(value)
             return var.replace(value)
 
         state = jax.tree_util.tree_map_with_path(adopt, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

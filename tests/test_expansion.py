@@ -1,0 +1,76 @@
+"""Block expansion of a PRM backbone: identity at initialisation, exported and reloaded whole, and the
+'expanded' training mode moves only the new blocks and the head."""
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+from test_prm import jit_logits, tiny_cfg
+from tiny_policy import make_tiny_policy
+
+from edu_prm_jax import cli
+from edu_prm_jax.api import load_model
+from edu_prm_jax.models import checkpoints
+from edu_prm_jax.models.expansion import expanded_layers_pattern, expansion_source
+from edu_prm_jax.models.prm import PRM, load_prm, save_prm
+from edu_prm_jax.models.qwen2 import Qwen2
+
+
+def test_expansion_source_names():
+    assert expansion_source("layers.1.attn.q_proj.kernel", 2) == ("layers.1.attn.q_proj.kernel", False)
+    assert expansion_source("layers.3.attn.q_proj.kernel", 2) == ("layers.1.attn.q_proj.kernel", False)
+    assert expansion_source("layers.2.attn.o_proj.kernel", 2) == ("layers.1.attn.o_proj.kernel", True)
+    assert expansion_source("layers.12.mlp.down_proj.kernel", 2) == ("layers.1.mlp.down_proj.kernel", True)
+    assert expansion_source("embed", 2) == ("embed", False)
+    assert expanded_layers_pattern(4, 2) == r"^head\.|^backbone\.layers\.(4|5)\."
+
+
+def test_expanded_backbone_computes_what_the_policy_computes():
+    policy = Qwen2(tiny_cfg(), nnx.Rngs(3))
+    prm = PRM.from_policy(policy, head="scalar", expand_layers=2)
+    assert prm.cfg.num_hidden_layers == 4 and len(prm.backbone.layers) == 4
+    tokens = (np.arange(2 * 11, dtype=np.int32).reshape(2, 11) * 7) % 60
+    want, _ = policy.backbone(tokens)
+    got, _ = prm.backbone.backbone(tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # the new blocks are real blocks (copied attention and MLP inputs), muted only at their two outputs
+    params = checkpoints.flat_params(nnx.state(prm.backbone))
+    assert not np.any(np.asarray(params["layers.3.attn.o_proj.kernel"][...]))
+    assert not np.any(np.asarray(params["layers.2.mlp.down_proj.kernel"][...]))
+    np.testing.assert_array_equal(params["layers.3.attn.q_proj.kernel"][...],
+                                  params["layers.1.attn.q_proj.kernel"][...])
+    assert np.any(np.asarray(params["layers.1.attn.o_proj.kernel"][...]))
+    with pytest.raises(ValueError, match="expand_layers"):
+        PRM.from_policy(policy, head="scalar", expand_layers=-1)
+
+
+def test_expanded_prm_round_trips_through_hf(tmp_path):
+    prm = PRM.from_policy(Qwen2(tiny_cfg(), nnx.Rngs(1)), head="scalar", expand_layers=1)
+    save_prm(prm, tmp_path / "prm")
+    assert json.loads((tmp_path / "prm" / "config.json").read_text())["num_hidden_layers"] == 3
+    tokens = np.arange(10, dtype=np.int32)[None] % 50
+    np.testing.assert_allclose(jit_logits(load_prm(tmp_path / "prm"), tokens), jit_logits(prm, tokens), atol=1e-6)
+
+
+def test_train_expanded_moves_only_new_blocks_and_head(tmp_path, capsys):
+    policy_dir = make_tiny_policy(tmp_path / "policy")
+    w = tmp_path / "w"
+    common = [f"--workdir={w}", f"--config.policy={policy_dir}"]
+    assert cli.main(["sample", *common, "--config.questions=toy:train:8", "--config.sampling.max_new_tokens=10",
+                     "--config.sampling.num_leaves=4", "--config.sampling.tau=0.5"]) == 0
+    assert cli.main(["label", *common]) == 0
+    assert cli.main(["train", *common, "--config.steps=3", "--config.rows=8", "--config.seq_len=64",
+                     "--config.expand_layers=1", "--config.trainable=expanded", "--config.learning_rate=1e-2"]) == 0
+    before = checkpoints.flat_params(nnx.state(load_model(policy_dir)))
+    prm = load_prm(w / "prm" / "hf")
+    after = checkpoints.flat_params(nnx.state(prm.backbone))
+    assert prm.cfg.num_hidden_layers == 3
+    for name, value in before.items():
+        if name in after:  # every original parameter (the LM head is dropped, the embedding is tied)
+            np.testing.assert_array_equal(after[name][...], value[...], err_msg=name)
+    assert np.any(np.asarray(after["layers.2.attn.o_proj.kernel"][...]))  # the new block trained
+    assert np.any(np.asarray(after["layers.2.mlp.down_proj.kernel"][...]))
+    assert cli.main(["train", f"--workdir={tmp_path / 'w2'}", f"--config.policy={policy_dir}",
+                     f"--config.labels={w / 'labels'}", "--config.steps=1", "--config.trainable=expanded"]) == 1
+    assert "train.trainable='expanded' needs train.expand_layers > 0" in capsys.readouterr().err
