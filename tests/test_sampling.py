@@ -11,7 +11,7 @@ from hf_reference import make_hf_qwen2
 from edu_prm_jax import parallel
 from edu_prm_jax.labeling.mc import step_spans
 from edu_prm_jax.models.checkpoints import load_hf_model
-from edu_prm_jax.sampling.decode import DecodeParams, Tables, decode
+from edu_prm_jax.sampling.decode import STOP_NAMES, DecodeParams, Tables, decode
 from edu_prm_jax.sampling.engine import distinct_tokens, slots_to_leaves
 from edu_prm_jax.sampling.stats import entropy_and_logz, filter_logits, mask_logits
 from edu_prm_jax.sampling.stopping import build_stop_tables
@@ -128,13 +128,49 @@ def test_edu_invariants_by_teacher_forcing(peaked_model, mode):
     assert n_anchor_total > 0, "the test model must branch somewhere"
 
 
+def _last_fork_prefers_higher_entropy(out, q, m):
+    """At the step of the last fork, did the forking slot have at least the entropy of the running slot that
+    did not fork (both paths' own entropies at that position)?"""
+    leaves = slots_to_leaves(out, q * m, m)
+    child = max(leaves, key=lambda leaf: leaf.fork_pos)
+    t = child.fork_pos
+    parent = next(leaf for leaf in leaves if leaf.slot == child.parent_slot)
+    other = next(leaf for leaf in leaves if leaf.slot not in (child.slot, parent.slot) and leaf.fork_pos < t)
+    return parent.entropies[t] >= other.entropies[t]
+
+
 def test_budget_mode_forks_highest_entropy_first(peaked_model):
+    # 3 slots, tau = 0 (every position qualifies): the root forks at step 0, then two running paths compete for
+    # the one free slot at step 1. Budget mode must give it to the higher-entropy path; fixed mode to the first.
     _, model = peaked_model
-    prompts = np.random.default_rng(5).integers(0, V - 1, (1, 6)).astype(np.int32)
-    p = DecodeParams(mode="edu", num_slots=3, max_new_tokens=14, tau=0.0, branch_k=2, threshold_mode="budget")
-    out = decode(p, model, _tables(), prompts, np.array([6]), np.arange(1))
-    leaves = slots_to_leaves(out, 0, 3)
-    assert len(leaves) == 3  # with tau=0 every position qualifies, so the budget is spent
+    n = 8
+    prompts = np.random.default_rng(5).integers(0, V - 1, (n, 6)).astype(np.int32)
+    verdicts = {}
+    for mode in ("budget", "fixed"):
+        p = DecodeParams(mode="edu", num_slots=3, max_new_tokens=14, tau=0.0, branch_k=2, threshold_mode=mode)
+        out = decode(p, model, _tables(), prompts, np.full(n, 6), np.arange(n))
+        assert all(len(slots_to_leaves(out, q * 3, 3)) == 3 for q in range(n))  # the budget is spent
+        verdicts[mode] = [_last_fork_prefers_higher_entropy(out, q, 3) for q in range(n)]
+    assert all(verdicts["budget"])
+    assert not all(verdicts["fixed"])  # the check can tell the two rules apart on these prompts
+
+
+def test_stop_strings_end_generation_after_the_first_match(peaked_model):
+    _, model = peaked_model
+    prompts = np.random.default_rng(8).integers(0, V - 1, (2, 5)).astype(np.int32)
+    p = DecodeParams(mode="greedy", num_slots=1, max_new_tokens=16)
+    free = decode(p, model, _tables(), prompts, np.full(2, 5), np.arange(2))
+    ref = [free["tokens"][i, : free["gen_len"][i]].tolist() for i in range(2)]
+    start = next(j for j in range(2, len(ref[0]) - 1) if EOS not in ref[0][j:j + 2])
+    stop = ref[0][start:start + 2]  # a two-token sequence the first question generates (EOS would stop it anyway)
+    never = [EOS, EOS, EOS]  # a longer one that cannot occur (EOS ends generation first): exercises the padding
+    stop_tables = build_stop_tables([f"t{i}" for i in range(V)], V, [EOS], [stop, never])
+    out = decode(p, model, Tables.build(stop_tables, np.zeros(V, bool), V, V), prompts, np.full(2, 5), np.arange(2))
+    for i in range(2):
+        hits = [j + 2 for j in range(len(ref[i]) - 1) if ref[i][j:j + 2] == stop]
+        want = ref[i][: hits[0]] if hits else ref[i]
+        assert out["tokens"][i, : out["gen_len"][i]].tolist() == want
+        assert (STOP_NAMES[int(out["stop"][i])] == "stop_string") == bool(hits)
 
 
 def test_temperature_sampling_matches_softmax_chi_square(tmp_path):

@@ -251,8 +251,8 @@ def _decode_loop(p: DecodeParams, knobs: dict[str, jax.Array], model: nnx.Module
         closed = box_on & (tables.closes[tok] > 0) & (depth <= 0) & \
             ((s["box_depth"] > 0) | (tables.opens[tok] > 0)) if p.stop_at_answer else jnp.zeros_like(eos)
         s["box_on"], s["box_depth"] = box_on & ~closed, jnp.where(closed, 0, depth)
-        padded = jnp.concatenate([jnp.full((b_n, seq_w), -1, jnp.int32), s["tokens"]], axis=1)
-        tail = jax.vmap(lambda row, n: jax.lax.dynamic_slice(row, (n,), (seq_w,)))(padded, s["gen_len"])
+        last = s["gen_len"][:, None] - seq_w + jnp.arange(seq_w)[None]  # the newest seq_w positions, -1 before 0
+        tail = jnp.where(last >= 0, jnp.take_along_axis(s["tokens"], jnp.maximum(last, 0), axis=1), -1)
         matched = jnp.any(jnp.all((tables.stop_seqs[None] == -1) | (tables.stop_seqs[None] == tail[:, None]), -1), -1)
         reason = jnp.select([eos, closed, matched, s["gen_len"] >= g_n],
                             [STOP_EOS, STOP_ANSWER, STOP_STRING, STOP_LENGTH], RUNNING)
