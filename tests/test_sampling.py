@@ -1,6 +1,8 @@
 """The sampler against independent references: numpy float64 statistics, transformers' greedy `generate`,
 teacher-forced transformers logits for every EDU leaf, and a chi-square test of temperature sampling."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ from edu_prm_jax.sampling.stopping import build_stop_tables
 
 V = 48
 EOS = V - 1
+decode_module = importlib.import_module("edu_prm_jax.sampling.decode")  # the package re-exports a `decode` function
 
 
 @pytest.fixture(scope="module")
@@ -206,14 +209,19 @@ def test_top_k_and_top_p_filters():
 
 
 @pytest.mark.parametrize("mode", ["edu", "ht"])
-def test_sharded_rollouts_equal_single_device(peaked_model, mode):
+def test_sharded_rollouts_equal_single_device(peaked_model, mode, monkeypatch):
     _, model = peaked_model
     prompts = np.random.default_rng(6).integers(0, V - 1, (8, 6)).astype(np.int32)
     p = DecodeParams(mode=mode, num_slots=4, max_new_tokens=10, tau=0.6, temperature=1.0)
     args = (p, model, _tables(), prompts, np.full(8, 6), np.arange(8))
     single = decode(*args)
     mesh = parallel.make_mesh(data=8)
+    traced_rows = []  # the question rows each traced rollout loop sees: 1 per device when the mesh is used
+    loop = decode_module._decode_loop
+    monkeypatch.setattr(decode_module, "_decode_loop", lambda *a: traced_rows.append(a[4].shape[0]) or loop(*a))
+    decode_module._sharded_decode.cache_clear()  # trace again, so the loop is seen
     sharded = decode(*args, mesh=mesh)
+    assert traced_rows == [1]
     for key in single:
         if single[key].dtype.kind == "f":  # batch size per device changes float reduction order slightly
             np.testing.assert_allclose(single[key], sharded[key], atol=1e-5, err_msg=key)
