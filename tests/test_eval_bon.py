@@ -3,6 +3,7 @@
 import json
 
 from tiny_policy import make_tiny_policy
+from tree_reference import distinct_prefixes
 
 from edu_prm_jax import cli
 from edu_prm_jax.data.records import read_shards
@@ -32,7 +33,6 @@ def test_eval_bon_writes_report_and_counts_tokens(tmp_path):
         assert r["pass@n"] >= max(r[k] for k in r if k.startswith("prm_") or k in ("majority", "weighted_vote"))
     for sampler in ("edu", "p-edu"):  # tree cost recounted from the leaves: distinct prefixes (+ pruned tokens)
         trees = list(read_shards(out / "runs" / f"{sampler}_n2_s0", "trees"))
-        recount = sum(len({tuple(leaf["token_ids"][: i + 1]) for leaf in t["leaves"]
-                           for i in range(len(leaf["token_ids"]))}) + t["pruned_tokens"] for t in trees)
+        recount = sum(distinct_prefixes(leaf["token_ids"] for leaf in t["leaves"]) + t["pruned_tokens"] for t in trees)
         got = next(r["tokens"] for r in runs if (r["sampler"], r["n"], r["seed"]) == (sampler, 2, 0))
         assert got == recount / len(trees)

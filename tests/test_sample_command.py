@@ -4,6 +4,7 @@ import json
 
 import pytest
 from tiny_policy import make_tiny_policy
+from tree_reference import distinct_prefixes
 
 from edu_prm_jax import cli
 from edu_prm_jax.data import records as records_mod
@@ -29,8 +30,7 @@ def test_sample_writes_tree_records_and_resumes(policy, tmp_path):
     assert len(records) == 6 and [r["index"] for r in records] == list(range(6))
     for r in records:
         assert r["mode"] == "edu" and 1 <= len(r["leaves"]) <= 4
-        recount = {tuple(leaf["token_ids"][: i + 1]) for leaf in r["leaves"] for i in range(len(leaf["token_ids"]))}
-        assert r["distinct_tokens"] == len(recount)
+        assert r["distinct_tokens"] == distinct_prefixes(leaf["token_ids"] for leaf in r["leaves"])
         for leaf in r["leaves"]:
             assert len(leaf["entropies"]) == len(leaf["token_ids"]) == len(leaf["logprobs"])
     # a run "killed" after one shard: remove the others, leave a stale temp file, rerun
