@@ -339,3 +339,16 @@ def test_prepare_source_refuses_shared_tree(shared_data):
     with pytest.raises(ValueError, match="read-only shared tree"):
         prepare_source(shared_data / "gsm8k" / "test.jsonl", shared_data / "tfds")
     assert not (shared_data / "tfds").exists()
+
+
+def test_tfds_write_leaves_no_temp_directories(tmp_path, monkeypatch):
+    import tempfile
+
+    from edu_prm_jax.data.tfds_io import write_tfds_dataset
+
+    temp_root = tmp_path / "temp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    write_tfds_dataset([{"id": "a"}], tmp_path / "data", "leak_check", {"id": "string"})
+    assert list(temp_root.iterdir()) == []  # tfds's empty mkdtemp("tfds") metadata dir included
+    assert tempfile.gettempdir() == str(temp_root)  # the temp root is restored

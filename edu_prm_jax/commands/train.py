@@ -59,7 +59,8 @@ def build_prm(config: ml_collections.ConfigDict, mesh) -> PRM:
         sep = separator_ids(load_tokenizer(policy_dir), config.separator) if config.head == "qwen_math" else None
         prm = PRM.from_policy(policy, head=config.head, seed=config.seed, separator_id=sep, mesh=mesh,
                               expand_layers=config.expand_layers)
-    prm.backbone.cfg = prm.backbone.cfg.replace(remat=config.remat)  # a runtime choice, never exported
+    prm.cfg = prm.cfg.replace(remat=config.remat)  # a runtime choice, never exported
+    prm.backbone.cfg = prm.backbone.cfg.replace(remat=config.remat)
     return prm
 
 

@@ -163,12 +163,24 @@ def write_tfds_dataset(
         return out
     builder_cls = _builder_class(name, features_from_spec(features_spec), version)
     builder_cls._records = {split: _validated(records, features_spec)}
-    builder = builder_cls(data_dir=str(data_dir), file_format="array_record")
-    with tempfile.TemporaryDirectory(prefix="tfds-downloads-") as downloads:
+    with tempfile.TemporaryDirectory(prefix="tfds-scratch-") as scratch:
+        builder = _build_in_scratch(builder_cls, str(data_dir), scratch)
         builder.download_and_prepare(
-            download_dir=downloads, download_config=tfds.download.DownloadConfig(num_shards=num_shards)
+            download_dir=scratch, download_config=tfds.download.DownloadConfig(num_shards=num_shards)
         )
     return out
+
+
+def _build_in_scratch(builder_cls: type, data_dir: str, scratch: str) -> Any:
+    """builder_cls(...) with the temp root pointed at `scratch`: a new builder's DatasetInfo makes a
+    `mkdtemp("tfds")` directory for GCS metadata (GCS is off, so it stays empty) and never removes it; inside
+    `scratch` it goes away with the rest. The builder is made on the calling thread, before any writer runs."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = scratch
+    try:
+        return builder_cls(data_dir=data_dir, file_format="array_record")
+    finally:
+        tempfile.tempdir = saved
 
 
 def open_tfds_source(data_dir: PathLike, name: str, split: str = "train") -> Any:
