@@ -71,6 +71,15 @@ def test_train_expanded_moves_only_new_blocks_and_head(tmp_path, capsys):
             np.testing.assert_array_equal(after[name][...], value[...], err_msg=name)
     assert np.any(np.asarray(after["layers.2.attn.o_proj.kernel"][...]))  # the new block trained
     assert np.any(np.asarray(after["layers.2.mlp.down_proj.kernel"][...]))
-    assert cli.main(["train", f"--workdir={tmp_path / 'w2'}", f"--config.policy={policy_dir}",
-                     f"--config.labels={w / 'labels'}", "--config.steps=1", "--config.trainable=expanded"]) == 1
-    assert "train.trainable='expanded' needs train.expand_layers > 0" in capsys.readouterr().err
+    fresh_head = PRM.from_policy(load_model(policy_dir), head="scalar", seed=0, expand_layers=1)
+    assert not np.array_equal(np.asarray(prm.head.out.kernel[...]), np.asarray(fresh_head.head.out.kernel[...]))
+    # inconsistent settings are refused before the workdir records them, so the corrected rerun is not blocked
+    bad = [(["--config.trainable=expanded"], "train.trainable='expanded' needs train.expand_layers > 0"),
+           (["--config.trainable=head", "--config.expand_layers=1"], "would leave the train.expand_layers"),
+           (["--config.trainable=expandd"], "train.trainable must be one of")]
+    w2 = tmp_path / "w2"
+    for flags, message in bad:
+        assert cli.main(["train", f"--workdir={w2}", f"--config.policy={policy_dir}",
+                         f"--config.labels={w / 'labels'}", "--config.steps=1", *flags]) == 1
+        assert message in capsys.readouterr().err
+        assert not (w2 / "prm" / "fingerprint.json").exists()

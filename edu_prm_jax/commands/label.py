@@ -17,8 +17,9 @@ one stops the run with a DataError naming the file, line and field. Output under
 - `label_stats.json` (also printed): labelled steps, hard/soft share of the emitted labels, `value_hard_share`
   (share of steps whose MC value v is 0 or 1, whatever the target), positive share (label >= 0.5), mean steps
   per solution, share of correct leaves, questions with at least one correct leaf; for toy questions
-  `toy_step_agreement` (share of steps where "a right answer is reachable below" (v > 0) matches exact step
-  correctness) and `toy_right_answers_through_a_wrong_step` (share of right answers whose path has a wrong line).
+  `toy_audited_solutions`, `toy_step_agreement` (share of steps where "a right answer is reachable below" (v > 0)
+  matches exact step correctness) and `toy_right_answers_through_a_wrong_step` (share of right answers whose path
+  has a wrong line). Records written before labels carried `problem` are not audited.
 
 Output shard j holds input records [j*N/n, (j+1)*N/n) in input order; finished shards are skipped on rerun.
 Questions without a gold answer cannot be labelled and are skipped (logged).

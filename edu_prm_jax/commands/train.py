@@ -35,23 +35,32 @@ def tokenizer_source(config: ml_collections.ConfigDict) -> pathlib.Path:
 TRAINABLE = ("all", "head", "expanded")
 
 
-def trainable_pattern(config: ml_collections.ConfigDict, prm: PRM) -> str | None:
-    """The optimizer's trainable-parameter regex for `config.trainable` (None = every parameter)."""
+def check_trainable(config: ml_collections.ConfigDict) -> None:
+    """Reject inconsistent `trainable` / `expand_layers` / `init_prm` settings before anything is written."""
     if config.trainable not in TRAINABLE:
         raise ValueError(f"train.trainable must be one of {TRAINABLE}, got {config.trainable!r}")
+    if config.expand_layers < 0:
+        raise ValueError(f"train.expand_layers must be >= 0, got {config.expand_layers}")
+    if config.expand_layers and config.init_prm:
+        raise ValueError("train.expand_layers applies to a PRM started from train.policy, not train.init_prm")
+    if config.trainable == "expanded" and not config.expand_layers:
+        raise ValueError("train.trainable='expanded' needs train.expand_layers > 0 (the blocks to train)")
+    if config.trainable == "head" and config.expand_layers:
+        raise ValueError("train.trainable='head' would leave the train.expand_layers new blocks as the identity; "
+                         "use trainable='expanded' or 'all'")
+
+
+def trainable_pattern(config: ml_collections.ConfigDict, prm: PRM) -> str | None:
+    """The optimizer's trainable-parameter regex for `config.trainable` (None = every parameter)."""
     if config.trainable == "all":
         return None
     if config.trainable == "head":
         return r"^head\."
-    if config.expand_layers <= 0:
-        raise ValueError("train.trainable='expanded' needs train.expand_layers > 0 (the blocks to train)")
     return expanded_layers_pattern(prm.cfg.num_hidden_layers - config.expand_layers, config.expand_layers)
 
 
 def build_prm(config: ml_collections.ConfigDict, mesh) -> PRM:
     if config.init_prm:
-        if config.expand_layers:
-            raise ValueError("train.expand_layers applies to a PRM started from train.policy, not train.init_prm")
         prm = load_prm(config.init_prm, mesh, dtype=config.dtype)
     else:
         policy_dir = resolve_policy(config.policy)
@@ -83,6 +92,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     export_dir = prm_dir(workdir)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     label_files = sorted(labels_dir.glob("steps-*.jsonl"))
+    check_trainable(config)
     check_fingerprint(workdir / "prm", {  # a resumed run must train on the same data and model
         "labels": str(labels_dir.resolve()), "label_shards": [f"{p.name}:{p.stat().st_size}" for p in label_files],
         **{k: config[k] for k in ("policy", "init_prm", "head", "separator", "seq_len", "rows", "seed",

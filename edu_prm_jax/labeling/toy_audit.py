@@ -19,9 +19,9 @@ def exact_step_correctness(problem: str, steps: Sequence[str]) -> list[bool] | N
     correct."""
     try:
         start, ops = toy.ToyTask.parse_problem(problem)
-    except ValueError:
+        reference = toy.render(start, ops)["solution"]
+    except ValueError:  # not a toy problem, or a chain the toy world cannot evaluate (inexact division)
         return None
-    reference = toy.render(start, ops)["solution"]
     out, prefix = [], ""
     for step in steps:
         prefix += step
@@ -40,6 +40,8 @@ class ToyLabelAudit:
         if exact is None:
             return
         reachable = [v > 0 for v in record["provenance"]["values"]]
+        if len(reachable) != len(exact):
+            raise ValueError(f"record {record.get('id')}: {len(exact)} steps but {len(reachable)} MC values")
         self.solutions += 1
         self.steps += len(exact)
         self.agree += sum(a == b for a, b in zip(exact, reachable))
