@@ -93,6 +93,13 @@ def test_label_records_stats_tfds_and_resume(policy, samples, tmp_path, capsys):
                                                     abs=1e-6)
     assert stats["questions"] == 5 and stats["questions_with_correct_leaf"] == 2
     assert stats["correct_leaf_share"] == pytest.approx(2 / len(records), abs=1e-6)
+    # toy audit: the random policy's text is never on the reference, so the two "right" leaves (gold answer
+    # appended) reach it through wrong lines, and a step agrees exactly when no right answer is reachable below it
+    assert all(r["problem"] == trees[r["question_id"]]["problem"] for r in records)
+    assert stats["toy_audited_solutions"] == len(records)
+    assert stats["toy_right_answers_through_a_wrong_step"] == 1.0
+    unreachable = sum(v <= 0 for r in records for v in r["provenance"]["values"])
+    assert stats["toy_step_agreement"] == pytest.approx(unreachable / steps, abs=1e-6)
 
     source = tfds_io.open_tfds_source(out / "tfds", "labels")
     assert len(source) == len(records)
