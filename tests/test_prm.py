@@ -17,6 +17,7 @@ from edu_prm_jax.models.prm import PRM, load_prm, masked_bce, prm_loss, save_prm
 from edu_prm_jax.models.qwen2 import Qwen2
 from edu_prm_jax.training import prm_data
 from edu_prm_jax.training.prm_data import PRMDataError, build_example, build_examples, make_prm_batches
+from edu_prm_jax.training.prm_train import make_eval_fn
 
 VOCAB, HIDDEN, SEP = 61, 32, 60
 
@@ -481,3 +482,16 @@ def test_remat_gives_the_same_gradients_with_less_activation_memory():
     assert temp["full"] < temp["none"]
     with pytest.raises(Exception, match="remat"):
         cfg.replace(remat="sometimes")
+
+
+def test_held_out_eval_matches_numpy_on_plain_forwards():
+    prm = PRM(tiny_cfg(), "scalar", rngs=nnx.Rngs(4))
+    records = [_record(), _record(id="b", step_ids=[[10, 11], [12, 13, 14], [15]], labels=[1.0, 1.0, 1.0]),
+               _record(id="c", step_ids=[[20], [21], [22]], labels=[0.0, 0.0, 0.0])]
+    examples = [build_example(r, convention="scalar") for r in records]
+    got = make_eval_fn(examples, rows=2, pos_weight=2.5, groups=["q", "q", "q"])(prm, 0)
+    z = np.concatenate([alone_logits(prm, ex.tokens, 16)[ex.step_ends] for ex in examples])
+    t = np.concatenate([ex.targets[ex.step_ends] for ex in examples])
+    assert got["loss"] == pytest.approx(np_bce(z, t, np.ones_like(z), 2.5), rel=1e-5)
+    assert got["step_accuracy"] == pytest.approx(np.mean((z >= 0) == (t >= 0.5)))
+    assert got["steps"] == 9

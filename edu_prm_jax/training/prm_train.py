@@ -15,11 +15,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax.numpy as jnp
 import numpy as np
 
 from edu_prm_jax.data.records import read_shards
 from edu_prm_jax.evaluation.bon import Candidate, prm_best
 from edu_prm_jax.evaluation.metrics import auroc
+from edu_prm_jax.models.prm import masked_bce
 from edu_prm_jax.training.prm_data import PRMExample, build_example, score_examples
 
 TFDS_NAME = "labels"
@@ -157,9 +159,9 @@ def make_eval_fn(examples: Sequence[PRMExample], rows: int, pos_weight: float = 
             return {}
         per_example = score_examples(model, examples, batch_size=rows, logits=True)
         z = np.concatenate([np.asarray(x, np.float64) for x in per_example])
-        loss = pos_weight * targets * np.logaddexp(0.0, -z) + (1.0 - targets) * np.logaddexp(0.0, z)
+        loss, step_metrics = masked_bce(jnp.asarray(z), jnp.asarray(targets), jnp.ones(len(z), bool), pos_weight)
         scores = 1.0 / (1.0 + np.exp(-z))
-        out = {"loss": float(loss.mean()), "step_accuracy": float(((z >= 0.0) == (targets >= 0.5)).mean()),
+        out = {"loss": float(loss), "step_accuracy": float(step_metrics["step_accuracy"]),
                "step_auroc": auroc(scores, targets >= 0.5), "steps": float(len(z))}
         if groups is not None:
             step_scores = np.split(scores, np.cumsum([len(x) for x in per_example])[:-1])
