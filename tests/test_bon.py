@@ -1,7 +1,14 @@
 """Best-of-N selectors on hand-worked candidate sets."""
 
 
-from edu_prm_jax.evaluation.bon import Candidate, majority_vote, prm_best, select_all, weighted_vote
+from edu_prm_jax.evaluation.bon import (
+    Candidate,
+    majority_vote,
+    most_confident,
+    prm_best,
+    select_all,
+    weighted_vote,
+)
 
 
 def _c(answer, correct, scores):
@@ -43,3 +50,13 @@ def test_select_all():
     assert res["prm_min"] is False and res["majority"] is False and res["pass@n"] is True
     assert select_all(CANDS[:3])["prm_min"] is True
 
+
+
+def test_policy_logprob_picks_the_candidate_the_policy_was_surest_of():
+    cands = [Candidate("5", False, [0.9], mean_logprob=-0.4), Candidate("7", True, [0.1], mean_logprob=-0.1),
+             Candidate("8", False, [0.5], mean_logprob=None), Candidate("9", False, [0.2], mean_logprob=-0.1)]
+    assert most_confident(cands) is cands[1]  # -0.1 ties with the last one: the first seen wins
+    res = select_all(cands)
+    assert res["policy_logprob"] is True and res["prm_min"] is False
+    assert most_confident(CANDS) is None  # nothing recorded: no pick, and the selector counts it wrong
+    assert select_all(CANDS)["policy_logprob"] is False

@@ -2,11 +2,14 @@
 
 import json
 
+import numpy as np
+import pytest
 from tiny_policy import make_tiny_policy
 from tree_reference import distinct_prefixes
 
 from edu_prm_jax import cli
 from edu_prm_jax.data.records import read_shards
+from edu_prm_jax.labeling.answers import is_correct
 from edu_prm_jax.models.checkpoints import load_hf_model
 from edu_prm_jax.models.prm import PRM, save_prm
 
@@ -29,8 +32,14 @@ def test_eval_bon_writes_report_and_counts_tokens(tmp_path):
         expected = sum(len(leaf["token_ids"]) for t in ht_trees for leaf in t["leaves"][:n]) / len(ht_trees)
         got = next(r["tokens"] for r in runs if (r["sampler"], r["n"], r["seed"]) == ("ht", n, 1))
         assert got == expected
+    for n in (1, 2):  # the policy-confidence selector recounted from the leaves' recorded log-probabilities
+        picks = [max(t["leaves"][:n], key=lambda leaf: np.mean(leaf["logprobs"])) for t in ht_trees]
+        expected = np.mean([is_correct(leaf["text"], t["answer"]) for leaf, t in zip(picks, ht_trees)])
+        got = next(r["policy_logprob"] for r in runs if (r["sampler"], r["n"], r["seed"]) == ("ht", n, 1))
+        assert got == pytest.approx(expected)
     for r in runs:
-        assert r["pass@n"] >= max(r[k] for k in r if k.startswith("prm_") or k in ("majority", "weighted_vote"))
+        selectors = [k for k in r if k.startswith("prm_") or k in ("majority", "weighted_vote", "policy_logprob")]
+        assert r["pass@n"] >= max(r[k] for k in selectors)
     for sampler in ("edu", "p-edu"):  # tree cost recounted from the leaves: distinct prefixes (+ pruned tokens)
         trees = list(read_shards(out / "runs" / f"{sampler}_n2_s0", "trees"))
         recount = sum(distinct_prefixes(leaf["token_ids"] for leaf in t["leaves"]) + t["pruned_tokens"] for t in trees)

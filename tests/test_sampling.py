@@ -53,6 +53,27 @@ def _np_entropy(z):
     return -(p * np.log(np.where(p > 0, p, 1))).sum(-1)
 
 
+def _np_logprobs(z, token_ids):
+    """log softmax(z)[token] per position, at temperature 1, in float64."""
+    m = z.max(-1, keepdims=True)
+    log_z = np.log(np.exp(z - m).sum(-1)) + m[:, 0]
+    return z[np.arange(len(token_ids)), token_ids] - log_z
+
+
+def test_ht_records_temperature_one_logprobs_of_the_sampled_tokens(peaked_model):
+    """Best-of-N's policy_logprob selector reads these: they must be the policy's own (T=1) log-probabilities
+    of what was sampled, not those of the tempered sampling distribution."""
+    hf, model = peaked_model
+    prompts = np.random.default_rng(4).integers(0, V - 1, (2, 5)).astype(np.int32)
+    p = DecodeParams(mode="ht", num_slots=3, max_new_tokens=10, temperature=0.5, seed=7)
+    out = decode(p, model, _tables(), prompts, np.array([5, 5]), np.arange(2))
+    for q in range(2):
+        for leaf in slots_to_leaves(out, q * 3, 3):
+            z = _hf_logits(hf, prompts[q].tolist() + leaf.token_ids)[len(prompts[q]) - 1: -1]
+            np.testing.assert_allclose(leaf.logprobs, _np_logprobs(z, leaf.token_ids), atol=2e-3)
+            assert not np.allclose(leaf.logprobs, _np_logprobs(z / 0.5, leaf.token_ids), atol=2e-3)
+
+
 def test_entropy_and_logprob_match_numpy_float64():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(6, 1000)) * np.array([[0.01], [1], [5], [30], [200], [0]])
@@ -105,6 +126,7 @@ def test_edu_invariants_by_teacher_forcing(peaked_model, mode):
             z = _hf_logits(hf, ids)[len(prompts[q]) - 1: -1]  # logits that produced each generated token
             ent = _np_entropy(z)
             np.testing.assert_allclose(leaf.entropies, ent, atol=2e-3)
+            np.testing.assert_allclose(leaf.logprobs, _np_logprobs(z, leaf.token_ids), atol=2e-3)
             top = np.argsort(-z, axis=-1, kind="stable")[:, :k]
             qualifying = [t for t in range(len(leaf.token_ids)) if ent[t] > tau and top[t, 0] not in symbols]
             assert leaf.high_entropy == qualifying  # also right at a child's fork position

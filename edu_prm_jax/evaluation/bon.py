@@ -6,6 +6,9 @@ Conventions (documented because papers differ):
   an answer, every vote-based selector is wrong for it.
 - Answers vote by `answers.normalize_answer` key (two answers with the same key are the same answer).
 - Ties: the earliest candidate wins (candidates are in sampling order), so selection is deterministic.
+- `policy_logprob` uses no PRM: it picks the candidate the policy itself was surest of (highest mean token
+  log-probability at temperature 1, as recorded by the sampler). It costs nothing beyond sampling, so it is the
+  reranker a PRM has to beat besides majority vote; candidates without recorded log-probabilities are skipped.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Candidate:
     answer: str | None  # extracted final answer (None when the solution has none)
     correct: bool
     step_scores: list[float]
+    mean_logprob: float | None = None  # the policy's mean token log-prob of the solution; None when unknown
 
     def score(self, aggregator: str) -> float:
         if not self.step_scores:
@@ -69,15 +73,25 @@ def weighted_vote(cands: Sequence[Candidate], aggregator: str = "min") -> Candid
     return _vote(cands, lambda c: c.score(aggregator))
 
 
+def most_confident(cands: Sequence[Candidate]) -> Candidate | None:
+    """The candidate with the highest mean token log-probability under the policy (first on ties)."""
+    known = [c for c in cands if c.mean_logprob is not None]
+    if not known:
+        return None
+    return known[int(np.argmax([c.mean_logprob for c in known]))]
+
+
 def select_all(cands: Sequence[Candidate]) -> dict[str, bool]:
     """Correctness of every selector for one question's candidates."""
     out = {f"prm_{agg}": bool(c and c.correct) for agg in AGGREGATORS for c in [prm_best(cands, agg)]}
     maj, wv = majority_vote(cands), weighted_vote(cands)
     out["majority"] = bool(maj and maj.correct)
     out["weighted_vote"] = bool(wv and wv.correct)
+    confident = most_confident(cands)
+    out["policy_logprob"] = bool(confident and confident.correct)
     out["pass@n"] = any(c.correct for c in cands)
     return out
 
 
-SELECTORS = tuple(f"prm_{a}" for a in AGGREGATORS) + ("majority", "weighted_vote", "pass@n")
+SELECTORS = tuple(f"prm_{a}" for a in AGGREGATORS) + ("majority", "weighted_vote", "policy_logprob", "pass@n")
 

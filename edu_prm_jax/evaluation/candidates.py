@@ -44,6 +44,8 @@ def score_records(prm: Any, records: Sequence[dict[str, Any]], split: str, batch
         gold = records[qi].get("answer")
         text = leaf["text"]
         answer = extract_answer(text)
+        logprobs = leaf.get("logprobs") or []
         out[qi].append(Candidate(answer=answer, correct=bool(gold is not None and answers_equal(answer, gold)),
-                                 step_scores=scores[ex] if ex is not None else []))
+                                 step_scores=scores[ex] if ex is not None else [],
+                                 mean_logprob=sum(logprobs) / len(logprobs) if logprobs else None))
     return out
