@@ -1,0 +1,153 @@
+"""Is the knowledge a PRM needs in its backbone, and can a reward head read it? Measured on Best-of-N candidates.
+
+    python -m benchmarks.likelihood_rerank --workdir runs/toy --model toy [--model DIR ...]
+
+Reads the HT runs that `edu-prm eval-bon` cached under <workdir>/eval_bon/runs (ht_n<N>_s<seed>) and, for each
+`--model` (a causal LM with the policy's tokenizer: 'toy' for the shipped policy, or e.g. a longer-trained toy
+model from `edu-prm build-toy --config.steps=3200`), teacher-forces every candidate and reports:
+
+- rerank accuracy: the candidate with the highest mean (and highest minimum) token log-probability under the
+  model, beside majority vote and pass@N on the same candidates;
+- AUROC of the minimum token log-probability for "the answer is right" (pooled over all candidates);
+- AUROC of a linear probe on the model's final hidden state at the candidate's last token, i.e. what a freshly
+  initialised scalar reward head could read without changing the backbone: a logistic regression fitted on the
+  labelled training leaves in <workdir>/labels (their last token and final correctness, train questions only)
+  and scored on the candidates (test questions).
+
+Why: if the likelihood reranks well but the probe is near chance, the backbone knows the answer while a reward
+head at the step end does not see it, and PRM training has to build that readout from its labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from edu_prm_jax.api import load_model  # noqa: E402
+from edu_prm_jax.data.questions import resolve_policy  # noqa: E402
+from edu_prm_jax.data.records import read_shards  # noqa: E402
+from edu_prm_jax.evaluation.bon import Candidate, majority_vote  # noqa: E402
+from edu_prm_jax.evaluation.metrics import auroc  # noqa: E402
+from edu_prm_jax.labeling.answers import answers_equal, extract_answer  # noqa: E402
+
+PAD_TO = 64  # rows are padded to a multiple of this, so the forward compiles once per length bucket
+
+
+def load_ht_runs(workdir: pathlib.Path) -> dict[int, list[dict]]:
+    """seed -> tree records of the largest-N HT run of that seed."""
+    runs: dict[int, tuple[int, pathlib.Path]] = {}
+    for path in (workdir / "eval_bon" / "runs").glob("ht_n*_s*"):
+        m = re.fullmatch(r"ht_n(\d+)_s(\d+)", path.name)
+        if m and int(m.group(1)) > runs.get(int(m.group(2)), (0, path))[0]:
+            runs[int(m.group(2))] = (int(m.group(1)), path)
+    if not runs:
+        raise SystemExit(f"{workdir}/eval_bon/runs has no ht_n<N>_s<seed> runs: run `edu-prm eval-bon` first")
+    return {seed: list(read_shards(path, "trees")) for seed, (_, path) in sorted(runs.items())}
+
+
+def teacher_forced(model, rows: list[list[int]], prompt_lens: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per row: the log-probabilities of its generated tokens; and the final hidden state at its last token."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, tokens):
+        m = nnx.merge(graphdef, state)
+        hidden, _ = m.backbone(tokens)
+        logp = jax.nn.log_softmax(m.logits(hidden), axis=-1)
+        return hidden, jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+
+    width = -(-max(len(r) for r in rows) // PAD_TO) * PAD_TO
+    tokens = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+    hidden, logp = (np.asarray(x) for x in forward(state, jnp.asarray(tokens)))
+    token_logps = [logp[i, p - 1:len(r) - 1] for i, (r, p) in enumerate(zip(rows, prompt_lens))]
+    last_hidden = np.stack([hidden[i, len(r) - 1] for i, r in enumerate(rows)])
+    return token_logps, last_hidden
+
+
+def fit_probe(features: np.ndarray, labels: np.ndarray, steps: int = 2000) -> tuple[np.ndarray, float, tuple]:
+    """L2-regularised logistic regression by full-batch gradient descent on standardised features."""
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    x = (features - mean) / std
+    w, b = np.zeros(x.shape[1]), 0.0
+    for _ in range(steps):
+        g = 1.0 / (1.0 + np.exp(-(x @ w + b))) - labels
+        w -= 0.1 * (x.T @ g / len(x) + 1e-3 * w)
+        b -= 0.1 * g.mean()
+    return w, b, (mean, std)
+
+
+def labelled_leaves(workdir: pathlib.Path, limit: int, seed: int = 0) -> tuple[list[list[int]], list[int], np.ndarray]:
+    """Token rows, prompt lengths and final correctness of up to `limit` labelled training solutions."""
+    records = list(read_shards(workdir / "labels", "steps"))
+    if not records:
+        raise SystemExit(f"{workdir}/labels has no step records: run `edu-prm label` first")
+    order = np.random.default_rng(seed).permutation(len(records))[:limit]
+    rows = [records[i]["prompt_ids"] + [t for step in records[i]["step_ids"] for t in step] for i in order]
+    return rows, [len(records[i]["prompt_ids"]) for i in order], np.asarray([records[i]["final_correct"]
+                                                                              for i in order], float)
+
+
+def last_hidden_states(model, rows: list[list[int]], prompt_lens: list[int], batch: int = 256) -> np.ndarray:
+    return np.concatenate([teacher_forced(model, rows[i:i + batch], prompt_lens[i:i + batch])[1]
+                           for i in range(0, len(rows), batch)])
+
+
+def evaluate(model_path: str, runs: dict[int, list[dict]], workdir: pathlib.Path, probe_leaves: int) -> dict:
+    model = load_model(resolve_policy(model_path))
+    train_rows, train_prompts, train_right = labelled_leaves(workdir, probe_leaves)
+    w, b, (mean, std) = fit_probe(last_hidden_states(model, train_rows, train_prompts), train_right)
+    picks: dict[str, list[bool]] = {"mean_logprob": [], "min_logprob": [], "majority": [], "pass@n": []}
+    min_logps, hiddens, right = [], [], []
+    for trees in runs.values():
+        for rec in trees:
+            leaves = [leaf for leaf in rec["leaves"] if leaf["token_ids"]]
+            rows = [rec["prompt_ids"] + leaf["token_ids"] for leaf in leaves]
+            logps, last_hidden = teacher_forced(model, rows, [len(rec["prompt_ids"])] * len(rows))
+            ok = [answers_equal(extract_answer(leaf["text"]), rec["answer"]) for leaf in leaves]
+            cands = [Candidate(extract_answer(leaf["text"]), c, []) for leaf, c in zip(leaves, ok)]
+            maj = majority_vote(cands)
+            picks["mean_logprob"].append(ok[int(np.argmax([lp.mean() for lp in logps]))])
+            picks["min_logprob"].append(ok[int(np.argmax([lp.min() for lp in logps]))])
+            picks["majority"].append(bool(maj and maj.correct))
+            picks["pass@n"].append(any(ok))
+            min_logps += [float(lp.min()) for lp in logps]
+            hiddens.append(last_hidden)
+            right += ok
+    right_arr = np.asarray(right, bool)
+    return {
+        "model": model_path,
+        "candidates_per_question": max(len(t["leaves"]) for trees in runs.values() for t in trees),
+        "questions_x_seeds": len(picks["pass@n"]),
+        "rerank_accuracy": {k: round(float(np.mean(v)), 4) for k, v in picks.items()},
+        "auroc_min_logprob_right_answer": round(auroc(min_logps, right_arr), 4),
+        "probe_train_leaves": len(train_rows),
+        "auroc_linear_probe_last_hidden": round(auroc((np.concatenate(hiddens) - mean) / std @ w + b, right_arr), 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="an `edu-prm eval-bon` (or pipeline) workdir")
+    parser.add_argument("--model", action="append", default=None, help="'toy' or a model dir (repeatable)")
+    parser.add_argument("--probe-leaves", type=int, default=3000, help="labelled training solutions for the probe")
+    args = parser.parse_args()
+    workdir = pathlib.Path(args.workdir)
+    runs = load_ht_runs(workdir)
+    for model_path in args.model or ["toy"]:
+        print(json.dumps(evaluate(model_path, runs, workdir, args.probe_leaves), indent=2))
+
+
+if __name__ == "__main__":
+    main()
