@@ -51,7 +51,6 @@ def test_select_all():
     assert select_all(CANDS[:3])["prm_min"] is True
 
 
-
 def test_policy_logprob_picks_the_candidate_the_policy_was_surest_of():
     cands = [Candidate("5", False, [0.9], mean_logprob=-0.4), Candidate("7", True, [0.1], mean_logprob=-0.1),
              Candidate("8", False, [0.5], mean_logprob=None), Candidate("9", False, [0.2], mean_logprob=-0.1)]
