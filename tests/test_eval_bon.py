@@ -42,6 +42,8 @@ def test_eval_bon_writes_report_and_counts_tokens(tmp_path):
         assert r["pass@n"] >= max(r[k] for k in selectors)
     for sampler in ("edu", "p-edu"):  # tree cost recounted from the leaves: distinct prefixes (+ pruned tokens)
         trees = list(read_shards(out / "runs" / f"{sampler}_n2_s0", "trees"))
+        got = next(r["candidates"] for r in runs if (r["sampler"], r["n"], r["seed"]) == (sampler, 2, 0))
+        assert got == sum(len(t["leaves"]) for t in trees) / len(trees)
         recount = sum(distinct_prefixes(leaf["token_ids"] for leaf in t["leaves"]) + t["pruned_tokens"] for t in trees)
         got = next(r["tokens"] for r in runs if (r["sampler"], r["n"], r["seed"]) == (sampler, 2, 0))
         assert got == recount / len(trees)

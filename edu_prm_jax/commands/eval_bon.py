@@ -89,7 +89,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         for n in n_grid:
             acc = _accuracies([c[:n] for c in ht_cands])
             tokens = sum(sum(len(leaf["token_ids"]) for leaf in r["leaves"][:n]) for r in ht) / len(ht)
-            runs.append({"sampler": "ht", "n": n, "seed": seed, "tokens": tokens, **acc})
+            candidates = sum(len(r["leaves"][:n]) for r in ht) / len(ht)
+            runs.append({"sampler": "ht", "n": n, "seed": seed, "tokens": tokens, "candidates": candidates, **acc})
         for name in samplers:
             for n in n_grid:
                 tree_seed = seed if seed in edu_seeds else edu_seeds[0]
@@ -100,9 +101,13 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                     scored[run_name] = _accuracies(score_records(prm, trees, "anchors"))
                 acc = scored[run_name]
                 tokens = sum(r["distinct_tokens"] for r in trees) / len(trees)
-                runs.append({"sampler": name, "n": n, "seed": seed, "tokens": tokens, **acc})
+                candidates = sum(len(r["leaves"]) for r in trees) / len(trees)  # a tree may not fill its budget
+                runs.append({"sampler": name, "n": n, "seed": seed, "tokens": tokens, "candidates": candidates,
+                             **acc})
     notes = ("HT candidates are split into steps at their high-entropy positions (the policy's in-graph "
-             "entropy of the sampled tokens); EDU leaves at their anchors. ")
+             "entropy of the sampled tokens); EDU leaves at their anchors. An EDU tree has at most N leaves but "
+             "fewer when too few positions exceed tau: compare its token cost with HT at the same number of "
+             "candidates (column 'candidates / question'), not only at the same N. ")
     if s.edu_greedy:
         notes += "EDU/P-EDU trees are greedy between anchors, hence identical across seeds (std 0)."
     text = write_bon_report(runs, out, SELECTORS, f"prm_{config.aggregator}", greedy_acc, notes)

@@ -35,23 +35,34 @@ def _fmt(ms: tuple[float, float], pct: bool = True) -> str:
 
 
 def bon_table(summary: Mapping[tuple[str, int], Mapping[str, tuple[float, float]]], selectors: Sequence[str]) -> str:
-    head = "| sampler | N | " + " | ".join(selectors) + " | distinct tokens / question | seeds |"
-    lines = [head, "|" + "---|" * (len(selectors) + 4)]
+    head = ("| sampler | N | " + " | ".join(selectors)
+            + " | candidates / question | distinct tokens / question | seeds |")
+    lines = [head, "|" + "---|" * (len(selectors) + 5)]
     for (sampler, n), row in summary.items():
         cells = [_fmt(row[s]) for s in selectors]
-        lines.append(f"| {sampler} | {n} | " + " | ".join(cells) + f" | {_fmt(row['tokens'], pct=False)} | "
-                     f"{int(row['seeds'][0])} |")
+        candidates = f"{row['candidates'][0]:.1f}" if "candidates" in row else "n/a"
+        lines.append(f"| {sampler} | {n} | " + " | ".join(cells) + f" | {candidates} | "
+                     f"{_fmt(row['tokens'], pct=False)} | {int(row['seeds'][0])} |")
     return "\n".join(lines)
 
 
 def token_table(summary: Mapping[tuple[str, int], Mapping[str, tuple[float, float]]]) -> str:
+    """Distinct tokens per question by sampler and N. A tree that could not fill its leaf budget also gets its
+    ratio to HT at the same number of candidates: HT's tokens per sample times the tree's candidates."""
+    nan = (float("nan"), 0.0)
     ns = sorted({n for _, n in summary})
-    lines = ["| N | HT tokens | EDU tokens | EDU / HT | P-EDU tokens | P-EDU / HT |", "|---|---|---|---|---|---|"]
+    lines = ["| N | HT tokens | EDU candidates | EDU tokens | EDU / HT | EDU / HT, equal candidates | "
+             "P-EDU candidates | P-EDU tokens | P-EDU / HT | P-EDU / HT, equal candidates |",
+             "|" + "---|" * 10]
     for n in ns:
-        ht = summary.get(("ht", n), {}).get("tokens", (float("nan"), 0))[0]
-        edu = summary.get(("edu", n), {}).get("tokens", (float("nan"), 0))[0]
-        pedu = summary.get(("p-edu", n), {}).get("tokens", (float("nan"), 0))[0]
-        lines.append(f"| {n} | {ht:.0f} | {edu:.0f} | {edu / ht:.2f} | {pedu:.0f} | {pedu / ht:.2f} |")
+        ht = summary.get(("ht", n), {}).get("tokens", nan)[0]
+        cells = [f"{n}", f"{ht:.0f}"]
+        for sampler in ("edu", "p-edu"):
+            row = summary.get((sampler, n), {})
+            tokens, candidates = row.get("tokens", nan)[0], row.get("candidates", (n, 0.0))[0]
+            equal_candidates = tokens / (ht / n * candidates)
+            cells += [f"{candidates:.1f}", f"{tokens:.0f}", f"{tokens / ht:.2f}", f"{equal_candidates:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
