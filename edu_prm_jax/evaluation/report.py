@@ -59,7 +59,7 @@ def token_table(summary: Mapping[tuple[str, int], Mapping[str, tuple[float, floa
         cells = [f"{n}", f"{ht:.0f}"]
         for sampler in ("edu", "p-edu"):
             row = summary.get((sampler, n), {})
-            tokens, candidates = row.get("tokens", nan)[0], row.get("candidates", (n, 0.0))[0]
+            tokens, candidates = row.get("tokens", nan)[0], row.get("candidates", nan)[0]
             equal_candidates = tokens / (ht / n * candidates)
             cells += [f"{candidates:.1f}", f"{tokens:.0f}", f"{tokens / ht:.2f}", f"{equal_candidates:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
