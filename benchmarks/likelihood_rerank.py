@@ -35,16 +35,18 @@ from flax import nnx  # noqa: E402
 
 from edu_prm_jax.api import load_model  # noqa: E402
 from edu_prm_jax.data.questions import resolve_policy  # noqa: E402
-from edu_prm_jax.data.records import read_shards  # noqa: E402
+from edu_prm_jax.data.records import DataError, read_shards  # noqa: E402
 from edu_prm_jax.evaluation.bon import Candidate, majority_vote  # noqa: E402
 from edu_prm_jax.evaluation.metrics import auroc  # noqa: E402
 from edu_prm_jax.labeling.answers import answers_equal, extract_answer  # noqa: E402
 
-PAD_TO = 64  # rows are padded to a multiple of this, so the forward compiles once per length bucket
+PAD_TO = 64  # columns are padded to a multiple of this and rows to ROWS_TO, so each forward compiles once per
+ROWS_TO = 16  # (rows, length) bucket
 
 
-def load_ht_runs(workdir: pathlib.Path) -> dict[int, list[dict]]:
-    """seed -> tree records of the largest-N HT run of that seed."""
+def load_ht_runs(workdir: pathlib.Path, n: int | None = None) -> tuple[int, dict[int, list[dict]]]:
+    """(N, seed -> tree records of the HT runs cut to their first N samples). N defaults to the largest N that
+    eval-bon drew; a run with fewer samples than the requested N is an error."""
     runs: dict[int, tuple[int, pathlib.Path]] = {}
     for path in (workdir / "eval_bon" / "runs").glob("ht_n*_s*"):
         m = re.fullmatch(r"ht_n(\d+)_s(\d+)", path.name)
@@ -52,28 +54,55 @@ def load_ht_runs(workdir: pathlib.Path) -> dict[int, list[dict]]:
             runs[int(m.group(2))] = (int(m.group(1)), path)
     if not runs:
         raise SystemExit(f"{workdir}/eval_bon/runs has no ht_n<N>_s<seed> runs: run `edu-prm eval-bon` first")
-    return {seed: list(read_shards(path, "trees")) for seed, (_, path) in sorted(runs.items())}
+    drawn = min(size for size, _ in runs.values())
+    n = drawn if n is None else n
+    if n > drawn:
+        raise SystemExit(f"--n {n}: the HT runs in {workdir}/eval_bon/runs hold only {drawn} samples per question")
+    out = {}
+    for seed, (_, path) in sorted(runs.items()):
+        out[seed] = [{**rec, "leaves": rec["leaves"][:n]} for rec in read_shards(path, "trees")]
+    return n, out
 
 
-def teacher_forced(model, rows: list[list[int]], prompt_lens: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per row: the log-probabilities of its generated tokens; and the final hidden state at its last token."""
-    graphdef, state = nnx.split(model)
+class TeacherForcer:
+    """Jitted teacher-forced passes of one causal LM (compiled once per padded batch shape)."""
 
-    @jax.jit
-    def forward(state, tokens):
-        m = nnx.merge(graphdef, state)
-        hidden, _ = m.backbone(tokens)
-        logp = jax.nn.log_softmax(m.logits(hidden), axis=-1)
-        return hidden, jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+    def __init__(self, model) -> None:
+        graphdef, self.state = nnx.split(model)
 
-    width = -(-max(len(r) for r in rows) // PAD_TO) * PAD_TO
-    tokens = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
-    hidden, logp = (np.asarray(x) for x in forward(state, jnp.asarray(tokens)))
-    token_logps = [logp[i, p - 1:len(r) - 1] for i, (r, p) in enumerate(zip(rows, prompt_lens))]
-    last_hidden = np.stack([hidden[i, len(r) - 1] for i, r in enumerate(rows)])
-    return token_logps, last_hidden
+        def hidden(state, tokens):
+            return nnx.merge(graphdef, state).backbone(tokens)[0]
+
+        def hidden_and_logp(state, tokens):
+            m = nnx.merge(graphdef, state)
+            h, _ = m.backbone(tokens)
+            logp = jax.nn.log_softmax(m.logits(h), axis=-1)
+            return h, jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+
+        self._hidden, self._hidden_and_logp = jax.jit(hidden), jax.jit(hidden_and_logp)
+
+    @staticmethod
+    def _pad(rows: list[list[int]]) -> jax.Array:
+        tokens = np.zeros((-(-len(rows) // ROWS_TO) * ROWS_TO, -(-max(map(len, rows)) // PAD_TO) * PAD_TO), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, :len(r)] = r
+        return jnp.asarray(tokens)
+
+    def logprobs_and_last_hidden(self, rows: list[list[int]], prompt_len: int
+                                 ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Per row: the log-probabilities of its tokens after the prompt, and the hidden state at its last token."""
+        hidden, logp = (np.asarray(x) for x in self._hidden_and_logp(self.state, self._pad(rows)))
+        return ([logp[i, prompt_len - 1:len(r) - 1] for i, r in enumerate(rows)],
+                np.stack([hidden[i, len(r) - 1] for i, r in enumerate(rows)]))
+
+    def last_hidden(self, rows: list[list[int]], batch: int = 256) -> np.ndarray:
+        """The final hidden state at each row's last token (no LM head: cheap on a large vocabulary)."""
+        out = []
+        for b in range(0, len(rows), batch):
+            chunk = rows[b:b + batch]
+            hidden = np.asarray(self._hidden(self.state, self._pad(chunk)))
+            out.append(np.stack([hidden[i, len(r) - 1] for i, r in enumerate(chunk)]))
+        return np.concatenate(out)
 
 
 def fit_probe(features: np.ndarray, labels: np.ndarray, steps: int = 2000) -> tuple[np.ndarray, float, tuple]:
@@ -88,33 +117,33 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, steps: int = 2000) -> tu
     return w, b, (mean, std)
 
 
-def labelled_leaves(workdir: pathlib.Path, limit: int, seed: int = 0) -> tuple[list[list[int]], list[int], np.ndarray]:
-    """Token rows, prompt lengths and final correctness of up to `limit` labelled training solutions."""
-    records = list(read_shards(workdir / "labels", "steps"))
-    if not records:
-        raise SystemExit(f"{workdir}/labels has no step records: run `edu-prm label` first")
+def labelled_leaves(workdir: pathlib.Path, limit: int, seed: int = 0) -> tuple[list[list[int]], np.ndarray]:
+    """Token rows and final correctness of up to `limit` labelled training solutions."""
+    try:
+        records = list(read_shards(workdir / "labels", "steps"))
+    except DataError as e:
+        raise SystemExit(f"{e} (run `edu-prm label` first)") from None
     order = np.random.default_rng(seed).permutation(len(records))[:limit]
     rows = [records[i]["prompt_ids"] + [t for step in records[i]["step_ids"] for t in step] for i in order]
-    return rows, [len(records[i]["prompt_ids"]) for i in order], np.asarray([records[i]["final_correct"]
-                                                                              for i in order], float)
+    return rows, np.asarray([records[i]["final_correct"] for i in order], float)
 
 
-def last_hidden_states(model, rows: list[list[int]], prompt_lens: list[int], batch: int = 256) -> np.ndarray:
-    return np.concatenate([teacher_forced(model, rows[i:i + batch], prompt_lens[i:i + batch])[1]
-                           for i in range(0, len(rows), batch)])
-
-
-def evaluate(model_path: str, runs: dict[int, list[dict]], workdir: pathlib.Path, probe_leaves: int) -> dict:
-    model = load_model(resolve_policy(model_path))
-    train_rows, train_prompts, train_right = labelled_leaves(workdir, probe_leaves)
-    w, b, (mean, std) = fit_probe(last_hidden_states(model, train_rows, train_prompts), train_right)
+def evaluate(model_path: str, n: int, runs: dict[int, list[dict]], workdir: pathlib.Path, probe_leaves: int) -> dict:
+    forcer = TeacherForcer(load_model(resolve_policy(model_path)))
+    train_rows, train_right = labelled_leaves(workdir, probe_leaves)
+    w, b, (mean, std) = fit_probe(forcer.last_hidden(train_rows), train_right)
     picks: dict[str, list[bool]] = {"mean_logprob": [], "min_logprob": [], "majority": [], "pass@n": []}
     min_logps, hiddens, right = [], [], []
     for trees in runs.values():
         for rec in trees:
             leaves = [leaf for leaf in rec["leaves"] if leaf["token_ids"]]
+            if not leaves:  # nothing generated: no candidate to rerank (pass@N counts it wrong)
+                picks["pass@n"].append(False)
+                for key in ("mean_logprob", "min_logprob", "majority"):
+                    picks[key].append(False)
+                continue
             rows = [rec["prompt_ids"] + leaf["token_ids"] for leaf in leaves]
-            logps, last_hidden = teacher_forced(model, rows, [len(rec["prompt_ids"])] * len(rows))
+            logps, last_hidden = forcer.logprobs_and_last_hidden(rows, len(rec["prompt_ids"]))
             ok = [answers_equal(extract_answer(leaf["text"]), rec["answer"]) for leaf in leaves]
             cands = [Candidate(extract_answer(leaf["text"]), c, []) for leaf, c in zip(leaves, ok)]
             maj = majority_vote(cands)
@@ -128,7 +157,7 @@ def evaluate(model_path: str, runs: dict[int, list[dict]], workdir: pathlib.Path
     right_arr = np.asarray(right, bool)
     return {
         "model": model_path,
-        "candidates_per_question": max(len(t["leaves"]) for trees in runs.values() for t in trees),
+        "n": n,
         "questions_x_seeds": len(picks["pass@n"]),
         "rerank_accuracy": {k: round(float(np.mean(v)), 4) for k, v in picks.items()},
         "auroc_min_logprob_right_answer": round(auroc(min_logps, right_arr), 4),
@@ -141,12 +170,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="an `edu-prm eval-bon` (or pipeline) workdir")
     parser.add_argument("--model", action="append", default=None, help="'toy' or a model dir (repeatable)")
+    parser.add_argument("--n", type=int, default=None, help="candidates per question (default: all HT drew)")
     parser.add_argument("--probe-leaves", type=int, default=3000, help="labelled training solutions for the probe")
     args = parser.parse_args()
     workdir = pathlib.Path(args.workdir)
-    runs = load_ht_runs(workdir)
+    n, runs = load_ht_runs(workdir, args.n)
     for model_path in args.model or ["toy"]:
-        print(json.dumps(evaluate(model_path, runs, workdir, args.probe_leaves), indent=2))
+        print(json.dumps(evaluate(model_path, n, runs, workdir, args.probe_leaves), indent=2))
 
 
 if __name__ == "__main__":

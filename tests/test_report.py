@@ -18,6 +18,11 @@ def test_token_table_compares_a_short_tree_with_ht_at_equal_candidates():
     assert cells["EDU candidates"] == "4.0" and cells["EDU / HT"] == "0.17"
     assert cells["EDU / HT, equal candidates"] == "0.67"
     assert cells["P-EDU / HT, equal candidates"] == "1.00"
+    del summary[("p-edu", 16)]  # P-EDU off; and a tree that produced nothing has no per-candidate cost
+    summary[("edu", 16)] = {"tokens": (0.0, 0.0), "candidates": (0.0, 0.0)}
+    cells = dict(zip(_row(header), _row(token_table(summary).splitlines()[2])))
+    assert cells["P-EDU candidates"] == cells["P-EDU tokens"] == "nan"
+    assert cells["EDU / HT"] == "0.00" and cells["EDU / HT, equal candidates"] == "nan"
 
 
 def test_bon_table_shows_candidates_and_seed_spread():

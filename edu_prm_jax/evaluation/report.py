@@ -60,8 +60,9 @@ def token_table(summary: Mapping[tuple[str, int], Mapping[str, tuple[float, floa
         for sampler in ("edu", "p-edu"):
             row = summary.get((sampler, n), {})
             tokens, candidates = row.get("tokens", nan)[0], row.get("candidates", nan)[0]
-            equal_candidates = tokens / (ht / n * candidates)
-            cells += [f"{candidates:.1f}", f"{tokens:.0f}", f"{tokens / ht:.2f}", f"{equal_candidates:.2f}"]
+            ratio = tokens / ht if ht else float("nan")
+            equal_candidates = tokens / (ht / n * candidates) if ht and candidates else float("nan")
+            cells += [f"{candidates:.1f}", f"{tokens:.0f}", f"{ratio:.2f}", f"{equal_candidates:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
