@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from edu_prm_jax.api import load_model  # noqa: E402
 from edu_prm_jax.data.questions import resolve_policy  # noqa: E402
@@ -134,26 +135,26 @@ def evaluate(model_path: str, n: int, runs: dict[int, list[dict]], workdir: path
     w, b, (mean, std) = fit_probe(forcer.last_hidden(train_rows), train_right)
     picks: dict[str, list[bool]] = {"mean_logprob": [], "min_logprob": [], "majority": [], "pass@n": []}
     min_logps, hiddens, right = [], [], []
-    for trees in runs.values():
-        for rec in trees:
-            leaves = [leaf for leaf in rec["leaves"] if leaf["token_ids"]]
-            if not leaves:  # nothing generated: no candidate to rerank (pass@N counts it wrong)
-                picks["pass@n"].append(False)
-                for key in ("mean_logprob", "min_logprob", "majority"):
-                    picks[key].append(False)
-                continue
-            rows = [rec["prompt_ids"] + leaf["token_ids"] for leaf in leaves]
-            logps, last_hidden = forcer.logprobs_and_last_hidden(rows, len(rec["prompt_ids"]))
-            ok = [answers_equal(extract_answer(leaf["text"]), rec["answer"]) for leaf in leaves]
-            cands = [Candidate(extract_answer(leaf["text"]), c, []) for leaf, c in zip(leaves, ok)]
-            maj = majority_vote(cands)
-            picks["mean_logprob"].append(ok[int(np.argmax([lp.mean() for lp in logps]))])
-            picks["min_logprob"].append(ok[int(np.argmax([lp.min() for lp in logps]))])
-            picks["majority"].append(bool(maj and maj.correct))
-            picks["pass@n"].append(any(ok))
-            min_logps += [float(lp.min()) for lp in logps]
-            hiddens.append(last_hidden)
-            right += ok
+    records = [rec for trees in runs.values() for rec in trees]
+    for rec in tqdm(records, desc=f"rerank {model_path}", unit="q"):
+        leaves = [leaf for leaf in rec["leaves"] if leaf["token_ids"]]
+        if not leaves:  # nothing generated: no candidate to rerank (pass@N counts it wrong)
+            picks["pass@n"].append(False)
+            for key in ("mean_logprob", "min_logprob", "majority"):
+                picks[key].append(False)
+            continue
+        rows = [rec["prompt_ids"] + leaf["token_ids"] for leaf in leaves]
+        logps, last_hidden = forcer.logprobs_and_last_hidden(rows, len(rec["prompt_ids"]))
+        ok = [answers_equal(extract_answer(leaf["text"]), rec["answer"]) for leaf in leaves]
+        cands = [Candidate(extract_answer(leaf["text"]), c, []) for leaf, c in zip(leaves, ok)]
+        maj = majority_vote(cands)
+        picks["mean_logprob"].append(ok[int(np.argmax([lp.mean() for lp in logps]))])
+        picks["min_logprob"].append(ok[int(np.argmax([lp.min() for lp in logps]))])
+        picks["majority"].append(bool(maj and maj.correct))
+        picks["pass@n"].append(any(ok))
+        min_logps += [float(lp.min()) for lp in logps]
+        hiddens.append(last_hidden)
+        right += ok
     right_arr = np.asarray(right, bool)
     return {
         "model": model_path,
