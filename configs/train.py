@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.clip_norm = 1.0  # Global-norm gradient clipping (<= 0 disables).
     config.accum_steps = 1  # Micro-batches per optimizer update (gradient accumulation).
     config.expand_layers = 0  # Append this many identity-initialised decoder blocks (LLaMA Pro block expansion).
-    config.trainable = "all"  # Parameters trained: all, head (frozen backbone) or expanded (new blocks + head).
+    config.trainable = "all"  # all, head (frozen backbone) or expanded (new blocks + head; init_prm: its own ones).
     config.pos_weight = 1.0  # Weight of the positive class in the BCE loss.
     config.eval_fraction = 0.1  # Share of questions held out for eval (by hash of the question id).
     config.eval_every = 100  # Eval every n steps (0 = only at the end).

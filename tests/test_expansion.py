@@ -12,6 +12,7 @@ from tiny_policy import make_tiny_policy
 from edu_prm_jax import cli
 from edu_prm_jax.api import load_model
 from edu_prm_jax.models import checkpoints
+from edu_prm_jax.models.config import ConfigError
 from edu_prm_jax.models.expansion import expanded_layers_pattern, expansion_source
 from edu_prm_jax.models.prm import PRM, load_prm, save_prm
 from edu_prm_jax.models.qwen2 import Qwen2
@@ -48,7 +49,18 @@ def test_expanded_backbone_computes_what_the_policy_computes():
 def test_expanded_prm_round_trips_through_hf(tmp_path):
     prm = PRM.from_policy(Qwen2(tiny_cfg(), nnx.Rngs(1)), head="scalar", expand_layers=1)
     save_prm(prm, tmp_path / "prm")
-    assert json.loads((tmp_path / "prm" / "config.json").read_text())["num_hidden_layers"] == 3
+    config = json.loads((tmp_path / "prm" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and config["edu_prm_expanded_layers"] == 1
+    assert load_prm(tmp_path / "prm").expanded_layers == 1
+    save_prm(PRM.from_policy(Qwen2(tiny_cfg(), nnx.Rngs(1)), head="scalar"), tmp_path / "plain")
+    assert "edu_prm_expanded_layers" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert load_prm(tmp_path / "plain").expanded_layers == 0
+    config["edu_prm_expanded_layers"] = 3  # as deep as the whole backbone: not an expansion
+    (tmp_path / "prm" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="edu_prm_expanded_layers"):
+        load_prm(tmp_path / "prm")
+    config["edu_prm_expanded_layers"] = 1
+    (tmp_path / "prm" / "config.json").write_text(json.dumps(config))
     tokens = np.arange(10, dtype=np.int32)[None] % 50
     np.testing.assert_allclose(jit_logits(load_prm(tmp_path / "prm"), tokens), jit_logits(prm, tokens), atol=1e-6)
 
@@ -73,8 +85,21 @@ def test_train_expanded_moves_only_new_blocks_and_head(tmp_path, capsys):
     assert np.any(np.asarray(after["layers.2.mlp.down_proj.kernel"][...]))
     fresh_head = PRM.from_policy(load_model(policy_dir), head="scalar", seed=0, expand_layers=1)
     assert not np.array_equal(np.asarray(prm.head.out.kernel[...]), np.asarray(fresh_head.head.out.kernel[...]))
+    # a later run from the export trains the same block again, and only it (its config.json says which)
+    w3 = tmp_path / "w3"
+    assert cli.main(["train", f"--workdir={w3}", f"--config.init_prm={w / 'prm' / 'hf'}", "--config.steps=2",
+                     f"--config.labels={w / 'labels'}", "--config.rows=8", "--config.seq_len=64",
+                     "--config.trainable=expanded", "--config.learning_rate=1e-2"]) == 0
+    again = checkpoints.flat_params(nnx.state(load_prm(w3 / "prm" / "hf").backbone))
+    for name, value in after.items():
+        if not name.startswith("layers.2."):
+            np.testing.assert_array_equal(again[name][...], value[...], err_msg=name)
+    assert not np.array_equal(again["layers.2.attn.o_proj.kernel"][...], after["layers.2.attn.o_proj.kernel"][...])
+    plain = tmp_path / "plain_prm"
+    save_prm(PRM.from_policy(load_model(policy_dir), head="scalar"), plain)
     # inconsistent settings are refused before the workdir records them, so the corrected rerun is not blocked
     bad = [(["--config.trainable=expanded"], "train.trainable='expanded' needs train.expand_layers > 0"),
+           (["--config.trainable=expanded", f"--config.init_prm={plain}"], "has no expanded blocks"),
            (["--config.trainable=head", "--config.expand_layers=1"], "would leave the train.expand_layers"),
            (["--config.trainable=expandd"], "train.trainable must be one of")]
     w2 = tmp_path / "w2"

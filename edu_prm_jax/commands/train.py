@@ -13,8 +13,9 @@ from edu_prm_jax.api import load_model, load_tokenizer
 from edu_prm_jax.commands.convert import copy_tokenizer_files
 from edu_prm_jax.data.questions import resolve_policy
 from edu_prm_jax.data.records import check_fingerprint, write_json_atomic
+from edu_prm_jax.models.config import Qwen2Config
 from edu_prm_jax.models.expansion import expanded_layers_pattern
-from edu_prm_jax.models.prm import PRM, load_prm, prm_loss, save_prm
+from edu_prm_jax.models.prm import PRM, expanded_layers_in, load_prm, prm_loss, save_prm
 from edu_prm_jax.training.loop import TrainConfig, Trainer
 from edu_prm_jax.training.optim import OptimConfig
 from edu_prm_jax.training.prm_data import separator_ids
@@ -44,10 +45,22 @@ def check_trainable(config: ml_collections.ConfigDict) -> None:
     if config.expand_layers and config.init_prm:
         raise ValueError("train.expand_layers applies to a PRM started from train.policy, not train.init_prm")
     if config.trainable == "expanded" and not config.expand_layers:
-        raise ValueError("train.trainable='expanded' needs train.expand_layers > 0 (the blocks to train)")
+        if not config.init_prm:
+            raise ValueError("train.trainable='expanded' needs train.expand_layers > 0 (the blocks to train), or a "
+                             "train.init_prm exported from an expanded PRM")
+        if not init_prm_expanded_layers(config.init_prm):
+            raise ValueError(f"train.trainable='expanded': train.init_prm={config.init_prm} has no expanded blocks "
+                             f"(its config.json has no edu_prm_expanded_layers); use trainable='all' or 'head'")
     if config.trainable == "head" and config.expand_layers:
         raise ValueError("train.trainable='head' would leave the train.expand_layers new blocks as the identity; "
                          "use trainable='expanded' or 'all'")
+
+
+def init_prm_expanded_layers(path: str) -> int:
+    """How many blocks of the PRM at `path` block expansion appended (read from its config.json alone)."""
+    directory = pathlib.Path(path)
+    return expanded_layers_in(json.loads((directory / "config.json").read_text()), Qwen2Config.from_file(directory),
+                              directory / "config.json")
 
 
 def trainable_pattern(config: ml_collections.ConfigDict, prm: PRM) -> str | None:
@@ -56,7 +69,7 @@ def trainable_pattern(config: ml_collections.ConfigDict, prm: PRM) -> str | None
         return None
     if config.trainable == "head":
         return r"^head\."
-    return expanded_layers_pattern(prm.cfg.num_hidden_layers - config.expand_layers, config.expand_layers)
+    return expanded_layers_pattern(prm.cfg.num_hidden_layers - prm.expanded_layers, prm.expanded_layers)
 
 
 def build_prm(config: ml_collections.ConfigDict, mesh) -> PRM:

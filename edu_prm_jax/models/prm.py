@@ -13,7 +13,8 @@ HF layout (what `load_prm` reads and `save_prm` writes):
   config.json `architectures: ["Qwen2ForProcessRewardModel"]` (the public Qwen2.5-Math-PRM-7B/72B layout);
 - scalar: `score.weight` [1, h], `score.bias` [1], config.json `"edu_prm_head": "scalar"`.
 config.json may carry `"edu_prm_separator_id"` (the step separator's token id; public checkpoints do not, so
-pass it from the tokenizer, see `training.prm_data.separator_ids`).
+pass it from the tokenizer, see `training.prm_data.separator_ids`) and `"edu_prm_expanded_layers"` (how many of
+the last decoder blocks were appended by block expansion, so a later run can train those alone).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ HF_ARCHITECTURE = "Qwen2ForProcessRewardModel"
 BACKBONE_PREFIX = "backbone."
 HEAD_CONFIG_KEY = "edu_prm_head"
 SEPARATOR_CONFIG_KEY = "edu_prm_separator_id"
+EXPANDED_CONFIG_KEY = "edu_prm_expanded_layers"
 
 # HF head tensor name -> (NNX path, transpose); NNX kernels are [in, out], HF Linear weights [out, in].
 HEAD_TENSORS: dict[str, dict[str, tuple[str, bool]]] = {
@@ -110,12 +112,16 @@ class PRM(nnx.Module):
         rngs: nnx.Rngs,
         separator_id: int | None = None,
         backbone: Qwen2 | None = None,
+        expanded_layers: int = 0,
     ):
         if head not in HEADS:
             raise ValueError(f"unknown PRM head {head!r}; expected one of {HEADS}")
         self.cfg = cfg
         self.head_kind = head
         self.separator_id = None if separator_id is None else int(separator_id)
+        if not 0 <= expanded_layers < cfg.num_hidden_layers:
+            raise ValueError(f"expanded_layers must be in [0, {cfg.num_hidden_layers}), got {expanded_layers}")
+        self.expanded_layers = int(expanded_layers)  # the last blocks that block expansion appended
         self.backbone = backbone if backbone is not None else Qwen2(_backbone_cfg(cfg), rngs)
         self.head = _make_head(cfg, head, rngs)
 
@@ -166,7 +172,8 @@ class PRM(nnx.Module):
 
         state = jax.tree_util.tree_map_with_path(adopt, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
         prm = cls(
-            cfg, head, rngs=nnx.Rngs(seed), separator_id=separator_id, backbone=nnx.merge(graphdef, state)
+            cfg, head, rngs=nnx.Rngs(seed), separator_id=separator_id, backbone=nnx.merge(graphdef, state),
+            expanded_layers=expand_layers,
         )
         if mesh is not None:
             parallel.shard_model(prm, mesh)
@@ -262,6 +269,15 @@ def prm_to_hf(path: str, head: str) -> tuple[str, bool]:
     return checkpoints.nnx_to_hf(path[len(BACKBONE_PREFIX) :])
 
 
+def expanded_layers_in(raw: Mapping[str, Any], cfg: Qwen2Config, source: pathlib.Path) -> int:
+    """config.json's count of blocks added by block expansion (0 when absent), validated against the depth."""
+    value = raw.get(EXPANDED_CONFIG_KEY, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < cfg.num_hidden_layers:
+        raise ConfigError(f"{source}: field {EXPANDED_CONFIG_KEY!r} = {value!r}, expected an integer in "
+                          f"[0, num_hidden_layers={cfg.num_hidden_layers})")
+    return value
+
+
 def load_prm(
     path: str | os.PathLike,
     mesh: Mesh | None = None,
@@ -287,7 +303,8 @@ def load_prm(
     if head not in HEADS:
         raise ValueError(f"unknown PRM head {head!r}; expected one of {HEADS}")
     sep = separator_id if separator_id is not None else raw.get(SEPARATOR_CONFIG_KEY)
-    abstract = nnx.eval_shape(lambda: PRM(cfg, head, rngs=nnx.Rngs(0), separator_id=sep))
+    expanded = expanded_layers_in(raw, cfg, config_path)
+    abstract = nnx.eval_shape(lambda: PRM(cfg, head, rngs=nnx.Rngs(0), separator_id=sep, expanded_layers=expanded))
     other_head = {n for h, table in HEAD_TENSORS.items() if h != head for n in table}
     stray = sorted(n for n in ckpt.names() if n in other_head)
     if stray:
@@ -312,6 +329,8 @@ def prm_hf_config(prm: PRM, dtype_name: str) -> dict[str, Any]:
         config["architectures"] = ["Qwen2ForScalarProcessRewardModel"]
     if prm.separator_id is not None:
         config[SEPARATOR_CONFIG_KEY] = prm.separator_id
+    if prm.expanded_layers:
+        config[EXPANDED_CONFIG_KEY] = prm.expanded_layers
     return config
 
 
