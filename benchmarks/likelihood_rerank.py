@@ -71,39 +71,40 @@ class TeacherForcer:
     def __init__(self, model) -> None:
         graphdef, self.state = nnx.split(model)
 
-        def hidden(state, tokens):
-            return nnx.merge(graphdef, state).backbone(tokens)[0]
+        def last_hidden(hidden, lengths):  # gathered on device: only [B, H] comes back to the host
+            return jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
-        def hidden_and_logp(state, tokens):
+        def hidden(state, tokens, lengths):
+            return last_hidden(nnx.merge(graphdef, state).backbone(tokens)[0], lengths)
+
+        def hidden_and_logp(state, tokens, lengths):
             m = nnx.merge(graphdef, state)
             h, _ = m.backbone(tokens)
             logp = jax.nn.log_softmax(m.logits(h), axis=-1)
-            return h, jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+            return last_hidden(h, lengths), jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
 
         self._hidden, self._hidden_and_logp = jax.jit(hidden), jax.jit(hidden_and_logp)
 
     @staticmethod
-    def _pad(rows: list[list[int]]) -> jax.Array:
+    def _pad(rows: list[list[int]]) -> tuple[jax.Array, jax.Array]:
+        """Tokens [rows up to ROWS_TO, length up to PAD_TO] and each row's length (padding rows: length 1)."""
         tokens = np.zeros((-(-len(rows) // ROWS_TO) * ROWS_TO, -(-max(map(len, rows)) // PAD_TO) * PAD_TO), np.int32)
+        lengths = np.ones(len(tokens), np.int32)
         for i, r in enumerate(rows):
             tokens[i, :len(r)] = r
-        return jnp.asarray(tokens)
+            lengths[i] = len(r)
+        return jnp.asarray(tokens), jnp.asarray(lengths)
 
     def logprobs_and_last_hidden(self, rows: list[list[int]], prompt_len: int
                                  ) -> tuple[list[np.ndarray], np.ndarray]:
         """Per row: the log-probabilities of its tokens after the prompt, and the hidden state at its last token."""
-        hidden, logp = (np.asarray(x) for x in self._hidden_and_logp(self.state, self._pad(rows)))
-        return ([logp[i, prompt_len - 1:len(r) - 1] for i, r in enumerate(rows)],
-                np.stack([hidden[i, len(r) - 1] for i, r in enumerate(rows)]))
+        hidden, logp = (np.asarray(x) for x in self._hidden_and_logp(self.state, *self._pad(rows)))
+        return [logp[i, prompt_len - 1:len(r) - 1] for i, r in enumerate(rows)], hidden[:len(rows)]
 
     def last_hidden(self, rows: list[list[int]], batch: int = 256) -> np.ndarray:
         """The final hidden state at each row's last token (no LM head: cheap on a large vocabulary)."""
-        out = []
-        for b in range(0, len(rows), batch):
-            chunk = rows[b:b + batch]
-            hidden = np.asarray(self._hidden(self.state, self._pad(chunk)))
-            out.append(np.stack([hidden[i, len(r) - 1] for i, r in enumerate(chunk)]))
-        return np.concatenate(out)
+        chunks = [rows[b:b + batch] for b in range(0, len(rows), batch)]
+        return np.concatenate([np.asarray(self._hidden(self.state, *self._pad(c)))[:len(c)] for c in chunks])
 
 
 def fit_probe(features: np.ndarray, labels: np.ndarray, steps: int = 2000) -> tuple[np.ndarray, float, tuple]:
@@ -129,9 +130,10 @@ def labelled_leaves(workdir: pathlib.Path, limit: int, seed: int = 0) -> tuple[l
     return rows, np.asarray([records[i]["final_correct"] for i in order], float)
 
 
-def evaluate(model_path: str, n: int, runs: dict[int, list[dict]], workdir: pathlib.Path, probe_leaves: int) -> dict:
+def evaluate(model_path: str, n: int, runs: dict[int, list[dict]], probe_data: tuple[list[list[int]], np.ndarray]
+             ) -> dict:
     forcer = TeacherForcer(load_model(resolve_policy(model_path)))
-    train_rows, train_right = labelled_leaves(workdir, probe_leaves)
+    train_rows, train_right = probe_data
     w, b, (mean, std) = fit_probe(forcer.last_hidden(train_rows), train_right)
     picks: dict[str, list[bool]] = {"mean_logprob": [], "min_logprob": [], "majority": [], "pass@n": []}
     min_logps, hiddens, right = [], [], []
@@ -176,8 +178,9 @@ def main() -> None:
     args = parser.parse_args()
     workdir = pathlib.Path(args.workdir)
     n, runs = load_ht_runs(workdir, args.n)
+    probe_data = labelled_leaves(workdir, args.probe_leaves)  # read once, probed under every model
     for model_path in args.model or ["toy"]:
-        print(json.dumps(evaluate(model_path, n, runs, workdir, args.probe_leaves), indent=2))
+        print(json.dumps(evaluate(model_path, n, runs, probe_data), indent=2))
 
 
 if __name__ == "__main__":

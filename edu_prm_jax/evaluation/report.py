@@ -40,8 +40,7 @@ def bon_table(summary: Mapping[tuple[str, int], Mapping[str, tuple[float, float]
     lines = [head, "|" + "---|" * (len(selectors) + 5)]
     for (sampler, n), row in summary.items():
         cells = [_fmt(row[s]) for s in selectors]
-        candidates = f"{row['candidates'][0]:.1f}" if "candidates" in row else "n/a"
-        lines.append(f"| {sampler} | {n} | " + " | ".join(cells) + f" | {candidates} | "
+        lines.append(f"| {sampler} | {n} | " + " | ".join(cells) + f" | {row['candidates'][0]:.1f} | "
                      f"{_fmt(row['tokens'], pct=False)} | {int(row['seeds'][0])} |")
     return "\n".join(lines)
 
