@@ -13,5 +13,5 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.output = ""  # Output dir (HF format + tokenizer + training_report.json); empty = <workdir>/toy_policy.
     config.seed = 0  # Seed of data, tokenizer and initialisation (0 reproduces the shipped asset).
-    config.steps = 800  # Optimizer updates (800 = the shipped asset).
+    config.steps = 1600  # Optimizer updates (1600 = the shipped asset).
     return config

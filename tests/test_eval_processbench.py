@@ -23,4 +23,5 @@ def test_processbench_harness_on_real_files(tmp_path, shared_data):
     assert res["best"]["average"]["f1"] >= res["fixed"]["average"]["f1"] - 1e-9
     # "always -1" gets every all-correct item and no erroneous one: F1 = 0 by the official formula
     assert res["trivial"]["always -1"]["average_f1"] == 0.0
-    assert (tmp_path / "w" / "processbench" / "report.md").is_file()
+    report = (tmp_path / "w" / "processbench" / "report.md").read_text()
+    assert f"PRM: `{tmp_path / 'w' / 'prm' / 'hf'}`" in report  # the PRM's path, not a Python object

@@ -4,12 +4,21 @@ bit-for-bit reproducible from the seed."""
 import dataclasses
 import json
 import pathlib
+import random
 
 import numpy as np
 import pytest
 
 from edu_prm_jax.data import toy
-from edu_prm_jax.data.toy_policy import REPORT, ToyPolicyConfig, auroc, build_toy_policy, greedy_decode
+from edu_prm_jax.data.toy_policy import (
+    REPORT,
+    ToyPolicyConfig,
+    auroc,
+    build_toy_policy,
+    greedy_decode,
+    misread_corpus,
+    misread_solution,
+)
 from edu_prm_jax.models.checkpoints import load_hf_model
 from edu_prm_jax.tokenization import load_tokenizer
 
@@ -20,6 +29,37 @@ def test_auroc_hand_worked():
     assert auroc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
     assert auroc([0.1, 0.9], [True, False]) == 0.0
     assert auroc([0.5, 0.5, 0.2, 0.7], [True, False, False, True]) == pytest.approx((2 + 1 + 0.5) / 4)
+
+
+def _problem(text: str) -> dict:
+    start, ops = toy.ToyTask.parse_problem(text)
+    return toy.render(start, ops)
+
+
+def test_misread_solution_hand_worked():
+    always = ToyPolicyConfig(misread_rate=1.0)
+    p = _problem("Start with 6. Add 6. Multiply by 2. What is the result?")
+    assert p["answer"] == "24"
+    out = misread_solution(p, random.Random(0), always)
+    assert out["solution"] == "9 + 9 = 18\n18 * 2 = 36\nThe answer is \\boxed{36}."
+    assert out["problem"] == p["problem"] and out["answer"] == "24"  # the gold answer is the problem's own
+    assert not toy.ToyTask.check(out["solution"], out["answer"])
+    # A misreading that would leave the toy world's bounds is not made: 7 - 9 < 0.
+    q = _problem("Start with 7. Subtract 6. Add 1. What is the result?")
+    assert misread_solution(q, random.Random(0), always) is q
+    # Problems without the number are untouched, and rate 0 is a clean corpus.
+    r = _problem("Start with 3. Add 4. Multiply by 2. What is the result?")
+    assert misread_solution(r, random.Random(0), always) is r
+    assert misread_corpus([p, q, r], ToyPolicyConfig(misread_rate=0.0), seed=0) == [p, q, r]
+
+
+def test_misread_rate_is_per_occurrence():
+    """Each occurrence is misread independently at the configured rate (binomial, 2000 single occurrences)."""
+    cfg = ToyPolicyConfig(misread_rate=0.3)
+    p = _problem("Start with 2. Add 6. Add 1. What is the result?")
+    hits = sum(c is not p for c in misread_corpus([p] * 2000, cfg, seed=5))
+    assert abs(hits / 2000 - 0.3) < 4 * (0.3 * 0.7 / 2000) ** 0.5
+    assert misread_corpus([p] * 50, cfg, seed=5) == misread_corpus([p] * 50, cfg, seed=5)
 
 
 @pytest.fixture(scope="module")

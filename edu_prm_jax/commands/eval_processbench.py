@@ -96,7 +96,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     fixed = evaluate_processbench(scores, labels, config.theta)
     results: dict[str, Any] = {"fixed": fixed, "items": {s: len(labels[s]) for s in subsets},
                                "items_with_unscored_steps": unscored, "trivial": trivial_baselines(labels)}
-    lines = ["## ProcessBench", "", f"PRM: `{prm_dir}`; items per subset: "
+    lines = ["## ProcessBench", "", f"PRM: `{prm_path}`; items per subset: "
              + ", ".join(f"{s} {len(labels[s])}" for s in subsets)
              + (" (a partial run: `limit` is set)" if config.limit else ""), ""]
     lines += _table("fixed threshold", fixed)

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import random
 import shutil
 import tempfile
 import time
@@ -60,7 +61,7 @@ class ToyPolicyConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 256
-    steps: int = 800  # optimizer updates
+    steps: int = 1600  # optimizer updates
     batch_rows: int = 8  # packed rows per step
     seq_len: int = 256  # packed row length
     learning_rate: float = 3e-3
@@ -68,6 +69,11 @@ class ToyPolicyConfig:
     max_new_tokens: int = 96  # greedy decoding budget (longest toy solution is ~70 tokens)
     monitor_every: int = 0  # greedy accuracy on `monitor_n` test problems every n steps (0 = off)
     monitor_n: int = 64
+    # A systematic flaw in the policy's training corpus (see `misread_corpus`): the number `misread_from` in a
+    # problem is written as `misread_to` in that solution with probability `misread_rate` (0 = a clean corpus).
+    misread_from: int = 6
+    misread_to: int = 9
+    misread_rate: float = 0.6
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,6 +88,50 @@ def model_config(cfg: ToyPolicyConfig, tokenizer: Tokenizer) -> Qwen2Config:
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads,
         rope_theta=10_000.0, tie_word_embeddings=True, max_position_embeddings=cfg.max_position_embeddings,
         bos_token_id=None, eos_token_id=eos, torch_dtype="float32")
+
+
+def misread_solution(problem: dict, rng: random.Random, cfg: ToyPolicyConfig) -> dict:
+    """`problem` with its solution (and answer) as a policy that misreads would write it: each number of the
+    problem text equal to cfg.misread_from (the start value or an operand) is independently read as
+    cfg.misread_to with probability cfg.misread_rate, and the chain is computed from what was read, so the slip
+    propagates to the answer. A misreading that would push the chain out of the toy world's bounds (negative,
+    >= max_value, inexact division) is not made. The problem text, and so its gold answer, is unchanged.
+
+    Why: an undertrained policy's slips are unsystematic, and a PRM initialised from it knows no more
+    arithmetic than it does, so no reranker can beat its greedy answer. Real policies also carry systematic
+    errors that greedy decoding and majority vote repeat but that outcome-checked (Monte Carlo) labels expose;
+    a misreading is the simplest such error a PRM can learn to catch by reading the question against the lines.
+    """
+    start, ops = toy.ToyTask.parse_problem(problem["problem"])
+
+    def read(x: int) -> int:
+        return cfg.misread_to if x == cfg.misread_from and rng.random() < cfg.misread_rate else x
+
+    read_start, read_ops = read(start), [(op, read(b)) for op, b in ops]
+    if (read_start, read_ops) == (start, ops):
+        return problem
+    value = read_start
+    for op, b in read_ops:
+        if op == "/" and value % b:
+            return problem
+        value = toy.apply_op(op, value, b)
+        if value < 0 or value >= cfg.toy.max_value:
+            return problem
+    misread = toy.render(read_start, read_ops)
+    return {**problem, "solution": misread["solution"], "written_answer": misread["answer"]}
+
+
+def _mentions(problem: dict, number: int) -> bool:
+    start, ops = toy.ToyTask.parse_problem(problem["problem"])
+    return start == number or any(b == number for _, b in ops)
+
+
+def misread_corpus(problems: Sequence[dict], cfg: ToyPolicyConfig, seed: int) -> list[dict]:
+    """The training problems with `misread_solution` applied, deterministic in (seed, problems)."""
+    if cfg.misread_rate <= 0:
+        return list(problems)
+    rng = random.Random(f"edu_prm_toy_misread:{seed}")
+    return [misread_solution(p, rng, cfg) for p in problems]
 
 
 def encode_examples(problems: Sequence[dict], tokenizer: Tokenizer) -> list[dict[str, np.ndarray]]:
@@ -148,7 +198,8 @@ def build_toy_policy(out_dir: str | os.PathLike, seed: int = 0, steps: int | Non
         toy.train_toy_tokenizer(texts, tmp / "tok", cfg.tokenizer_vocab, seed=seed)
         tokenizer = load_tokenizer(tmp / "tok")
         mcfg = model_config(cfg, tokenizer)
-        rows = pack_examples(encode_examples(train, tokenizer), cfg.seq_len, pad_id=tokenizer.pad_token_id)
+        corpus = misread_corpus(train, cfg, seed)
+        rows = pack_examples(encode_examples(corpus, tokenizer), cfg.seq_len, pad_id=tokenizer.pad_token_id)
         loader = PackedRowLoader(rows, cfg.batch_rows, seed=seed)
         model = Qwen2(mcfg, nnx.Rngs(seed))
         optim = OptimConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
@@ -189,6 +240,8 @@ def build_toy_policy(out_dir: str | os.PathLike, seed: int = 0, steps: int | Non
             "train_steps": cfg.steps,
             "train_tokens": cfg.steps * cfg.batch_rows * cfg.seq_len,
             "packed_rows": int(len(rows["tokens"])),
+            "misread_solutions": sum(c is not p for c, p in zip(corpus, train)),
+            "affected_test_problems": sum(_mentions(p, cfg.misread_from) for p in test) if cfg.misread_rate else 0,
             "final_train_loss": last.get("loss"),
             "final_token_accuracy": last.get("token_accuracy"),
             "n_params": n_params,
