@@ -1,6 +1,6 @@
 """`edu-prm build-toy`: re-create the embedded toy policy (tokenizer + tiny Qwen2) bit for bit from a seed.
 
-Runtime: ~7.5 minutes on an idle 2-core CPU (800 updates of 8 x 256 tokens), ~12 minutes on a busy one.
+Runtime: ~9 minutes on an idle 2-core CPU (1600 updates of 8 x 256 tokens), ~15 minutes on a busy one.
 Example: edu-prm build-toy --config.output=runs/toy_policy --config.seed=0
 """
 

@@ -32,6 +32,11 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     for heading in ("## Labels", "## PRM training", "## Best-of-N", "## Config"):
         assert heading in report, heading
     assert "](eval_bon/bon_accuracy_vs_n.png)" in report  # image links resolve from the workdir
+    shown = json.loads(report.split("```json\n")[1].split("\n```")[0])
+    ran = json.loads((work / "eval_bon_config.json").read_text())
+    # the report shows the config eval_bon ran with: sample's anchor rule, not eval_bon's own default tau
+    assert shown["eval_bon"]["sampling"] == ran["sampling"]
+    assert shown["eval_bon"]["sampling"]["tau"] == pipeline_config.get_config().sample.sampling.tau
     runs = json.loads((work / "eval_bon" / "results.json").read_text())["runs"]
     assert {r["sampler"] for r in runs} == {"ht", "edu", "p-edu"}
     summary = json.loads((work / "prm" / "train_summary.json").read_text())

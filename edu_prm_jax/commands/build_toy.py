@@ -1,4 +1,4 @@
-"""`edu-prm build-toy`: train the embedded toy policy from a seed (the shipped asset is seed 0, 800 steps)."""
+"""`edu-prm build-toy`: train the embedded toy policy from a seed (the shipped asset is seed 0, 1600 steps)."""
 
 from __future__ import annotations
 

@@ -4,13 +4,20 @@
 
 Everything is a function of the seed: problems (data/toy.py), tokenizer (single-threaded SentencePiece),
 init (nnx.Rngs(seed)), batch order (PackedRowLoader) and the XLA CPU computation, so two builds on the same
-machine and device count give byte-identical safetensors. The policy is deliberately undertrained: it is
-right on roughly half of the test problems and its per-token entropy rises where it goes wrong, which is
-the signal EDU sampling and the PRM need.
+machine and device count give byte-identical safetensors.
 
-Shipped build (seed 0, defaults): 1.0M params, 800 updates of 8x256 packed tokens, greedy accuracy 56.6% on
-512 test problems, max-entropy AUROC for wrong answers 0.75; about 7.5 minutes on a 2-core CPU (13 minutes
-when the cores are shared), see assets/toy_policy/training_report.json.
+The policy carries one systematic flaw, planted in its training corpus (`misread_corpus`): every 6 in a problem
+is read as 9 with probability 0.6, and that solution's chain is computed from the misread number. Greedy decoding
+therefore misreads (where the reference copies a 6, the policy gives 6 and 9 about even odds and ranks 9 first
+71% of the time), majority vote repeats the misreading, the entropy there is about 0.68 nats (an EDU anchor at
+tau = 0.5), and the outcome-checked Monte Carlo labels below it tell a PRM which reading is right. Why a planted
+flaw: an undertrained policy's slips are unsystematic, and a PRM started from it knows no more arithmetic than
+it does, so no reranker beat its greedy answer (the previous asset: 800 clean updates, greedy 56.6%, PRM
+Best-of-N 35.9% at N=16).
+
+Shipped build (seed 0, defaults): 1.0M params, 1600 updates of 8x256 packed tokens, greedy accuracy 64.1% on
+512 test problems (18.7% on the 182 that contain a 6, 89.1% on the others), max-entropy AUROC for wrong answers
+0.88; about 9 minutes on a 2-core CPU, see assets/toy_policy/training_report.json.
 """
 
 from __future__ import annotations
