@@ -4,7 +4,7 @@
 
 Reads the HT runs that `edu-prm eval-bon` cached under <workdir>/eval_bon/runs (ht_n<N>_s<seed>) and, for each
 `--model` (a causal LM with the policy's tokenizer: 'toy' for the shipped policy, or e.g. a longer-trained toy
-model from `edu-prm build-toy --config.steps=3200`), teacher-forces every candidate and reports:
+model from `edu-prm build-toy --config.steps=3200 --config.misread_rate=0`), teacher-forces every candidate and reports:
 
 - rerank accuracy: the candidate with the highest mean (and highest minimum) token log-probability under the
   model, beside majority vote and pass@N on the same candidates;

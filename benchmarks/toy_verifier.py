@@ -8,7 +8,8 @@ with one result off by a small amount and the later lines recomputed from it (li
 slip on 0). Training is `edu-prm train` itself (packed stream, Trainer, held-out split by question); the
 held-out `pair_accuracy` is the share of questions whose reference outscores its corrupted copy under the min
 aggregator (0.5 = chance, 1.0 = a perfect checker). `--backbone` takes 'toy' (the shipped policy) or any model
-directory with the toy tokenizer, e.g. a longer-trained toy model from `edu-prm build-toy --config.steps=3200`.
+directory with the toy tokenizer, e.g. a longer-trained toy model from
+`edu-prm build-toy --config.steps=3200 --config.misread_rate=0`.
 """
 
 from __future__ import annotations

@@ -130,3 +130,11 @@ def test_build_is_bit_for_bit_reproducible(tmp_path):
     c = build_toy_policy(tmp_path / "c", seed=4, cfg=dataclasses.replace(tiny), progress=False)
     assert (tmp_path / "c" / "model.safetensors").read_bytes() != (tmp_path / "a" / "model.safetensors").read_bytes()
     assert a["final_train_loss"] == b["final_train_loss"] and c["seed"] == 4
+
+
+def test_build_toy_refuses_a_misread_rate_outside_0_1(tmp_path, capsys):
+    from edu_prm_jax import cli
+
+    rc = cli.main(["build-toy", f"--workdir={tmp_path}", "--config.misread_rate=1.5"])
+    assert rc == 1 and "config.misread_rate=1.5" in capsys.readouterr().err
+    assert not (tmp_path / "toy_policy").exists()

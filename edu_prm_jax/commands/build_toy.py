@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
 import ml_collections
 from absl import logging
 
-from edu_prm_jax.data.toy_policy import build_toy_policy
+from edu_prm_jax.data.toy_policy import ToyPolicyConfig, build_toy_policy
 
 DESCRIPTION = "Re-create the embedded toy policy and tokenizer from a seed (bit for bit on CPU)."
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     out = pathlib.Path(config.output) if config.output else workdir / "toy_policy"
-    report = build_toy_policy(out, config.seed, config.steps, workdir=workdir / "toy_policy_work")
+    if not 0.0 <= config.misread_rate <= 1.0:
+        raise ValueError(f"config.misread_rate={config.misread_rate}: expected a probability in [0, 1]")
+    cfg = dataclasses.replace(ToyPolicyConfig(), misread_rate=float(config.misread_rate))
+    report = build_toy_policy(out, config.seed, config.steps, cfg=cfg, workdir=workdir / "toy_policy_work")
     shown = {k: v for k, v in report.items() if k not in ("toy_config", "policy_config")}
     logging.info("toy policy written to %s\n%s", out, json.dumps(shown, indent=2))
