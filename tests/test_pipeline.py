@@ -37,6 +37,7 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     # the report shows the config eval_bon ran with: sample's anchor rule, not eval_bon's own default tau
     assert shown["eval_bon"]["sampling"] == ran["sampling"]
     assert shown["eval_bon"]["sampling"]["tau"] == pipeline_config.get_config().sample.sampling.tau
+    assert "processbench" not in shown  # not among TINY's stages
     runs = json.loads((work / "eval_bon" / "results.json").read_text())["runs"]
     assert {r["sampler"] for r in runs} == {"ht", "edu", "p-edu"}
     summary = json.loads((work / "prm" / "train_summary.json").read_text())

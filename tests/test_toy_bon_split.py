@@ -1,17 +1,13 @@
 """benchmarks/toy_bon_split: the per-group Best-of-N figures, recounted by hand on four questions."""
 
-from benchmarks.toy_bon_split import mentions, split_accuracy
+import math
+
+from benchmarks.toy_bon_split import split_accuracy
 from edu_prm_jax.evaluation.bon import Candidate
 
 
 def _c(answer: str, correct: bool, score: float) -> Candidate:
     return Candidate(answer=answer, correct=correct, step_scores=[score])
-
-
-def test_mentions_reads_start_and_operands_not_results():
-    assert mentions("Start with 6. Add 2. What is the result?", 6)
-    assert mentions("Start with 2. Multiply by 6. What is the result?", 6)
-    assert not mentions("Start with 2. Multiply by 3. What is the result?", 6)  # 6 is only a result
 
 
 def test_split_accuracy_hand_worked():
@@ -28,4 +24,6 @@ def test_split_accuracy_hand_worked():
     assert out[True] == {"questions": 2, "prm_min": 50.0, "majority": 0.0, "greedy": 50.0, "pass@n": 100.0}
     assert out[False] == {"questions": 2, "prm_min": 50.0, "majority": 100.0, "greedy": 50.0, "pass@n": 100.0}
     # only the first n candidates count: with n=1, question a has just its wrong first sample
-    assert split_accuracy(records[:1], cands[:1], greedy, n=1, number=6)[True]["pass@n"] == 0.0
+    one = split_accuracy(records[:1], cands[:1], greedy, n=1, number=6)
+    assert one[True]["pass@n"] == 0.0
+    assert one[False]["questions"] == 0 and math.isnan(one[False]["prm_min"])  # an empty group, not a crash

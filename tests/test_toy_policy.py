@@ -43,7 +43,7 @@ def test_misread_solution_hand_worked():
     out = misread_solution(p, random.Random(0), always)
     assert out["solution"] == "9 + 9 = 18\n18 * 2 = 36\nThe answer is \\boxed{36}."
     assert out["problem"] == p["problem"] and out["answer"] == "24"  # the gold answer is the problem's own
-    assert not toy.ToyTask.check(out["solution"], out["answer"])
+    assert not toy.ToyTask.check(out["solution"], out["answer"]) and out["misread_count"] == 2
     # A misreading that would leave the toy world's bounds is not made: 7 - 9 < 0.
     q = _problem("Start with 7. Subtract 6. Add 1. What is the result?")
     assert misread_solution(q, random.Random(0), always) is q
@@ -54,12 +54,35 @@ def test_misread_solution_hand_worked():
 
 
 def test_misread_rate_is_per_occurrence():
-    """Each occurrence is misread independently at the configured rate (binomial, 2000 single occurrences)."""
-    cfg = ToyPolicyConfig(misread_rate=0.3)
-    p = _problem("Start with 2. Add 6. Add 1. What is the result?")
-    hits = sum(c is not p for c in misread_corpus([p] * 2000, cfg, seed=5))
-    assert abs(hits / 2000 - 0.3) < 4 * (0.3 * 0.7 / 2000) ** 0.5
-    assert misread_corpus([p] * 50, cfg, seed=5) == misread_corpus([p] * 50, cfg, seed=5)
+    """Each occurrence is drawn independently: with two 6s, both are misread at rate**2 and neither at (1-rate)**2
+    (binomial bounds over 4000 draws); a per-problem draw would give rate and 1 - rate instead."""
+    rate, n = 0.3, 4000
+    p = _problem("Start with 6. Add 6. Add 1. What is the result?")
+    counts = [c.get("misread_count", 0) for c in misread_corpus([p] * n, ToyPolicyConfig(misread_rate=rate), seed=5)]
+    for k, expected in ((2, rate**2), (0, (1 - rate) ** 2)):
+        assert abs(counts.count(k) / n - expected) < 4 * (expected * (1 - expected) / n) ** 0.5, k
+
+
+def test_misread_corpus_is_the_same_in_every_process():
+    """The corpus may not depend on Python's salted str hash: two interpreters with different PYTHONHASHSEED."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib, json; from edu_prm_jax.data import toy; "
+            "from edu_prm_jax.data.toy_policy import ToyPolicyConfig, misread_corpus; "
+            "cfg = ToyPolicyConfig(); train = toy.generate_split('train', 500, cfg.toy, 0); "
+            "print(hashlib.sha256(json.dumps(misread_corpus(train, cfg, 0)).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2)}
+    assert len(digests) == 1
+
+
+def test_misread_config_is_validated():
+    with pytest.raises(ValueError, match="misread_rate"):
+        ToyPolicyConfig(misread_rate=-0.1)
+    with pytest.raises(ValueError, match="misread_to"):
+        ToyPolicyConfig(misread_to=0)
 
 
 @pytest.fixture(scope="module")

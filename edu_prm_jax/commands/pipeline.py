@@ -38,10 +38,12 @@ def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections
 
 
 def effective_config(config: ml_collections.ConfigDict) -> dict:
-    """The pipeline's own fields plus every stage's config after `stage_config`, i.e. what actually ran (the raw
-    config would show, e.g., eval_bon.sampling.tau at its own default while the stage used sample's)."""
+    """The pipeline's own fields plus each selected stage's config after `stage_config`, i.e. what the pipeline
+    hands that stage (the raw config would show, e.g., eval_bon.sampling.tau at its own default while the stage
+    uses sample's). Stages not in `config.stages` are left out."""
+    selected = [s for s in config.stages.split(",") if s]
     top = {k: v for k, v in config.to_dict().items() if k not in STAGES}
-    return {**top, **{name: stage_config(config, name).to_dict() for name in STAGES}}
+    return {**top, **{name: stage_config(config, name).to_dict() for name in STAGES if name in selected}}
 
 
 def _section(path: pathlib.Path, image_prefix: str) -> str:
@@ -68,8 +70,9 @@ def write_report(config: ml_collections.ConfigDict, workdir: pathlib.Path, timin
     parts.append(_section(workdir / "processbench" / "report.md", "processbench"))
     parts += ["## Stage wall times (this invocation)", "", "| stage | seconds |", "|---|---|"]
     parts += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
-    parts += ["", "## Config", "", "As each stage ran with it (the shared fields and eval_bon's sampling resolved; "
-              "`<stage>_config.json` beside this report holds the same).", "",
+    parts += ["", "## Config", "", "What the pipeline hands each selected stage (shared fields and eval_bon's "
+              "sampling resolved; a stage finished by an earlier invocation kept the config it ran with, in "
+              "`<stage>_config.json`).", "",
               "```json", json.dumps(effective_config(config), indent=2, default=str), "```", ""]
     out = workdir / "report.md"
     write_text_atomic(out, "\n".join(parts))

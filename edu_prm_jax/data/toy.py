@@ -82,7 +82,8 @@ class ToyConfig:
             raise ValueError(f"ToyConfig.test_fraction must be in (0, 1), got {self.test_fraction}")
 
 
-def _in_bounds(value: int, cfg: ToyConfig) -> bool:
+def in_bounds(value: int, cfg: ToyConfig) -> bool:
+    """Whether an intermediate value is allowed by `cfg` (|value| < max_value, and >= 0 unless allow_negative)."""
     return abs(value) < cfg.max_value and (cfg.allow_negative or value >= 0)
 
 
@@ -156,7 +157,7 @@ def generate_problem(rng: random.Random, cfg: ToyConfig) -> dict:
     n_ops = rng.randint(cfg.min_ops, cfg.max_ops)
     for _ in range(_MAX_DRAWS_PER_PROBLEM):
         start = _draw_digits_number(rng, cfg.min_operand_digits, cfg.max_operand_digits, low=1)
-        if not _in_bounds(start, cfg):
+        if not in_bounds(start, cfg):
             continue
         value, ops = start, []
         for _ in range(n_ops):
@@ -165,7 +166,7 @@ def generate_problem(rng: random.Random, cfg: ToyConfig) -> dict:
             if b is None:
                 break
             value = apply_op(op, value, b)
-            if not _in_bounds(value, cfg):
+            if not in_bounds(value, cfg):
                 break
             ops.append((op, b))
         if len(ops) == n_ops:
@@ -207,7 +208,7 @@ def problem_space_size(cfg: ToyConfig) -> int:
     """Exact number of distinct problems the generator can emit (both splits together); about
     (1 - test_fraction) of them are train problems. Counted by dynamic programming over values."""
     starts = range(10 ** (cfg.min_operand_digits - 1), 10**cfg.max_operand_digits)
-    ways = {v: 1 for v in starts if v > 0 and _in_bounds(v, cfg)}
+    ways = {v: 1 for v in starts if v > 0 and in_bounds(v, cfg)}
     total = 0
     for n_ops in range(1, cfg.max_ops + 1):
         nxt: dict[int, int] = {}
@@ -217,7 +218,7 @@ def problem_space_size(cfg: ToyConfig) -> int:
                     if op == "/" and (value == 0 or value % b):
                         continue
                     result = apply_op(op, value, b)
-                    if _in_bounds(result, cfg):
+                    if in_bounds(result, cfg):
                         nxt[result] = nxt.get(result, 0) + count
         ways = nxt
         if n_ops >= cfg.min_ops:

@@ -7,12 +7,13 @@ init (nnx.Rngs(seed)), batch order (PackedRowLoader) and the XLA CPU computation
 machine and device count give byte-identical safetensors.
 
 The policy carries one systematic flaw, planted in its training corpus (`misread_corpus`): every 6 in a problem
-is read as 9 with probability 0.6, and that solution's chain is computed from the misread number. Greedy decoding
-therefore misreads (where the reference copies a 6, the policy gives 6 and 9 about even odds and ranks 9 first
-71% of the time), majority vote repeats the misreading, the entropy there is about 0.68 nats (an EDU anchor at
-tau = 0.5), and the outcome-checked Monte Carlo labels below it tell a PRM which reading is right. Why a planted
-flaw: an undertrained policy's slips are unsystematic, and a PRM started from it knows no more arithmetic than
-it does, so no reranker beat its greedy answer (the previous asset: 800 clean updates, greedy 56.6%, PRM
+is drawn as 9 with probability 0.6 (50.7% applied: draws that would leave the bounds are dropped), and that
+solution's chain is computed from the misread number. Greedy decoding therefore misreads (teacher-forced where
+the reference copies a 6, the policy gives 6 and 9 about even odds and ranks 9 first 71% of the time), majority
+vote repeats the misreading, the entropy there is about 0.68 nats (an EDU anchor at tau = 0.5), and the
+outcome-checked Monte Carlo labels below it tell a PRM which reading is right. Why a planted flaw: an
+undertrained policy's slips are unsystematic, and a PRM started from it knows no more arithmetic than it does,
+so no reranker built from it beat its greedy answer (the previous asset: 800 clean updates, greedy 56.6%, PRM
 Best-of-N 35.9% at N=16).
 
 Shipped build (seed 0, defaults): 1.0M params, 1600 updates of 8x256 packed tokens, greedy accuracy 64.1% on
@@ -76,11 +77,19 @@ class ToyPolicyConfig:
     max_new_tokens: int = 96  # greedy decoding budget (longest toy solution is ~70 tokens)
     monitor_every: int = 0  # greedy accuracy on `monitor_n` test problems every n steps (0 = off)
     monitor_n: int = 64
-    # A systematic flaw in the policy's training corpus (see `misread_corpus`): the number `misread_from` in a
-    # problem is written as `misread_to` in that solution with probability `misread_rate` (0 = a clean corpus).
+    # A systematic flaw in the policy's training corpus (see `misread_solution`): each occurrence of the number
+    # `misread_from` in a problem is drawn as `misread_to` with probability `misread_rate` (0 = a clean corpus);
+    # draws that would leave the toy world's bounds are dropped, so the applied rate is lower (report:
+    # misread_applied_rate).
     misread_from: int = 6
     misread_to: int = 9
     misread_rate: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.misread_rate <= 1.0:
+            raise ValueError(f"ToyPolicyConfig.misread_rate must be a probability in [0, 1], got {self.misread_rate}")
+        if self.misread_to < 1:
+            raise ValueError(f"ToyPolicyConfig.misread_to must be >= 1 (an operand), got {self.misread_to}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,16 +107,18 @@ def model_config(cfg: ToyPolicyConfig, tokenizer: Tokenizer) -> Qwen2Config:
 
 
 def misread_solution(problem: dict, rng: random.Random, cfg: ToyPolicyConfig) -> dict:
-    """`problem` with its solution (and answer) as a policy that misreads would write it: each number of the
-    problem text equal to cfg.misread_from (the start value or an operand) is independently read as
-    cfg.misread_to with probability cfg.misread_rate, and the chain is computed from what was read, so the slip
-    propagates to the answer. A misreading that would push the chain out of the toy world's bounds (negative,
-    >= max_value, inexact division) is not made. The problem text, and so its gold answer, is unchanged.
+    """`problem` with its solution as a policy that misreads would write it: each number of the problem text
+    equal to cfg.misread_from (the start value or an operand) is independently drawn as cfg.misread_to with
+    probability cfg.misread_rate, and the chain is computed from what was read, so the slip propagates to the
+    answer. If the misread chain would leave the toy world's bounds (`toy.in_bounds`, or an inexact division), the
+    problem keeps its clean solution. The problem text, and so its gold answer, is unchanged; `misread_count`
+    says how many numbers were misread.
 
-    Why: an undertrained policy's slips are unsystematic, and a PRM initialised from it knows no more
-    arithmetic than it does, so no reranker can beat its greedy answer. Real policies also carry systematic
-    errors that greedy decoding and majority vote repeat but that outcome-checked (Monte Carlo) labels expose;
-    a misreading is the simplest such error a PRM can learn to catch by reading the question against the lines.
+    Why: an undertrained policy's slips are unsystematic, and a PRM initialised from it knows no more arithmetic
+    than it does, so no reranker built from the policy itself beat its greedy answer. Real policies also carry
+    systematic errors that greedy decoding and majority vote repeat but that outcome-checked (Monte Carlo) labels
+    expose; a misreading is the simplest such error a PRM can learn to catch by reading the question against the
+    lines.
     """
     start, ops = toy.ToyTask.parse_problem(problem["problem"])
 
@@ -122,15 +133,22 @@ def misread_solution(problem: dict, rng: random.Random, cfg: ToyPolicyConfig) ->
         if op == "/" and value % b:
             return problem
         value = toy.apply_op(op, value, b)
-        if value < 0 or value >= cfg.toy.max_value:
+        if not toy.in_bounds(value, cfg.toy):
             return problem
     misread = toy.render(read_start, read_ops)
-    return {**problem, "solution": misread["solution"], "written_answer": misread["answer"]}
+    count = (read_start != start) + sum(r != b for (_, r), (_, b) in zip(read_ops, ops))
+    return {**problem, "solution": misread["solution"], "written_answer": misread["answer"], "misread_count": count}
 
 
-def _mentions(problem: dict, number: int) -> bool:
-    start, ops = toy.ToyTask.parse_problem(problem["problem"])
+def mentions_number(problem: str, number: int) -> bool:
+    """True when a toy problem's start value or one of its operands equals `number` (results do not count)."""
+    start, ops = toy.ToyTask.parse_problem(problem)
     return start == number or any(b == number for _, b in ops)
+
+
+def _count(problem: str, number: int) -> int:
+    start, ops = toy.ToyTask.parse_problem(problem)
+    return (start == number) + sum(b == number for _, b in ops)
 
 
 def misread_corpus(problems: Sequence[dict], cfg: ToyPolicyConfig, seed: int) -> list[dict]:
@@ -230,6 +248,9 @@ def build_toy_policy(out_dir: str | os.PathLike, seed: int = 0, steps: int | Non
         t_eval = time.perf_counter()
         ev = evaluate_greedy(model, tokenizer, test, cfg.max_new_tokens)
         eval_s = time.perf_counter() - t_eval
+        correct = np.asarray(ev["correct"], bool)
+        with_number = np.asarray([mentions_number(p["problem"], cfg.misread_from) for p in test], bool)
+        occurrences = sum(_count(p["problem"], cfg.misread_from) for p in train)
         staging = out.with_name(out.name + ".building")
         shutil.rmtree(staging, ignore_errors=True)
         save_hf_model(model, staging, dtype="float32")
@@ -248,7 +269,10 @@ def build_toy_policy(out_dir: str | os.PathLike, seed: int = 0, steps: int | Non
             "train_tokens": cfg.steps * cfg.batch_rows * cfg.seq_len,
             "packed_rows": int(len(rows["tokens"])),
             "misread_solutions": sum(c is not p for c, p in zip(corpus, train)),
-            "affected_test_problems": sum(_mentions(p, cfg.misread_from) for p in test) if cfg.misread_rate else 0,
+            "misread_applied_rate": sum(c.get("misread_count", 0) for c in corpus) / max(1, occurrences),
+            "test_problems_with_misread_number": int(sum(with_number)),
+            "greedy_accuracy_with_misread_number": float(np.mean(correct[with_number])) if with_number.any() else None,
+            "greedy_accuracy_without": float(np.mean(correct[~with_number])) if (~with_number).any() else None,
             "final_train_loss": last.get("loss"),
             "final_token_accuracy": last.get("token_accuracy"),
             "n_params": n_params,
