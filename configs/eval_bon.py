@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.prm = ""  # PRM in HF format; empty = <workdir>/prm/hf (what `edu-prm train` exports).
     config.questions = "toy:test:64"  # Evaluation questions: a JSONL file or toy:<split>:<n>[:<seed>].
     config.limit = 0  # Use only the first N questions; 0 = all.
-    config.n_grid = "1,2,4,8,16"  # Comma-separated N values (EDU leaf budget M = N).
+    config.n_grid = "1,2,4,8,16,32,64"  # Comma-separated N values (EDU leaf budget M = N).
     config.seeds = "0,1,2"  # Comma-separated sampling seeds; results report mean and std over them.
     config.sampling = sampling_config("edu")  # EDU settings (HT uses ht_temperature; mode is set per run).
     config.ht_temperature = 0.7  # Temperature of the HT baseline.
