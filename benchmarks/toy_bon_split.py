@@ -24,11 +24,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 
+from benchmarks.likelihood_rerank import load_ht_runs  # noqa: E402
 from edu_prm_jax import parallel  # noqa: E402
 from edu_prm_jax.commands.train import prm_dir  # noqa: E402
 from edu_prm_jax.data.questions import resolve_policy  # noqa: E402
 from edu_prm_jax.data.records import read_shards  # noqa: E402
-from edu_prm_jax.data.toy_policy import REPORT, mentions_number  # noqa: E402
+from edu_prm_jax.data.toy_policy import REPORT, count_number  # noqa: E402
 from edu_prm_jax.evaluation.bon import select_all  # noqa: E402
 from edu_prm_jax.evaluation.candidates import score_records  # noqa: E402
 from edu_prm_jax.labeling.answers import is_correct  # noqa: E402
@@ -44,7 +45,7 @@ def split_accuracy(records: list[dict], cands: list[list], greedy: dict[str, boo
     groups: dict[bool, list[list[float]]] = {True: [], False: []}
     for rec, c in zip(records, cands):
         sel = select_all(c[:n])
-        groups[mentions_number(rec["problem"], number)].append(
+        groups[count_number(rec["problem"], number) > 0].append(
             [sel["prm_min"], sel["majority"], greedy[rec["id"]], sel["pass@n"]])
     out: dict[bool, dict[str, float | int]] = {}
     for key, rows in groups.items():
@@ -73,25 +74,18 @@ def main() -> None:
               for r in read_shards(runs_dir / "greedy", "trees")}
     prm = load_prm(prm_dir(args.workdir, config.get("prm", "")), parallel.make_mesh(1, 1, 1),
                    dtype=config.get("dtype", "float32"))
-    largest_ht: dict[str, tuple[int, pathlib.Path]] = {}  # seed -> the largest HT run (eval-bon reads its first N)
-    for run in runs_dir.glob("ht_n*_s*"):
-        n_run, seed = run.name[4:].split("_s")
-        if int(n_run) >= args.n and int(n_run) > largest_ht.get(seed, (0, run))[0]:
-            largest_ht[seed] = (int(n_run), run)
-    runs = [run for _, run in sorted(largest_ht.values(), key=lambda x: x[1].name)]
-    runs += sorted(runs_dir.glob(f"edu_n{args.n}_s*")) + sorted(runs_dir.glob(f"p-edu_n{args.n}_s*"))
-    if not runs:
-        raise SystemExit(f"{runs_dir}: no HT run with >= {args.n} samples and no EDU run at N = {args.n}; "
-                         "run `edu-prm eval-bon` with that N in its n_grid first")
+    runs = {f"ht_n{args.n}_s{seed}": (records, "high_entropy")
+            for seed, records in load_ht_runs(args.workdir, args.n)[1].items()}  # the first N of each seed's run
+    for path in sorted(runs_dir.glob(f"edu_n{args.n}_s*")) + sorted(runs_dir.glob(f"p-edu_n{args.n}_s*")):
+        runs[path.name] = (list(read_shards(path, "trees")), "anchors")
     print(f"questions with / without a {number}, N = {args.n}; accuracy in %\n")
     print("| run | questions | " + " | ".join(SELECTORS) + " |")
     print("|---|---|" + "---|" * len(SELECTORS))
-    for run in runs:
-        records = list(read_shards(run, "trees"))
-        cands = score_records(prm, records, "high_entropy" if run.name.startswith("ht") else "anchors")
+    for name, (records, split) in runs.items():
+        cands = score_records(prm, records, split)
         for key, res in split_accuracy(records, cands, greedy, args.n, number).items():
             label = f"with a {number}" if key else f"without a {number}"
-            print(f"| {run.name} | {label} ({res['questions']}) | "
+            print(f"| {name} | {label} ({res['questions']}) | "
                   + " | ".join(f"{res[s]:.1f}" for s in SELECTORS) + " |")
 
 

@@ -58,9 +58,9 @@ def check_trainable(config: ml_collections.ConfigDict) -> None:
 
 def init_prm_expanded_layers(path: str) -> int:
     """How many blocks of the PRM at `path` block expansion appended (read from its config.json alone)."""
-    directory = pathlib.Path(path)
-    return expanded_layers_in(json.loads((directory / "config.json").read_text()), Qwen2Config.from_file(directory),
-                              directory / "config.json")
+    config_path = pathlib.Path(path) / "config.json"
+    raw = json.loads(config_path.read_text())
+    return expanded_layers_in(raw, Qwen2Config.from_hf_dict(raw, str(config_path)), config_path)
 
 
 def trainable_pattern(config: ml_collections.ConfigDict, prm: PRM) -> str | None:

@@ -137,24 +137,17 @@ def misread_solution(problem: dict, rng: random.Random, cfg: ToyPolicyConfig) ->
             return problem
     misread = toy.render(read_start, read_ops)
     count = (read_start != start) + sum(r != b for (_, r), (_, b) in zip(read_ops, ops))
-    return {**problem, "solution": misread["solution"], "written_answer": misread["answer"], "misread_count": count}
+    return {**problem, "solution": misread["solution"], "misread_count": count}
 
 
-def mentions_number(problem: str, number: int) -> bool:
-    """True when a toy problem's start value or one of its operands equals `number` (results do not count)."""
-    start, ops = toy.ToyTask.parse_problem(problem)
-    return start == number or any(b == number for _, b in ops)
-
-
-def _count(problem: str, number: int) -> int:
+def count_number(problem: str, number: int) -> int:
+    """How many times `number` is the start value or an operand of a toy problem (results do not count)."""
     start, ops = toy.ToyTask.parse_problem(problem)
     return (start == number) + sum(b == number for _, b in ops)
 
 
 def misread_corpus(problems: Sequence[dict], cfg: ToyPolicyConfig, seed: int) -> list[dict]:
     """The training problems with `misread_solution` applied, deterministic in (seed, problems)."""
-    if cfg.misread_rate <= 0:
-        return list(problems)
     rng = random.Random(f"edu_prm_toy_misread:{seed}")
     return [misread_solution(p, rng, cfg) for p in problems]
 
@@ -249,8 +242,8 @@ def build_toy_policy(out_dir: str | os.PathLike, seed: int = 0, steps: int | Non
         ev = evaluate_greedy(model, tokenizer, test, cfg.max_new_tokens)
         eval_s = time.perf_counter() - t_eval
         correct = np.asarray(ev["correct"], bool)
-        with_number = np.asarray([mentions_number(p["problem"], cfg.misread_from) for p in test], bool)
-        occurrences = sum(_count(p["problem"], cfg.misread_from) for p in train)
+        with_number = np.asarray([count_number(p["problem"], cfg.misread_from) > 0 for p in test], bool)
+        occurrences = sum(count_number(p["problem"], cfg.misread_from) for p in train)
         staging = out.with_name(out.name + ".building")
         shutil.rmtree(staging, ignore_errors=True)
         save_hf_model(model, staging, dtype="float32")
