@@ -15,5 +15,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.output = ""  # Output dir (HF format + tokenizer + training_report.json); empty = <workdir>/toy_policy.
     config.seed = 0  # Seed of data, tokenizer and initialisation (0 reproduces the shipped asset).
     config.steps = 1600  # Optimizer updates (1600 = the shipped asset).
+    config.overwrite = False  # Replace output when it holds an earlier build of this tool (anything else: refused).
     config.misread_rate = 0.6  # Chance each 6 in a corpus problem is drawn as 9 (0.6 = shipped; 0 = clean corpus).
     return config

@@ -17,7 +17,8 @@ def get_config(direction: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.direction = direction or "hf_to_orbax"  # hf_to_orbax or orbax_to_hf.
     config.src = config_dict.placeholder(str)  # Source directory (HF model dir or Orbax checkpoint dir).
-    config.dst = config_dict.placeholder(str)  # Destination directory; replaced if it exists.
+    config.dst = config_dict.placeholder(str)  # Destination dir: new or empty (or an earlier output, with overwrite).
+    config.overwrite = False  # Replace dst when it holds an earlier output of this tool (anything else is refused).
     config.dtype = config_dict.placeholder(str)  # Safetensors dtype on export; unset = source's dtype.
     config.param_dtype = config_dict.placeholder(str)  # Dtype params load (and Orbax-save) in; unset=f32.
     config.mesh = common.mesh_config()  # Mesh the weights are loaded onto while converting.

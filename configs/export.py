@@ -13,4 +13,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.which = "latest"  # latest or best (by held-out step AUROC) checkpoint.
     config.output = ""  # Output HF dir; empty = <workdir>/prm/hf_<which>.
     config.dtype = "float32"  # Safetensors dtype (float32 or bfloat16).
+    config.overwrite = False  # Replace output when it holds an earlier export of this tool (anything else: refused).
     return config

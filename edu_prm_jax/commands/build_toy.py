@@ -19,6 +19,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     if not 0.0 <= config.misread_rate <= 1.0:
         raise ValueError(f"config.misread_rate={config.misread_rate}: expected a probability in [0, 1]")
     cfg = dataclasses.replace(ToyPolicyConfig(), misread_rate=float(config.misread_rate))
-    report = build_toy_policy(out, config.seed, config.steps, cfg=cfg, workdir=workdir / "toy_policy_work")
+    report = build_toy_policy(out, config.seed, config.steps, cfg=cfg, workdir=workdir / "toy_policy_work",
+                              overwrite=config.overwrite)
     shown = {k: v for k, v in report.items() if k not in ("toy_config", "policy_config")}
     logging.info("toy policy written to %s\n%s", out, json.dumps(shown, indent=2))

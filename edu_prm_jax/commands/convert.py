@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
 
 import jax
 import ml_collections
 from absl import logging
 
 from edu_prm_jax import parallel
+from edu_prm_jax.io.destinations import check_destination
 from edu_prm_jax.models import checkpoints
 from edu_prm_jax.models.safetensors_io import CheckpointError
 
 DESCRIPTION = "Convert model weights between Hugging Face safetensors and Orbax checkpoints."
 
 DIRECTIONS = ("hf_to_orbax", "orbax_to_hf")
-# Files a tokenizer or generation setup needs next to the weights; copied verbatim when the source has them.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 
 def _check(config: ml_collections.ConfigDict) -> tuple[pathlib.Path, pathlib.Path]:
@@ -41,8 +28,7 @@ def _check(config: ml_collections.ConfigDict) -> tuple[pathlib.Path, pathlib.Pat
     src, dst = pathlib.Path(config.src), pathlib.Path(config.dst)
     if not src.is_dir():
         raise CheckpointError(f"config.src={str(src)!r}: no such directory")
-    if src.resolve() == dst.resolve():
-        raise ValueError(f"config.dst={str(dst)!r} is the source directory; conversion would delete it")
+    check_destination(dst, overwrite=config.overwrite, field="dst", sources=[src])  # before loading anything
     if config.direction == "hf_to_orbax" and not (src / "config.json").is_file():
         raise CheckpointError(f"config.src={str(src)!r}: not an HF model directory (no config.json)")
     if config.direction == "orbax_to_hf" and not checkpoints.is_orbax_dir(src):
@@ -51,33 +37,23 @@ def _check(config: ml_collections.ConfigDict) -> tuple[pathlib.Path, pathlib.Pat
     return src, dst
 
 
-def copy_tokenizer_files(src: pathlib.Path, dst: pathlib.Path) -> list[str]:
-    """Copy the tokenizer/generation files present in `src` into `dst` (each via a temp name + rename)."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            tmp = dst / f".{name}.tmp"
-            shutil.copyfile(src / name, tmp)
-            os.replace(tmp, dst / name)
-            copied.append(name)
-    return copied
-
-
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     del workdir  # the converted model goes to config.dst; the workdir only holds the provenance config
     src, dst = _check(config)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     logging.info("convert %s: %s -> %s on mesh %s", config.direction, src, dst, dict(mesh.shape))
+    carried = checkpoints.tokenizer_files(src) if config.copy_tokenizer else []
     if config.direction == "hf_to_orbax":
         if config.dtype:
             logging.warning("config.dtype=%s is the safetensors export dtype; Orbax keeps config.param_dtype",
                             config.dtype)
         model = checkpoints.load_hf_model(src, param_dtype=config.param_dtype, mesh=mesh)
-        checkpoints.save_orbax(model, dst)
+        checkpoints.save_orbax(model, dst, overwrite=config.overwrite, copy_files=carried, field="dst",
+                               sources=[src])
     else:
         if jax.process_count() > 1:
             raise NotImplementedError("orbax_to_hf writes safetensors from one process; run it single-host")
         model = checkpoints.load_orbax_model(src, param_dtype=config.param_dtype, mesh=mesh)
-        checkpoints.save_hf_model(model, dst, dtype=config.dtype, shard_bytes=int(config.shard_bytes))
-    copied = copy_tokenizer_files(src, dst) if config.copy_tokenizer and jax.process_index() == 0 else []
-    logging.info("convert: wrote %s (tokenizer files copied: %s)", dst, copied or "none")
+        checkpoints.save_hf_model(model, dst, dtype=config.dtype, shard_bytes=int(config.shard_bytes),
+                                  overwrite=config.overwrite, copy_files=carried, field="dst", sources=[src])
+    logging.info("convert: wrote %s (tokenizer files copied: %s)", dst, [p.name for p in carried] or "none")

@@ -10,9 +10,9 @@ from absl import logging
 
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_model, load_tokenizer
-from edu_prm_jax.commands.convert import copy_tokenizer_files
 from edu_prm_jax.data.questions import resolve_policy
 from edu_prm_jax.data.records import check_fingerprint, write_json_atomic
+from edu_prm_jax.models.checkpoints import tokenizer_files
 from edu_prm_jax.models.config import Qwen2Config
 from edu_prm_jax.models.expansion import expanded_layers_pattern
 from edu_prm_jax.models.prm import PRM, expanded_layers_in, load_prm, prm_loss, save_prm
@@ -133,8 +133,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     if metrics.get("preempted"):
         logging.warning("stopped by SIGTERM at step %d; rerun with the same workdir to resume", trainer.step)
         return
-    save_prm(trainer.model, export_dir)
-    copy_tokenizer_files(tokenizer_source(config), export_dir)  # scoring needs the policy's tokenizer
+    # the run's own export (replaced on rerun); scoring needs the policy's tokenizer beside it
+    save_prm(trainer.model, export_dir, overwrite=True, copy_files=tokenizer_files(tokenizer_source(config)))
     summary = {"train_solutions": len(train_ex), "eval_solutions": len(eval_ex), "dropped_too_long": dropped,
                **metrics}
     write_json_atomic(workdir / "prm" / "train_summary.json", summary)

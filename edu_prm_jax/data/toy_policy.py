@@ -29,7 +29,6 @@ import json
 import os
 import pathlib
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -40,7 +39,6 @@ import numpy as np
 from flax import nnx
 
 from edu_prm_jax.data import toy
-from edu_prm_jax.data.records import write_json_atomic
 from edu_prm_jax.evaluation.metrics import auroc  # re-exported: the report's entropy AUROC
 from edu_prm_jax.models.config import Qwen2Config
 from edu_prm_jax.models.qwen2 import Qwen2
@@ -196,12 +194,16 @@ def evaluate_greedy(model: Qwen2, tokenizer: Tokenizer, problems: Sequence[dict]
 # ------------------------------------------------------------------------------------------------ build
 def build_toy_policy(out_dir: str | os.PathLike, seed: int = 0, steps: int | None = None,
                      cfg: ToyPolicyConfig | None = None, progress: bool = True,
-                     workdir: str | os.PathLike | None = None) -> dict[str, Any]:
+                     workdir: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train the toy policy and write it (HF config + safetensors + tokenizer + report) to `out_dir`.
 
     Returns the report dict (greedy accuracy on cfg.n_test test problems, entropy AUROC, wall time, ...).
+    Raises DestinationError before training when `out_dir` may not be written (see `io.destinations`).
     """
+    from edu_prm_jax.io.destinations import check_destination
     from edu_prm_jax.models.checkpoints import save_hf_model
+
+    check_destination(out_dir, overwrite=overwrite, field="output")
 
     cfg = cfg or ToyPolicyConfig()
     if steps is not None:
@@ -244,11 +246,6 @@ def build_toy_policy(out_dir: str | os.PathLike, seed: int = 0, steps: int | Non
         correct = np.asarray(ev["correct"], bool)
         with_number = np.asarray([count_number(p["problem"], cfg.misread_from) > 0 for p in test], bool)
         occurrences = sum(count_number(p["problem"], cfg.misread_from) for p in train)
-        staging = out.with_name(out.name + ".building")
-        shutil.rmtree(staging, ignore_errors=True)
-        save_hf_model(model, staging, dtype="float32")
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(tmp / "tok" / name, staging / name)
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         report = {
             "seed": seed,
@@ -278,21 +275,23 @@ def build_toy_policy(out_dir: str | os.PathLike, seed: int = 0, steps: int | Non
             "toy_config": dataclasses.asdict(cfg.toy),
             "policy_config": {k: v for k, v in cfg.to_dict().items() if k != "toy"},
         }
-        write_json_atomic(staging / REPORT, report)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        save_hf_model(model, out, dtype="float32", overwrite=overwrite,
+                      copy_files=[tmp / "tok" / name for name in TOKENIZER_FILES],
+                      extra_files={REPORT: json.dumps(report, indent=2, ensure_ascii=False) + "\n"})
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    parser.add_argument("--out", required=True, help="output directory (new, empty, or an earlier build with "
+                        "--overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier build of this tool at --out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="optimizer updates (default: shipped config)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    report = build_toy_policy(args.out, args.seed, args.steps, progress=not args.no_progress)
+    report = build_toy_policy(args.out, args.seed, args.steps, progress=not args.no_progress,
+                              overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in report.items() if k not in ("toy_config", "policy_config")}, indent=2))
 
 

@@ -12,7 +12,7 @@ import os
 import pathlib
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from edu_prm_jax import parallel
+from edu_prm_jax.io.destinations import staged_directory
 from edu_prm_jax.models.config import Qwen2Config, dtype_from_name
 from edu_prm_jax.models.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 
@@ -36,6 +37,25 @@ HF_RULES: list[tuple[str, str, bool]] = [
     (_LAYER + r"self_attn\.([qkv])_proj\.bias", "layers.{0}.attn.{1}_proj.bias", False),
     (_LAYER + r"mlp\.(gate|up|down)_proj\.weight", "layers.{0}.mlp.{1}_proj.kernel", True),
 ]
+# Files a tokenizer or generation setup needs next to the weights; exports carry them along when present.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def tokenizer_files(src: str | os.PathLike) -> list[pathlib.Path]:
+    """The `TOKENIZER_FILES` present in directory `src` (for `copy_files=` of the export functions)."""
+    return [pathlib.Path(src) / name for name in TOKENIZER_FILES if (pathlib.Path(src) / name).is_file()]
+
+
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 
@@ -211,68 +231,82 @@ def iter_hf_tensors(model: nnx.Module, to_hf: Callable[[str], tuple[str, bool]],
 
 
 def write_hf_directory(out_dir: str | os.PathLike, config: dict[str, Any],
-                       tensors: Iterator[tuple[str, np.ndarray]], shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """config.json + safetensors (sharded with an index above `shard_bytes`), written into a temp dir and
-    renamed, so a crash never leaves a directory that looks complete."""
-    out = pathlib.Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards: list[list[tuple[str, np.ndarray]]] = [[]]
-    size = 0
-    total = 0
-    for name, arr in tensors:
-        if shards[-1] and size + arr.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, arr))
-        size += arr.nbytes
-        total += arr.nbytes
-    if len(shards) == 1:
-        write_safetensors(tmp / "model.safetensors", shards[0], {"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(tmp / fname, shard, {"format": "pt"})
-            weight_map.update({name: fname for name, _ in shard})
-        (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+                       tensors: Iterator[tuple[str, np.ndarray]], shard_bytes: int = DEFAULT_SHARD_BYTES, *,
+                       overwrite: bool = False, copy_files: Sequence[str | os.PathLike] = (),
+                       extra_files: Mapping[str, str] | None = None, field: str = "output",
+                       sources: Sequence[str | os.PathLike] = ()) -> None:
+    """config.json + safetensors (sharded with an index above `shard_bytes`) + `copy_files` (e.g. tokenizer
+    files, copied by name) + `extra_files` (name -> text), staged and renamed into place, so a crash never leaves
+    a directory that looks complete.
+
+    Raises DestinationError (before anything is written) when `out_dir` is a file, a non-empty directory not
+    written by this tool, an earlier export without `overwrite`, or overlaps one of `sources`.
+    """
+    with staged_directory(out_dir, overwrite=overwrite, field=field, sources=sources,
+                          provenance={"kind": "hf_model"}) as tmp:
+        shards: list[list[tuple[str, np.ndarray]]] = [[]]
+        size = 0
+        total = 0
+        for name, arr in tensors:
+            if shards[-1] and size + arr.nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, arr))
+            size += arr.nbytes
+            total += arr.nbytes
+        if len(shards) == 1:
+            write_safetensors(tmp / "model.safetensors", shards[0], {"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(tmp / fname, shard, {"format": "pt"})
+                weight_map.update({name: fname for name, _ in shard})
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for src in copy_files:
+            shutil.copyfile(src, tmp / pathlib.Path(src).name)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
 
 
 def save_hf_model(model: nnx.Module, out_dir: str | os.PathLike, *, dtype: str | None = None,
-                  shard_bytes: int = DEFAULT_SHARD_BYTES, extra_files: Mapping[str, str] | None = None) -> None:
-    """Export a Qwen2 model to HF format that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+                  shard_bytes: int = DEFAULT_SHARD_BYTES, extra_files: Mapping[str, str] | None = None,
+                  overwrite: bool = False, copy_files: Sequence[str | os.PathLike] = (), field: str = "output",
+                  sources: Sequence[str | os.PathLike] = ()) -> None:
+    """Export a Qwen2 model to HF format that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Destination rules (what may be replaced, what is refused) are those of `write_hf_directory`."""
     cfg: Qwen2Config = model.cfg
     dtype_name = dtype or cfg.torch_dtype
     config = cfg.to_hf_dict() | {"torch_dtype": dtype_name}
     write_hf_directory(out_dir, config, iter_hf_tensors(model, nnx_to_hf, dtype_from_name(dtype_name)),
-                       shard_bytes)
-    for fname, text in (extra_files or {}).items():
-        (pathlib.Path(out_dir) / fname).write_text(text)
+                       shard_bytes, overwrite=overwrite, copy_files=copy_files, extra_files=extra_files,
+                       field=field, sources=sources)
 
 
 # ----------------------------------------------------------------------------------------------- Orbax
 ORBAX_CONFIG = "edu_prm_config.json"
 
 
-def save_orbax(model: nnx.Module, directory: str | os.PathLike, extra_config: dict[str, Any] | None = None) -> None:
-    """Params only (training checkpoints with optimizer state live in training/checkpointing.py)."""
+def save_orbax(model: nnx.Module, directory: str | os.PathLike, extra_config: dict[str, Any] | None = None, *,
+               overwrite: bool = False, copy_files: Sequence[str | os.PathLike] = (), field: str = "output",
+               sources: Sequence[str | os.PathLike] = ()) -> None:
+    """Params only (training checkpoints with optimizer state live in training/checkpointing.py), staged and
+    renamed into place under the same destination rules as `write_hf_directory`."""
     import orbax.checkpoint as ocp
 
     directory = pathlib.Path(directory).absolute()
     state = nnx.state(model, nnx.Param)
-    with ocp.StandardCheckpointer() as ckptr:
-        if directory.exists():
-            shutil.rmtree(directory)
-        ckptr.save(directory / "params", state)
-    cfg = model.cfg
-    meta = {"model": cfg.to_hf_dict(), **(extra_config or {})}
-    (directory / ORBAX_CONFIG).write_text(json.dumps(meta, indent=2))
+    with staged_directory(directory, overwrite=overwrite, field=field, sources=sources,
+                          provenance={"kind": "orbax_params"}) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", state)
+        meta = {"model": model.cfg.to_hf_dict(), **(extra_config or {})}
+        (tmp / ORBAX_CONFIG).write_text(json.dumps(meta, indent=2))
+        for src in copy_files:
+            shutil.copyfile(src, tmp / pathlib.Path(src).name)
 
 
 def is_orbax_dir(directory: str | os.PathLike) -> bool:

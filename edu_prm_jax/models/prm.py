@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -340,10 +340,16 @@ def save_prm(
     *,
     dtype: str | None = None,
     shard_bytes: int = checkpoints.DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    copy_files: Sequence[str | os.PathLike] = (),
+    field: str = "output",
 ) -> None:
-    """Export to the HF layout `load_prm` reads (written to a temp dir, then renamed into place)."""
+    """Export to the HF layout `load_prm` reads (staged, then renamed into place; `copy_files`, e.g. the
+    tokenizer, go in with it). Raises DestinationError for a destination the tool may not replace (see
+    `checkpoints.write_hf_directory`)."""
     dtype_name = dtype or prm.cfg.torch_dtype
     tensors = checkpoints.iter_hf_tensors(
         prm, lambda p: prm_to_hf(p, prm.head_kind), dtype_from_name(dtype_name)
     )
-    checkpoints.write_hf_directory(out_dir, prm_hf_config(prm, dtype_name), tensors, shard_bytes)
+    checkpoints.write_hf_directory(out_dir, prm_hf_config(prm, dtype_name), tensors, shard_bytes,
+                                   overwrite=overwrite, copy_files=copy_files, field=field)

@@ -1,0 +1,114 @@
+"""Output directories the tool writes as a unit (HF exports, Orbax params, the toy policy): refuse, never delete.
+
+Why: `export`, `convert` and `build-toy` replace a whole directory. The rule is that the tool deletes only what it
+created. So a directory is written into a staging sibling (`<dst>.partial`) that carries an ownership marker from
+its first byte, and renamed into place only when complete. An existing destination is replaced only when it looks
+like this tool's output *and* the caller allows it; a non-empty directory that holds anything else, a file, or a
+destination that overlaps the source is refused before anything is written. A failed write removes the staging
+directory it made, so no `.partial` is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+
+PathLike = str | os.PathLike
+
+# Written into every directory the tool stages; its presence means "made by edu_prm_jax, safe to replace".
+OWNER_MARKER = ".edu_prm_jax_output.json"
+
+# Names this tool writes into the directories it owns. A directory holding only these (an export made before the
+# marker existed) also counts as ours; anything else in it (a user's notes.txt) makes it someone else's.
+OWNED_NAMES = re.compile(
+    r"^(config\.json|model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json"
+    r"|tokenizer\.json|vocab\.json|merges\.txt|tokenizer\.model|tokenizer_config\.json|special_tokens_map\.json"
+    r"|added_tokens\.json|chat_template\.jinja|generation_config\.json|edu_prm_config\.json|params"
+    r"|training_report\.json|" + re.escape(OWNER_MARKER) + r")$")
+
+
+class DestinationError(ValueError):
+    """A destination the tool refuses to write (the message names the config field and the path)."""
+
+
+def staging_path(dst: PathLike) -> pathlib.Path:
+    dst = pathlib.Path(dst)
+    return dst.with_name(dst.name + ".partial")
+
+
+def is_tool_output(directory: PathLike) -> bool:
+    """True when `directory` carries the ownership marker, or holds only names this tool writes."""
+    directory = pathlib.Path(directory)
+    if (directory / OWNER_MARKER).is_file():
+        return True
+    names = [p.name for p in directory.iterdir()]
+    return bool(names) and all(OWNED_NAMES.match(n) for n in names)
+
+
+def _overlaps(a: pathlib.Path, b: pathlib.Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def check_destination(dst: PathLike, *, overwrite: bool, field: str = "output",
+                      sources: Iterable[PathLike] = ()) -> pathlib.Path:
+    """Raise DestinationError unless `dst` may be (re)written; nothing is touched either way.
+
+    Allowed: a path that does not exist, an empty directory, or (with `overwrite`) a directory that
+    `is_tool_output`. Refused: a file, a non-empty directory of someone else's, a previous output of ours without
+    `overwrite`, and any destination equal to, inside, or containing one of `sources`.
+    """
+    dst = pathlib.Path(dst)
+    resolved = dst.resolve()
+    for src in sources:
+        src_resolved = pathlib.Path(src).resolve()
+        if _overlaps(resolved, src_resolved):
+            raise DestinationError(f"config.{field}={str(dst)!r} overlaps the source {str(src)!r} (equal, inside or "
+                                   "containing it); writing there could destroy the source: choose another path")
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        raise DestinationError(f"config.{field}={str(dst)!r} exists and is not a directory; choose a directory path")
+    if dst.is_dir() and any(dst.iterdir()):
+        if not is_tool_output(dst):
+            raise DestinationError(
+                f"config.{field}={str(dst)!r} is a non-empty directory that was not written by edu_prm_jax; "
+                "refusing to replace it (choose an empty or new directory)")
+        if not overwrite:
+            raise DestinationError(
+                f"config.{field}={str(dst)!r} holds an earlier output of edu_prm_jax; pass "
+                f"--config.overwrite=True to replace it")
+    staging = staging_path(dst)
+    if staging.exists() and not (staging.is_dir() and (staging / OWNER_MARKER).is_file()):
+        raise DestinationError(f"{staging}: exists and was not made by edu_prm_jax; move it away (it is where "
+                               f"config.{field} is staged)")
+    return dst
+
+
+@contextlib.contextmanager
+def staged_directory(dst: PathLike, *, overwrite: bool, field: str = "output", sources: Iterable[PathLike] = (),
+                     provenance: dict | None = None) -> Iterator[pathlib.Path]:
+    """Yield an empty staging directory; on success it replaces `dst`, on any error it is removed.
+
+    The checks of `check_destination` run first, so a refused destination costs nothing. The old `dst` (ours, by
+    then) is removed only after the new one is complete.
+    """
+    dst = check_destination(dst, overwrite=overwrite, field=field, sources=sources)
+    staging = staging_path(dst)
+    if staging.exists():  # a crashed earlier run of ours (it carries the marker: checked above)
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        (staging / OWNER_MARKER).write_text(json.dumps({"tool": "edu_prm_jax", **(provenance or {})}) + "\n")
+        yield staging
+        if dst.is_dir():
+            if any(dst.iterdir()):
+                shutil.rmtree(dst)  # ours: is_tool_output was checked before anything was written
+            else:
+                dst.rmdir()
+        os.replace(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
