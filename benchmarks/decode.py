@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         result = {"benchmark": "decode", "model": model, "env": env, "args": {
             k: v for k, v in vars(args).items() if k != "json"}, "throughput": rows, "edu_vs_ht": edu}
-        from edu_prm_jax.data.records import write_json_atomic
+        from edu_prm_jax.io.atomic import write_json_atomic
 
         write_json_atomic(args.json, result)
     return 0

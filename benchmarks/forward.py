@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, list(runners)))
     if args.json:
         result = {"benchmark": "forward_prefill", "model": model, "env": env, "rows": rows}
-        from edu_prm_jax.data.records import write_json_atomic
+        from edu_prm_jax.io.atomic import write_json_atomic
 
         write_json_atomic(args.json, result)
     return 0

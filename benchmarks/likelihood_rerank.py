@@ -35,11 +35,12 @@ from flax import nnx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from edu_prm_jax.api import load_model  # noqa: E402
-from edu_prm_jax.data.questions import resolve_policy  # noqa: E402
-from edu_prm_jax.data.records import DataError, read_shards  # noqa: E402
 from edu_prm_jax.evaluation.bon import Candidate, majority_vote  # noqa: E402
-from edu_prm_jax.evaluation.metrics import auroc  # noqa: E402
-from edu_prm_jax.labeling.answers import answers_equal, extract_answer  # noqa: E402
+from edu_prm_jax.grading.answers import answers_equal, extract_answer  # noqa: E402
+from edu_prm_jax.io.jsonl import DataError  # noqa: E402
+from edu_prm_jax.io.shards import read_shards  # noqa: E402
+from edu_prm_jax.scoring.metrics import auroc  # noqa: E402
+from edu_prm_jax.toy.defaults import resolve_policy  # noqa: E402
 
 PAD_TO = 64  # columns are padded to a multiple of this and rows to ROWS_TO, so each forward compiles once per
 ROWS_TO = 16  # (rows, length) bucket

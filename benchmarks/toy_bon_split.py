@@ -26,14 +26,14 @@ import numpy as np  # noqa: E402
 
 from benchmarks.likelihood_rerank import load_ht_runs  # noqa: E402
 from edu_prm_jax import parallel  # noqa: E402
-from edu_prm_jax.commands.train import prm_dir  # noqa: E402
-from edu_prm_jax.data.questions import resolve_policy  # noqa: E402
-from edu_prm_jax.data.records import read_shards  # noqa: E402
-from edu_prm_jax.data.toy_policy import REPORT, count_number  # noqa: E402
+from edu_prm_jax.commands.common.paths import prm_dir  # noqa: E402
 from edu_prm_jax.evaluation.bon import select_all  # noqa: E402
 from edu_prm_jax.evaluation.candidates import score_records  # noqa: E402
-from edu_prm_jax.labeling.answers import is_correct  # noqa: E402
+from edu_prm_jax.grading.answers import is_correct  # noqa: E402
+from edu_prm_jax.io.shards import read_shards  # noqa: E402
 from edu_prm_jax.models.prm import load_prm  # noqa: E402
+from edu_prm_jax.toy.defaults import resolve_policy  # noqa: E402
+from edu_prm_jax.toy.policy import REPORT, count_number  # noqa: E402
 
 SELECTORS = ("prm_min", "majority", "greedy", "pass@n")
 

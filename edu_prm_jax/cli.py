@@ -22,12 +22,9 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from edu_prm_jax import config_utils
+from edu_prm_jax.commands.registry import COMMANDS
 
 PROG = "edu-prm"
-_NAMES = ("pipeline", "build-toy", "sample", "label", "train", "score", "export", "convert", "eval-bon",
-          "eval-processbench", "prepare-data")
-# Command name -> module that implements it; modules are imported lazily.
-COMMANDS: dict[str, str] = {n: f"edu_prm_jax.commands.{n.replace('-', '_')}" for n in _NAMES}
 NOT_AVAILABLE = "(not available in this build)"
 LOG_LEVELS = ("debug", "info", "warning", "error", "fatal")
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")

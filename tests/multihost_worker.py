@@ -29,9 +29,9 @@ from flax import nnx  # noqa: E402
 from edu_prm_jax import parallel  # noqa: E402
 from edu_prm_jax.models.config import Qwen2Config  # noqa: E402
 from edu_prm_jax.models.prm import PRM, prm_loss  # noqa: E402
+from edu_prm_jax.scoring.examples import build_example  # noqa: E402
 from edu_prm_jax.training.loop import TrainConfig, Trainer  # noqa: E402
 from edu_prm_jax.training.optim import OptimConfig  # noqa: E402
-from edu_prm_jax.training.prm_data import build_example  # noqa: E402
 from edu_prm_jax.training.prm_train import PackedStream  # noqa: E402
 
 parallel.maybe_initialize_distributed()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from edu_prm_jax.labeling.answers import (
+from edu_prm_jax.grading.answers import (
     answers_equal,
     extract_answer,
     is_correct,

@@ -5,9 +5,9 @@ from flax import nnx
 
 from edu_prm_jax.models.config import Qwen2Config
 from edu_prm_jax.models.prm import PRM, prm_loss
+from edu_prm_jax.scoring.examples import build_example
 from edu_prm_jax.training.loop import TrainConfig, Trainer
 from edu_prm_jax.training.optim import OptimConfig
-from edu_prm_jax.training.prm_data import build_example
 from edu_prm_jax.training.prm_train import PackedStream
 
 

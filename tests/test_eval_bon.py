@@ -8,8 +8,8 @@ from tiny_policy import make_tiny_policy
 from tree_reference import distinct_prefixes
 
 from edu_prm_jax import cli
-from edu_prm_jax.data.records import read_shards
-from edu_prm_jax.labeling.answers import is_correct
+from edu_prm_jax.grading.answers import is_correct
+from edu_prm_jax.io.shards import read_shards
 from edu_prm_jax.models.checkpoints import load_hf_model
 from edu_prm_jax.models.prm import PRM, save_prm
 

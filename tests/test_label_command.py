@@ -8,9 +8,9 @@ import pytest
 from tiny_policy import make_tiny_policy
 
 from edu_prm_jax import cli
-from edu_prm_jax.data import tfds_io
-from edu_prm_jax.data.records import read_shards
-from edu_prm_jax.training import prm_data
+from edu_prm_jax.io import tfds as tfds_io
+from edu_prm_jax.io.shards import read_shards
+from edu_prm_jax.scoring import examples as prm_data
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 
 import pytest
 
-from edu_prm_jax.labeling.mc import Tree, apply_target, count_tree, label_paths, label_trees, step_spans
+from edu_prm_jax.labeling.mc import JudgedTree, apply_target, count_tree, label_paths, label_trees
 from edu_prm_jax.labeling.shepherd import label_shepherd, line_step_spans
+from edu_prm_jax.records.trees import step_spans
 from edu_prm_jax.sampling.engine import Leaf
 
 
@@ -74,7 +75,7 @@ def test_extra_rollouts_count_for_the_node_and_its_ancestors():
         calls.append([tuple(p) for p in prompts])
         return [replies[tuple(p)] for p in prompts]
 
-    tree = Tree(TREE1, CORRECT1, prompt_ids=[9], gold="5")
+    tree = JudgedTree(TREE1, CORRECT1, prompt_ids=[9], gold="5")
     # m = 3: only node (1,2,6) (2 leaves) gets rollouts: 2 of 2 correct -> (0+2)/(2+2); ancestor (1,2): 3/5
     (a, b, c), = label_trees([tree], min_leaves=3, rollout=rollout, decode=_fake_decode)
     assert calls == [[(9, 1, 2, 6)]]
@@ -120,7 +121,7 @@ def test_shepherd_labels_with_a_stub_rollout():
         calls.append([tuple(p) for p in prompts])
         return [replies[tuple(p)] for p in prompts]
 
-    (p0, p1), = label_shepherd([Tree([l0, l1], [True, False], prompt, gold="3")], TEXTS, rollout=rollout,
+    (p0, p1), = label_shepherd([JudgedTree([l0, l1], [True, False], prompt, gold="3")], TEXTS, rollout=rollout,
                                decode=text)
     assert calls == [[(42, 0, 1, 2, 3, 4), (42, 0, 1, 2, 3, 4, 8, 4)]]  # the shared first line rolled out once
     assert p0.spans == [(0, 5), (5, 7)] and p0.values == [0.75, 1.0]

@@ -15,11 +15,54 @@ from edu_prm_jax.models import checkpoints
 from edu_prm_jax.models.config import Qwen2Config
 from edu_prm_jax.models.prm import PRM, load_prm, masked_bce, prm_loss, save_prm
 from edu_prm_jax.models.qwen2 import Qwen2
-from edu_prm_jax.training import prm_data
-from edu_prm_jax.training.prm_data import PRMDataError, build_example, build_examples, make_prm_batches
+from edu_prm_jax.scoring.examples import PRMDataError, PRMExample, build_example, build_examples
+from edu_prm_jax.scoring import examples as prm_data
+from edu_prm_jax.training.packing import pack_examples
 from edu_prm_jax.training.prm_train import make_eval_fn
 
 VOCAB, HIDDEN, SEP = 61, 32, 60
+
+
+# A test helper (the package streams batches through training.prm_train.PackedStream): shuffle and pack
+# examples into fixed-shape batches.
+def make_prm_batches(
+    examples: list[PRMExample], seq_len: int, rows: int, seed: int = 0, pad_id: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """Shuffle (by `seed`), pack into [rows, seq_len] batches: {tokens, positions, segment_ids, step_end_mask,
+    loss_mask, targets}. The last batch is filled with empty rows (segment 0, no step ends) so every batch has
+    one shape. An example longer than seq_len is an error naming its record id."""
+    if not examples:
+        raise PRMDataError("make_prm_batches: no examples")
+    for ex in examples:
+        if len(ex.tokens) > seq_len:
+            raise PRMDataError(
+                f"record {ex.record_id!r}: {len(ex.tokens)} tokens do not fit seq_len={seq_len}"
+            )
+    order = np.random.default_rng(seed).permutation(len(examples))
+    packed = pack_examples(
+        [
+            {
+                "tokens": examples[i].tokens,
+                "step_end_mask": examples[i].step_end_mask.astype(np.int32),
+                "loss_mask": examples[i].loss_mask.astype(np.int32),
+                "targets": examples[i].targets,
+            }
+            for i in order
+        ],
+        seq_len,
+        pad_id,
+    )
+    packed["step_end_mask"] = packed["step_end_mask"].astype(bool)
+    packed["loss_mask"] = packed["loss_mask"].astype(bool)
+    packed["targets"] = packed["targets"].astype(np.float32)
+    n = len(packed["tokens"])
+    total = -(-n // rows) * rows
+    if total > n:
+        for k, v in packed.items():
+            fill = pad_id if k == "tokens" else 0
+            packed[k] = np.concatenate([v, np.full((total - n, seq_len), fill, v.dtype)])
+    return [{k: v[b : b + rows] for k, v in packed.items()} for b in range(0, total, rows)]
+
 
 
 class IntTokenizer:

@@ -7,8 +7,8 @@ from tiny_policy import make_tiny_policy
 from tree_reference import distinct_prefixes
 
 from edu_prm_jax import cli
-from edu_prm_jax.data import records as records_mod
-from edu_prm_jax.data.records import read_shards
+from edu_prm_jax.io.atomic import TMP_SUFFIX
+from edu_prm_jax.io.shards import read_shards
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_sample_writes_tree_records_and_resumes(policy, tmp_path):
     original = {p.name: p.read_bytes() for p in shards}
     for p in shards[1:]:
         p.unlink()
-    stale = out / f".{shards[2].name}.crashed{records_mod._TMP_SUFFIX}"
+    stale = out / f".{shards[2].name}.crashed{TMP_SUFFIX}"
     stale.write_text('{"half": ')
     mtime = shards[0].stat().st_mtime_ns
     _sample(policy, tmp_path / "a")

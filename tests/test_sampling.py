@@ -12,8 +12,8 @@ from hf_reference import make_hf_qwen2
 from tree_reference import distinct_prefixes
 
 from edu_prm_jax import parallel
-from edu_prm_jax.labeling.mc import step_spans
 from edu_prm_jax.models.checkpoints import load_hf_model
+from edu_prm_jax.records.trees import step_spans
 from edu_prm_jax.sampling.decode import STOP_NAMES, DecodeParams, Tables, decode
 from edu_prm_jax.sampling.engine import distinct_tokens, slots_to_leaves
 from edu_prm_jax.sampling.stats import entropy_and_logz, filter_logits, mask_logits

@@ -7,11 +7,11 @@ import numpy as np
 from tiny_policy import make_tiny_policy
 
 from edu_prm_jax import cli
-from edu_prm_jax.data.tfds_io import open_tfds_source
+from edu_prm_jax.io.tfds import open_tfds_source
 from edu_prm_jax.models.checkpoints import load_hf_model
 from edu_prm_jax.models.prm import PRM, save_prm
+from edu_prm_jax.scoring.examples import build_example, score_examples
 from edu_prm_jax.tokenization import load_tokenizer
-from edu_prm_jax.training.prm_data import build_example, score_examples
 
 
 def test_score_matches_direct_scoring_and_rejects_bad_lines(tmp_path):

@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from edu_prm_jax.data import sources as S
-from edu_prm_jax.data.records import DataError
+from edu_prm_jax.io.jsonl import DataError
+from edu_prm_jax.records import sources as S
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -254,7 +254,7 @@ def test_tfds_write_read_without_tensorflow(tmp_path):
     _run_without_tf(
         f"""
         import json, numpy as np
-        from edu_prm_jax.data.tfds_io import write_tfds_dataset, open_tfds_source, grain_loader
+        from edu_prm_jax.io.tfds import write_tfds_dataset, open_tfds_source, grain_loader
         recs = [{{"id": f"q{{i}}", "tokens": list(range(i, 2 * i)), "ends": [i] * (i % 3),
                   "scores": [0.25 * i] * 2, "label": i - 1, "steps": ["s"] * i}} for i in range(11)]
         spec = {{"id": "string", "tokens": "int32[]", "ends": "int64[]", "scores": "float32[]",
@@ -276,7 +276,7 @@ def test_tfds_write_read_without_tensorflow(tmp_path):
 
 @pytest.fixture(scope="module")
 def toy_source(tmp_path_factory):
-    from edu_prm_jax.data.tfds_io import open_tfds_source, write_tfds_dataset
+    from edu_prm_jax.io.tfds import open_tfds_source, write_tfds_dataset
 
     d = tmp_path_factory.mktemp("tfds")
     recs = [{"id": f"r{i}", "tokens": [i, i + 1]} for i in range(40)]
@@ -285,7 +285,7 @@ def toy_source(tmp_path_factory):
 
 
 def test_grain_order_deterministic_per_seed(toy_source):
-    from edu_prm_jax.data.tfds_io import grain_loader
+    from edu_prm_jax.io.tfds import grain_loader
 
     ids = lambda seed, **kw: [e["id"] for e in grain_loader(toy_source, seed=seed, **kw)]
     a, a2, b = ids(1), ids(1), ids(2)
@@ -298,7 +298,8 @@ def test_grain_order_deterministic_per_seed(toy_source):
 
 
 def test_prepare_source_real_and_rerun(shared_data, tmp_path):
-    from edu_prm_jax.data.tfds_io import grain_loader, open_tfds_source, prepare_source
+    from edu_prm_jax.io.tfds import grain_loader, open_tfds_source
+    from edu_prm_jax.records.sources import prepare_source
 
     path = shared_data / "processbench" / "gsm8k.json"
     out = prepare_source(path, tmp_path, num_shards=2)
@@ -313,7 +314,8 @@ def test_prepare_source_real_and_rerun(shared_data, tmp_path):
 
 
 def test_prepare_source_failure_leaves_nothing(shared_data, tmp_path):
-    from edu_prm_jax.data.tfds_io import open_tfds_source, prepare_source, write_tfds_dataset
+    from edu_prm_jax.io.tfds import open_tfds_source, write_tfds_dataset
+    from edu_prm_jax.records.sources import prepare_source
 
     dst = tmp_path / "src" / "test.jsonl"
     dst.parent.mkdir()
@@ -333,18 +335,10 @@ def test_prepare_source_failure_leaves_nothing(shared_data, tmp_path):
         open_tfds_source(tmp_path / "data", "gsm8k_test", "train")
 
 
-def test_prepare_source_refuses_shared_tree(shared_data):
-    from edu_prm_jax.data.tfds_io import prepare_source
-
-    with pytest.raises(ValueError, match="read-only shared tree"):
-        prepare_source(shared_data / "gsm8k" / "test.jsonl", shared_data / "tfds")
-    assert not (shared_data / "tfds").exists()
-
-
 def test_tfds_write_leaves_no_temp_directories(tmp_path, monkeypatch):
     import tempfile
 
-    from edu_prm_jax.data.tfds_io import write_tfds_dataset
+    from edu_prm_jax.io.tfds import write_tfds_dataset
 
     temp_root = tmp_path / "temp"
     temp_root.mkdir()

@@ -12,8 +12,8 @@ import sys
 import pytest
 import sentencepiece as spm
 
-from edu_prm_jax.data import toy
-from edu_prm_jax.data.toy import ToyConfig, ToyTask
+from edu_prm_jax.toy import world as toy
+from edu_prm_jax.toy.world import ToyConfig, ToyTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = re.compile(r"^(-?\d+) ([-+*/]) (\d+) = (-?\d+)$")
@@ -71,7 +71,7 @@ def test_deterministic_in_process_and_subprocess():
     assert a == b
     assert toy.generate_split("train", 300, cfg, seed=4) != a
     code = (
-        "import hashlib, json\nfrom edu_prm_jax.data import toy\n"
+        "import hashlib, json\nfrom edu_prm_jax.toy import world as toy\n"
         "p = toy.generate_split('train', 300, toy.ToyConfig(seed=3))\n"
         "print(hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest())"
     )

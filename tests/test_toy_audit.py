@@ -1,7 +1,7 @@
 """The toy audit of MC labels, on hand-worked records (one compensated slip, one clean path, one non-toy)."""
 
 from edu_prm_jax.commands.label import label_stats
-from edu_prm_jax.labeling.toy_audit import exact_step_correctness
+from edu_prm_jax.toy.audit import exact_step_correctness
 
 PROBLEM = "Start with 2. Add 3. Multiply by 4. What is the result?"  # 2 + 3 = 5, 5 * 4 = 20
 

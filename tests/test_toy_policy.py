@@ -9,8 +9,10 @@ import random
 import numpy as np
 import pytest
 
-from edu_prm_jax.data import toy
-from edu_prm_jax.data.toy_policy import (
+from edu_prm_jax.models.checkpoints import load_hf_model
+from edu_prm_jax.tokenization import load_tokenizer
+from edu_prm_jax.toy import world as toy
+from edu_prm_jax.toy.policy import (
     REPORT,
     ToyPolicyConfig,
     auroc,
@@ -19,8 +21,6 @@ from edu_prm_jax.data.toy_policy import (
     misread_corpus,
     misread_solution,
 )
-from edu_prm_jax.models.checkpoints import load_hf_model
-from edu_prm_jax.tokenization import load_tokenizer
 
 ASSET = pathlib.Path(__file__).resolve().parents[1] / "edu_prm_jax" / "assets" / "toy_policy"
 
@@ -69,8 +69,8 @@ def test_misread_corpus_is_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = ("import hashlib, json; from edu_prm_jax.data import toy; "
-            "from edu_prm_jax.data.toy_policy import ToyPolicyConfig, misread_corpus; "
+    code = ("import hashlib, json; from edu_prm_jax.toy import world as toy; "
+            "from edu_prm_jax.toy.policy import ToyPolicyConfig, misread_corpus; "
             "cfg = ToyPolicyConfig(); train = toy.generate_split('train', 500, cfg.toy, 0); "
             "print(hashlib.sha256(json.dumps(misread_corpus(train, cfg, 0)).encode()).hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -88,7 +88,7 @@ def test_misread_config_is_validated():
 @pytest.fixture(scope="module")
 def shipped():
     if not (ASSET / REPORT).is_file():
-        pytest.fail(f"{ASSET} has no {REPORT}; build it with python -m edu_prm_jax.data.toy_policy")
+        pytest.fail(f"{ASSET} has no {REPORT}; build it with python -m edu_prm_jax.toy.policy")
     report = json.loads((ASSET / REPORT).read_text())
     return load_hf_model(ASSET), load_tokenizer(ASSET), report
 

@@ -6,7 +6,7 @@ import pathlib
 
 from hf_reference import make_hf_qwen2
 
-from edu_prm_jax.data import toy
+from edu_prm_jax.toy import world as toy
 
 
 def make_tiny_policy(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:

@@ -9,7 +9,7 @@ import pathlib
 import ml_collections
 from absl import logging
 
-from edu_prm_jax.data.toy_policy import ToyPolicyConfig, build_toy_policy
+from edu_prm_jax.toy.policy import ToyPolicyConfig, build_toy_policy
 
 DESCRIPTION = "Re-create the embedded toy policy and tokenizer from a seed (bit for bit on CPU)."
 

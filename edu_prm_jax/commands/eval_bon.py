@@ -16,16 +16,17 @@ from absl import logging
 
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_model, load_tokenizer
-from edu_prm_jax.commands.sample import decode_params, sample_to_shards
-from edu_prm_jax.commands.train import prm_dir
-from edu_prm_jax.data.questions import load_questions, resolve_policy
-from edu_prm_jax.data.records import read_shards
+from edu_prm_jax.commands.common.builders import decode_params
+from edu_prm_jax.commands.common.paths import prm_dir
 from edu_prm_jax.evaluation.bon import SELECTORS, select_all
 from edu_prm_jax.evaluation.candidates import score_records
 from edu_prm_jax.evaluation.report import write_bon_report
-from edu_prm_jax.labeling.answers import is_correct
+from edu_prm_jax.grading.answers import is_correct
+from edu_prm_jax.io.shards import read_shards
 from edu_prm_jax.models.prm import load_prm
 from edu_prm_jax.sampling.engine import Sampler
+from edu_prm_jax.sampling.shards import sample_to_shards
+from edu_prm_jax.toy.defaults import load_questions, resolve_policy
 
 DESCRIPTION = "Best-of-N: HT vs EDU (vs P-EDU) sampling, PRM aggregators, votes, pass@N and token cost."
 

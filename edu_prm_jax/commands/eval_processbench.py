@@ -16,13 +16,12 @@ from tqdm import tqdm
 
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_tokenizer
-from edu_prm_jax.commands.score import find_tokenizer_dir
-from edu_prm_jax.commands.train import prm_dir
-from edu_prm_jax.data.records import write_json_atomic, write_text_atomic
-from edu_prm_jax.data.sources import read_processbench
+from edu_prm_jax.commands.common.paths import find_tokenizer_dir, prm_dir
 from edu_prm_jax.evaluation.processbench import best_theta, evaluate_processbench, processbench_f1, theta_from_split
+from edu_prm_jax.io.atomic import write_json_atomic, write_text_atomic
 from edu_prm_jax.models.prm import load_prm
-from edu_prm_jax.training.prm_data import build_example, joined_steps, score_examples
+from edu_prm_jax.records.sources import read_processbench
+from edu_prm_jax.scoring.examples import build_example, joined_steps, score_examples
 
 DESCRIPTION = "ProcessBench F1 (per subset and average) of a PRM, at fixed, GSM8K-tuned and best theta."
 

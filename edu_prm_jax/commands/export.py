@@ -21,7 +21,8 @@ DESCRIPTION = "Export a trained PRM (latest or best checkpoint) to Hugging Face 
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    from edu_prm_jax.commands.train import build_prm, make_trainer, tokenizer_source
+    from edu_prm_jax.commands.common.builders import build_prm, make_trainer
+    from edu_prm_jax.commands.common.paths import tokenizer_source
 
     saved = workdir / "train_config.json"
     if not saved.is_file():

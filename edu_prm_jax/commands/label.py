@@ -41,23 +41,16 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from edu_prm_jax.data import tfds_io
-from edu_prm_jax.data.questions import resolve_policy
-from edu_prm_jax.data.records import (
-    DataError,
-    ListOf,
-    Schema,
-    ShardedJsonlWriter,
-    check_fingerprint,
-    read_jsonl,
-    read_shards,
-    write_json_atomic,
-)
-from edu_prm_jax.labeling import answers
-from edu_prm_jax.labeling.mc import TARGETS, PathLabels, Tree, apply_target, label_trees
+from edu_prm_jax.grading import answers
+from edu_prm_jax.io import tfds as tfds_io
+from edu_prm_jax.io.atomic import write_json_atomic
+from edu_prm_jax.io.jsonl import DataError, ListOf, Schema, read_jsonl
+from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint, read_shards
+from edu_prm_jax.labeling.mc import TARGETS, JudgedTree, PathLabels, apply_target, label_trees
 from edu_prm_jax.labeling.shepherd import label_shepherd
-from edu_prm_jax.labeling.toy_audit import ToyLabelAudit
 from edu_prm_jax.sampling.engine import Leaf
+from edu_prm_jax.toy.audit import ToyLabelAudit
+from edu_prm_jax.toy.defaults import resolve_policy
 
 DESCRIPTION = "Monte Carlo step labels (EDU tree or Math-Shepherd) of sample shards, as JSONL + TFDS."
 
@@ -132,7 +125,7 @@ class SamplerRollout:
     lands in (deterministic reruns)."""
 
     def __init__(self, config: ml_collections.ConfigDict, k: int):
-        from edu_prm_jax.commands.sample import build_sampler
+        from edu_prm_jax.commands.common.builders import build_sampler
 
         if k < 1:
             raise ValueError(f"rollouts need k >= 1 samples per prompt, got {k}")
@@ -189,7 +182,7 @@ def label_records(items: Sequence[tuple[dict, str]], config: ml_collections.Conf
             continue
         leaves = [Leaf.from_json(d) for d in rec["leaves"] if d["token_ids"]]
         correct = [answers.is_correct(leaf.text, str(gold)) for leaf in leaves]
-        trees.append(Tree(leaves, correct, rec["prompt_ids"], str(gold)))
+        trees.append(JudgedTree(leaves, correct, rec["prompt_ids"], str(gold)))
         kept.append((rec, source))
     decode = tokenizer.decode
     if config.method == "edu":

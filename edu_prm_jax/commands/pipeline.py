@@ -16,12 +16,15 @@ import ml_collections
 from absl import logging
 
 from edu_prm_jax import config_utils
-from edu_prm_jax.commands import eval_bon, eval_processbench, label, sample, train
-from edu_prm_jax.data.records import write_text_atomic
+from edu_prm_jax.commands import registry
+from edu_prm_jax.commands.common.paths import prm_dir
+from edu_prm_jax.io.atomic import write_text_atomic
 
 DESCRIPTION = "Run the whole method (sample, label, train, eval-bon, eval-processbench) and write report.md."
 
-STAGES = {"sample": sample, "label": label, "train": train, "eval_bon": eval_bon, "processbench": eval_processbench}
+# Stage name (a field of the pipeline config) -> the command that runs it.
+STAGES = {"sample": "sample", "label": "label", "train": "train", "eval_bon": "eval-bon",
+          "processbench": "eval-processbench"}
 SHARED = ("policy", "dtype")  # set once for all stages; meshes stay per stage (sampling vs training)
 
 
@@ -93,13 +96,13 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
             logging.warning("ProcessBench data %s not found: stage skipped", sub.data)
             continue
         if name == "train" and (workdir / "prm" / "train_summary.json").is_file() and \
-                (train.prm_dir(workdir) / "config.json").is_file():
+                (prm_dir(workdir) / "config.json").is_file():
             logging.info("train: finished earlier (%s), skipped", workdir / "prm" / "train_summary.json")
             continue
         config_utils.write_config_json(sub, workdir / f"{name}_config.json")
         logging.info("pipeline stage %s", name)
         start = time.time()
-        STAGES[name].run(sub, workdir)
+        registry.load(STAGES[name]).run(sub, workdir)
         timings[name] = time.time() - start
     report = write_report(config, workdir, timings)
     logging.info("pipeline report: %s", report)

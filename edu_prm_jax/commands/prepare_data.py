@@ -7,7 +7,7 @@ import pathlib
 import ml_collections
 from absl import logging
 
-from edu_prm_jax.data.tfds_io import prepare_source
+from edu_prm_jax.records.sources import prepare_source
 
 DESCRIPTION = "Convert MATH/GSM8K/ProcessBench/PRM800K/Math-Shepherd files into TFDS array_record datasets."
 

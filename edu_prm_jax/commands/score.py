@@ -8,10 +8,11 @@ import ml_collections
 from absl import logging
 
 from edu_prm_jax.api import load_tokenizer
-from edu_prm_jax.commands.train import prm_dir
-from edu_prm_jax.data.records import DataError, ListOf, read_jsonl, write_jsonl_atomic
+from edu_prm_jax.commands.common.paths import find_tokenizer_dir, prm_dir
+from edu_prm_jax.io.atomic import write_jsonl_atomic
+from edu_prm_jax.io.jsonl import DataError, ListOf, read_jsonl
 from edu_prm_jax.models.prm import load_prm
-from edu_prm_jax.training.prm_data import encode_solution, joined_steps, score_examples
+from edu_prm_jax.scoring.examples import encode_solution, joined_steps, score_examples
 
 DESCRIPTION = "Step scores for solutions given as JSONL (problem or prompt + a list of steps) with a PRM."
 
@@ -22,21 +23,6 @@ def _validate(record: dict) -> None:
     steps = record.get("steps")
     if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
         raise DataError(f"expected a non-empty list of strings, got {ListOf(str)!r} violated", field="steps")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
-
-
-def find_tokenizer_dir(prm_dir: pathlib.Path, override: str) -> pathlib.Path:
-    """The tokenizer beside the PRM (`edu-prm train` copies the policy's there), unless one is given.
-
-    Never a silent fallback: scoring a real PRM with another model's tokenizer gives garbage, not an error."""
-    if override:
-        return pathlib.Path(override)
-    if any((prm_dir / f).is_file() for f in TOKENIZER_FILES):
-        return prm_dir
-    raise FileNotFoundError(f"{prm_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass "
-                            "--config.tokenizer=DIR (the policy's tokenizer)")
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:

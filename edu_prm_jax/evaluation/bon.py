@@ -14,19 +14,12 @@ Conventions (documented because papers differ):
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from edu_prm_jax.labeling.answers import normalize_answer
-
-AGGREGATORS: dict[str, Callable[[Sequence[float]], float]] = {
-    "min": lambda s: float(min(s)),
-    "last": lambda s: float(s[-1]),
-    "product": lambda s: float(math.prod(s)),
-    "mean": lambda s: float(sum(s) / len(s)),
-}
+from edu_prm_jax.grading.answers import normalize_answer
+from edu_prm_jax.scoring.aggregate import AGGREGATORS, best_index, solution_score
 
 
 @dataclasses.dataclass
@@ -37,16 +30,13 @@ class Candidate:
     mean_logprob: float | None = None  # the policy's mean token log-prob of the solution; None when unknown
 
     def score(self, aggregator: str) -> float:
-        if not self.step_scores:
-            return 0.0
-        return AGGREGATORS[aggregator](self.step_scores)
+        return solution_score(self.step_scores, aggregator)
 
 
 def prm_best(cands: Sequence[Candidate], aggregator: str = "min") -> Candidate | None:
     if not cands:
         return None
-    scores = [c.score(aggregator) for c in cands]
-    return cands[int(np.argmax(scores))]  # argmax returns the first maximum
+    return cands[best_index([c.score(aggregator) for c in cands])]
 
 
 def _vote(cands: Sequence[Candidate], weight: Callable[[Candidate], float]) -> Candidate | None:

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from edu_prm_jax.evaluation.bon import Candidate
-from edu_prm_jax.labeling.answers import answers_equal, extract_answer
-from edu_prm_jax.labeling.mc import step_spans
-from edu_prm_jax.training.prm_data import build_example, score_examples
+from edu_prm_jax.grading.answers import answers_equal, extract_answer
+from edu_prm_jax.records.trees import step_spans
+from edu_prm_jax.scoring.examples import build_example, score_examples
 
 
 def leaf_steps(leaf: dict[str, Any], split: str) -> list[list[int]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edu_prm_jax.data.records import write_json_atomic, write_text_atomic
+from edu_prm_jax.io.atomic import write_json_atomic, write_text_atomic
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from edu_prm_jax.labeling import answers
+from edu_prm_jax.grading import answers
+from edu_prm_jax.records.trees import step_spans
 from edu_prm_jax.sampling.engine import Leaf
 
 TARGETS = ("edu", "hard", "soft")
@@ -33,13 +34,6 @@ Prefix = tuple[int, ...]
 # rollout(prompt_ids_list) -> for each prompt, the texts of its sampled continuations (generated part only)
 RolloutFn = Callable[[list[list[int]]], list[list[str]]]
 Judge = Callable[[str, str | None], bool]  # (full solution text, gold answer) -> correct
-
-
-def step_spans(num_tokens: int, anchors: Sequence[int]) -> list[tuple[int, int]]:
-    """Non-empty [start, end) spans of a path of `num_tokens` tokens cut before each anchor index."""
-    cuts = sorted({a for a in anchors if 0 < a < num_tokens})
-    bounds = [0, *cuts, num_tokens]
-    return [(s, e) for s, e in zip(bounds, bounds[1:]) if e > s]
 
 
 @dataclasses.dataclass
@@ -54,10 +48,6 @@ class NodeCount:
     @property
     def total(self) -> int:
         return self.leaves + self.rollouts
-
-    @property
-    def value(self) -> float:
-        return (self.correct + self.rollouts_correct) / self.total
 
 
 @dataclasses.dataclass
@@ -154,7 +144,7 @@ def apply_target(values: Sequence[float], target: str) -> tuple[list[float], lis
 
 
 @dataclasses.dataclass
-class Tree:
+class JudgedTree:
     """One question's leaves, their correctness and the prompt ids rollouts continue from."""
 
     leaves: Sequence[Leaf]
@@ -163,7 +153,7 @@ class Tree:
     gold: str | None = None  # gold answer: rollouts are judged against it
 
 
-def label_trees(trees: Sequence[Tree], *, min_leaves: int = 0, rollout: RolloutFn | None = None,
+def label_trees(trees: Sequence[JudgedTree], *, min_leaves: int = 0, rollout: RolloutFn | None = None,
                 judge: Judge = answers.is_correct,
                 decode: Callable[[Sequence[int]], str] | None = None) -> list[list[PathLabels]]:
     """`label_paths` of each tree after extra rollouts (module docstring) at nodes with < min_leaves leaves.

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from edu_prm_jax.labeling import answers
-from edu_prm_jax.labeling.mc import Judge, PathLabels, Prefix, RolloutFn, Tree, path_labels
+from edu_prm_jax.grading import answers
+from edu_prm_jax.labeling.mc import Judge, JudgedTree, PathLabels, Prefix, RolloutFn, path_labels
 
 
 def line_step_spans(token_ids: Sequence[int], token_texts: Sequence[str]) -> list[tuple[int, int]]:
@@ -34,7 +34,7 @@ def line_step_spans(token_ids: Sequence[int], token_texts: Sequence[str]) -> lis
     return spans
 
 
-def label_shepherd(trees: Sequence[Tree], token_texts: Sequence[str], *, rollout: RolloutFn,
+def label_shepherd(trees: Sequence[JudgedTree], token_texts: Sequence[str], *, rollout: RolloutFn,
                    decode: Callable[[Sequence[int]], str], judge: Judge = answers.is_correct
                    ) -> list[list[PathLabels]]:
     """Line-step labels of every leaf of every tree; all completions are requested in ONE `rollout` call."""

@@ -18,11 +18,11 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from edu_prm_jax.data.records import read_shards
-from edu_prm_jax.evaluation.bon import Candidate, prm_best
-from edu_prm_jax.evaluation.metrics import auroc
+from edu_prm_jax.io.shards import read_shards
 from edu_prm_jax.models.prm import masked_bce
-from edu_prm_jax.training.prm_data import PRMExample, build_example, score_examples
+from edu_prm_jax.scoring.aggregate import best_index, solution_score
+from edu_prm_jax.scoring.examples import PRMExample, build_example, score_examples
+from edu_prm_jax.scoring.metrics import auroc
 
 TFDS_NAME = "labels"
 
@@ -47,7 +47,7 @@ def load_label_records(labels_dir: pathlib.Path) -> list[dict]:
     """All labelled-step records, from the TFDS dataset when present, else from the JSONL shards."""
     tfds_dir = labels_dir / "tfds"
     if (tfds_dir / TFDS_NAME).is_dir():
-        from edu_prm_jax.data.tfds_io import grain_loader, open_tfds_source
+        from edu_prm_jax.io.tfds import grain_loader, open_tfds_source
 
         ds = grain_loader(open_tfds_source(tfds_dir, TFDS_NAME, "train"), shuffle=False)
         return [_from_tfds(ds[i]) for i in range(len(ds))]
@@ -129,17 +129,17 @@ def selection_metrics(step_scores: Sequence[Sequence[float]], final_labels: Sequ
     - select_accuracy: over questions with at least one correct solution, the share where the top-scored
       solution is correct.
     """
-    by_group: dict[Any, list[Candidate]] = {}
+    by_group: dict[Any, list[tuple[float, bool]]] = {}  # (min-aggregated score, correct) per solution
     for scores, label, group in zip(step_scores, final_labels, groups):
-        by_group.setdefault(group, []).append(Candidate(answer=None, correct=label >= 0.5, step_scores=list(scores)))
+        by_group.setdefault(group, []).append((solution_score(list(scores), "min"), label >= 0.5))
     wins = pairs = selected = solvable = 0.0
-    for cands in by_group.values():
-        good = [c.score("min") for c in cands if c.correct]
-        bad = [c.score("min") for c in cands if not c.correct]
+    for solutions in by_group.values():
+        good = [score for score, correct in solutions if correct]
+        bad = [score for score, correct in solutions if not correct]
         if not good:
             continue
         solvable += 1
-        selected += prm_best(cands, "min").correct
+        selected += solutions[best_index([score for score, _ in solutions])][1]
         for g in good:
             wins += sum((g > b) + 0.5 * (g == b) for b in bad)
             pairs += len(bad)

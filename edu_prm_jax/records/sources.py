@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from edu_prm_jax.data.records import DataError, ListOf, PathLike, Schema, optional, read_jsonl, require
+from edu_prm_jax.io.jsonl import DataError, ListOf, PathLike, Schema, optional, read_jsonl, require
+from edu_prm_jax.io.tfds import MISSING_RATING, write_tfds_dataset
 
 MATH_SCHEMA = Schema({"problem": str, "answer": (str, int, float)}, optional={"solution": str, "unique_id": str})
 GSM8K_SCHEMA = Schema({"question": str, "answer": str})
@@ -353,3 +354,48 @@ def read_questions(path: PathLike, fmt: str | None = None) -> Iterator[dict]:
     for r in READERS[fmt](path):
         QUESTION_SCHEMA.validate(r)
         yield r
+
+
+# ----------------------------------------------------------------------------------- sources -> TFDS
+_QUESTION_SPEC = {"id": "string", "problem": "string", "answer": "string", "solution": "string", "source": "string"}
+SOURCE_SPECS: dict[str, dict[str, str]] = {
+    **{fmt: _QUESTION_SPEC for fmt in QUESTION_FORMATS},
+    "processbench": {"id": "string", "generator": "string", "problem": "string", "steps": "string[]",
+                     "final_answer_correct": "bool", "label": "int64", "source": "string"},
+    "prm800k": {"id": "string", "problem": "string", "answer": "string", "steps": "string[]",
+                "ratings": "int32[]", "human_step": "bool[]", "finish_reason": "string", "source": "string"},
+    "math_shepherd": {"id": "string", "problem": "string", "steps": "string[]", "labels": "int32[]",
+                      "source": "string"},
+}
+
+
+def _project(record: Mapping[str, Any], spec: Mapping[str, str]) -> dict:
+    out = {}
+    for key, kind in spec.items():
+        value = record.get(key)
+        if kind == "string" and value is None:
+            value = ""
+        elif key == "ratings":
+            value = [MISSING_RATING if v is None else v for v in value]
+        out[key] = value
+    return out
+
+
+def prepare_source(
+    path: PathLike,
+    data_dir: PathLike,
+    name: str | None = None,
+    split: str = "train",
+    fmt: str | None = None,
+    num_shards: int | None = None,
+) -> pathlib.Path:
+    """Convert any supported source file (see `READERS`) into a TFDS dataset under `data_dir`.
+
+    The whole source is read and validated before anything is written, so a bad line raises DataError
+    and leaves no dataset behind. `name` defaults to ``<format>_<file stem>``.
+    """
+    fmt = fmt or detect_format(path)
+    spec = SOURCE_SPECS[fmt]
+    records = [_project(r, spec) for r in read_source(path, fmt)]
+    name = name or re.sub(r"[^a-z0-9_]", "_", f"{fmt}_{pathlib.Path(path).stem}".lower())
+    return write_tfds_dataset(records, data_dir, name, spec, split=split, num_shards=num_shards)

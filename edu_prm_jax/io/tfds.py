@@ -30,11 +30,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from edu_prm_jax.data import sources
-from edu_prm_jax.data.records import DataError, PathLike
-
-# The project's read-only data tree (REPO/../shared); prepared datasets never go there.
-SHARED_ROOT = (pathlib.Path(__file__).resolve().parents[3] / "shared").resolve()  # follows a symlinked tree
+from edu_prm_jax.io.jsonl import DataError, PathLike
 
 _SCALARS = {"int32": np.int32, "int64": np.int64, "float32": np.float32, "bool": np.bool_}
 SPEC_KINDS = (*_SCALARS, "string", *(f"{k}[]" for k in (*_SCALARS, "string")))
@@ -101,13 +97,6 @@ def _validated(records: Iterable[Mapping[str, Any]], spec: Mapping[str, Any]) ->
         yield i, dict(r)
 
 
-def _refuse_shared(data_dir: PathLike) -> pathlib.Path:
-    path = pathlib.Path(data_dir).resolve()
-    if path == SHARED_ROOT or SHARED_ROOT in path.parents:
-        raise ValueError(f"refusing to write a dataset into the read-only shared tree {SHARED_ROOT}: {path}")
-    return path
-
-
 def _builder_class(name: str, features: tfds.features.FeaturesDict, version: str) -> type:
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"dataset name {name!r} must be snake_case (a-z, 0-9, _), as TFDS requires")
@@ -154,7 +143,6 @@ def write_tfds_dataset(
     such as "int32[]", "float32[]", "string[]") or a tfds FeatureConnector. Records must have exactly these
     fields. Returns the version directory. A dataset already prepared there is left untouched.
     """
-    _refuse_shared(data_dir)
     out = dataset_dir(data_dir, name, version)
     if (out / "dataset_info.json").is_file():
         info = tfds.builder_from_directory(out).info
@@ -241,49 +229,3 @@ def grain_loader(
     if batch_size is not None:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
     return ds
-
-
-# ----------------------------------------------------------------------------------- sources -> TFDS
-_QUESTION_SPEC = {"id": "string", "problem": "string", "answer": "string", "solution": "string", "source": "string"}
-SOURCE_SPECS: dict[str, dict[str, str]] = {
-    **{fmt: _QUESTION_SPEC for fmt in sources.QUESTION_FORMATS},
-    "processbench": {"id": "string", "generator": "string", "problem": "string", "steps": "string[]",
-                     "final_answer_correct": "bool", "label": "int64", "source": "string"},
-    "prm800k": {"id": "string", "problem": "string", "answer": "string", "steps": "string[]",
-                "ratings": "int32[]", "human_step": "bool[]", "finish_reason": "string", "source": "string"},
-    "math_shepherd": {"id": "string", "problem": "string", "steps": "string[]", "labels": "int32[]",
-                      "source": "string"},
-}
-
-
-def _project(record: Mapping[str, Any], spec: Mapping[str, str]) -> dict:
-    out = {}
-    for key, kind in spec.items():
-        value = record.get(key)
-        if kind == "string" and value is None:
-            value = ""
-        elif key == "ratings":
-            value = [MISSING_RATING if v is None else v for v in value]
-        out[key] = value
-    return out
-
-
-def prepare_source(
-    path: PathLike,
-    data_dir: PathLike,
-    name: str | None = None,
-    split: str = "train",
-    fmt: str | None = None,
-    num_shards: int | None = None,
-) -> pathlib.Path:
-    """Convert any supported source file (see `sources.READERS`) into a TFDS dataset under `data_dir`.
-
-    The whole source is read and validated before anything is written, so a bad line raises DataError
-    and leaves no dataset behind. `name` defaults to ``<format>_<file stem>``.
-    """
-    _refuse_shared(data_dir)
-    fmt = fmt or sources.detect_format(path)
-    spec = SOURCE_SPECS[fmt]
-    records = [_project(r, spec) for r in sources.read_source(path, fmt)]
-    name = name or re.sub(r"[^a-z0-9_]", "_", f"{fmt}_{pathlib.Path(path).stem}".lower())
-    return write_tfds_dataset(records, data_dir, name, spec, split=split, num_shards=num_shards)

@@ -10,7 +10,8 @@ import json
 import pathlib
 from typing import Any
 
-from edu_prm_jax.data import sources, toy
+from edu_prm_jax.records import sources
+from edu_prm_jax.toy import world as toy
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 TOY_POLICY_DIR = ASSETS / "toy_policy"

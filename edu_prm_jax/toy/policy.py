@@ -1,6 +1,6 @@
 """Build THE embedded toy policy: tokenizer + a tiny Qwen2 trained on toy arithmetic, in HF format.
 
-    python -m edu_prm_jax.data.toy_policy --out edu_prm_jax/assets/toy_policy --seed 0
+    python -m edu_prm_jax.toy.policy --out edu_prm_jax/assets/toy_policy --seed 0
 
 Everything is a function of the seed: problems (data/toy.py), tokenizer (single-threaded SentencePiece),
 init (nnx.Rngs(seed)), batch order (PackedRowLoader) and the XLA CPU computation, so two builds on the same
@@ -38,11 +38,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from edu_prm_jax.data import toy
-from edu_prm_jax.evaluation.metrics import auroc  # re-exported: the report's entropy AUROC
 from edu_prm_jax.models.config import Qwen2Config
 from edu_prm_jax.models.qwen2 import Qwen2
+from edu_prm_jax.scoring.metrics import auroc  # re-exported: the report's entropy AUROC
 from edu_prm_jax.tokenization import Tokenizer, load_tokenizer
+from edu_prm_jax.toy import world as toy
 from edu_prm_jax.training.lm import lm_example, lm_loss
 from edu_prm_jax.training.loop import TrainConfig, Trainer
 from edu_prm_jax.training.optim import OptimConfig

@@ -34,8 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from edu_prm_jax.training.packing import pack_examples
-
 SUPERVISE = ("step_end", "step_tokens")
 SCORE_BUCKET = 64  # scoring pads lengths to a multiple of this, so jit compiles once per bucket
 
@@ -212,45 +210,6 @@ def build_examples(
         stats.examples += 1
         stats.steps += int(ex.step_end_mask.sum())
     return out, stats
-
-
-def make_prm_batches(
-    examples: Sequence[PRMExample], seq_len: int, rows: int, seed: int = 0, pad_id: int = 0
-) -> list[dict[str, np.ndarray]]:
-    """Shuffle (by `seed`), pack into [rows, seq_len] batches: {tokens, positions, segment_ids, step_end_mask,
-    loss_mask, targets}. The last batch is filled with empty rows (segment 0, no step ends) so every batch has
-    one shape. An example longer than seq_len is an error naming its record id."""
-    if not examples:
-        raise PRMDataError("make_prm_batches: no examples")
-    for ex in examples:
-        if len(ex.tokens) > seq_len:
-            raise PRMDataError(
-                f"record {ex.record_id!r}: {len(ex.tokens)} tokens do not fit seq_len={seq_len}"
-            )
-    order = np.random.default_rng(seed).permutation(len(examples))
-    packed = pack_examples(
-        [
-            {
-                "tokens": examples[i].tokens,
-                "step_end_mask": examples[i].step_end_mask.astype(np.int32),
-                "loss_mask": examples[i].loss_mask.astype(np.int32),
-                "targets": examples[i].targets,
-            }
-            for i in order
-        ],
-        seq_len,
-        pad_id,
-    )
-    packed["step_end_mask"] = packed["step_end_mask"].astype(bool)
-    packed["loss_mask"] = packed["loss_mask"].astype(bool)
-    packed["targets"] = packed["targets"].astype(np.float32)
-    n = len(packed["tokens"])
-    total = -(-n // rows) * rows
-    if total > n:
-        for k, v in packed.items():
-            fill = pad_id if k == "tokens" else 0
-            packed[k] = np.concatenate([v, np.full((total - n, seq_len), fill, v.dtype)])
-    return [{k: v[b : b + rows] for k, v in packed.items()} for b in range(0, total, rows)]
 
 
 # ---------------------------------------------------------------------------------------------- scoring

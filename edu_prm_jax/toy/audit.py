@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from edu_prm_jax.data import toy
+from edu_prm_jax.toy import world as toy
 
 
 def exact_step_correctness(problem: str, steps: Sequence[str]) -> list[bool] | None:

@@ -1,0 +1,1 @@
+"""What several commands share (builders, workdir paths); no command imports another command."""

@@ -1,1 +1,0 @@
-"""Data layer: validated JSONL records, dataset readers and TFDS array_record IO."""

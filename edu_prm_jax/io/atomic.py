@@ -1,0 +1,64 @@
+"""Atomic file writes: readers see either the old file or the complete new one, never a half-written file.
+
+The one helper every writer of the project uses: a hidden temp file in the same directory, fsync, then
+`os.replace` over the destination. A crash leaves only the temp file (named `.<name>.<random>.tmp`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from edu_prm_jax.io.jsonl import PathLike
+
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = False) -> pathlib.Path:
+    """Call `write(f)` on a hidden temp file in the same directory, fsync, then rename it over `path`.
+
+    `f` is a text file (UTF-8) unless `binary`. On any error the temp file is removed and the error re-raised.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(path: PathLike, text: str) -> pathlib.Path:
+    """Write `text` to `path` so readers see either the old file or the complete new one."""
+    return atomic_write(path, lambda f: f.write(text))
+
+
+def write_json_atomic(path: PathLike, obj: Any, indent: int | None = 2) -> pathlib.Path:
+    """Write `obj` as JSON atomically (a trailing newline keeps the file friendly to `cat`)."""
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"))
+
+
+def write_jsonl_atomic(path: PathLike, records: Iterable[Mapping[str, Any]]) -> pathlib.Path:
+    """Write one JSON object per line atomically."""
+
+    def write(f: Any) -> None:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    return atomic_write(path, write)
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> pathlib.Path:
+    """Write `data` to `path` atomically."""
+    return atomic_write(path, lambda f: f.write(data), binary=True)

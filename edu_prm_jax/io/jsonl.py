@@ -1,0 +1,157 @@
+"""Validated JSONL reading: every bad line fails with the file, the 1-based line and the field.
+
+Why: every stage of the pipeline hands its output to the next as files. A bad line must fail loudly with the
+file, the line and the field (not a KeyError three stages later).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+PathLike = str | os.PathLike
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the location (1-based line or item) and the field."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: PathLike | None = None,
+        line: int | None = None,
+        item: int | None = None,
+        field: str | None = None,
+    ):
+        self.message, self.path, self.line, self.item, self.field = message, path, line, item, field
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = str(self.path) if self.path is not None else "<record>"
+        if self.line is not None:
+            where += f":{self.line}"
+        if self.item is not None:
+            where += f" item {self.item}"
+        parts = [where] + ([f"field '{self.field}'"] if self.field is not None else []) + [self.message]
+        return ": ".join(parts)
+
+    def located(self, path: PathLike, line: int | None = None, item: int | None = None) -> DataError:
+        """The same error with the location filled in (validators do not know where the record came from)."""
+        return DataError(
+            self.message,
+            path=self.path if self.path is not None else path,
+            line=self.line if self.line is not None else line,
+            item=self.item if self.item is not None else item,
+            field=self.field,
+        )
+
+
+class ListOf:
+    """A list field whose elements all have the given type(s), e.g. ``ListOf(str)`` for ProcessBench steps."""
+
+    def __init__(self, types: type | tuple[type, ...]):
+        self.types = types if isinstance(types, tuple) else (types,)
+
+    def __repr__(self) -> str:
+        return f"list[{_type_names(self.types)}]"
+
+
+TypeSpec = type | tuple[type, ...] | ListOf
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    return " | ".join("None" if t is type(None) else t.__name__ for t in types)
+
+
+def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
+    # bool is a subclass of int in Python; a JSON `true` where a count is expected is still a data error.
+    if isinstance(value, bool) and bool not in types:
+        return False
+    if isinstance(value, int) and not isinstance(value, bool) and float in types and int not in types:
+        return True  # JSON writes 1.0 as 1; an int is a fine float
+    return isinstance(value, types)
+
+
+def check_type(value: Any, field: str, types: TypeSpec, where: str = "") -> None:
+    """Raise DataError unless `value` matches `types` (a type, a tuple of types, or a ListOf)."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(types, ListOf):
+        if not isinstance(value, list):
+            raise DataError(f"{prefix}expected {types!r}, got {type(value).__name__}", field=field)
+        for i, element in enumerate(value):
+            if not _is_instance(element, types.types):
+                raise DataError(
+                    f"{prefix}expected {types!r}, element {i} is {type(element).__name__}", field=field
+                )
+        return
+    tup = types if isinstance(types, tuple) else (types,)
+    if not _is_instance(value, tup):
+        raise DataError(f"{prefix}expected {_type_names(tup)}, got {type(value).__name__}", field=field)
+
+
+def require(record: Mapping[str, Any], field: str, types: TypeSpec, where: str = "") -> Any:
+    """Return ``record[field]`` after checking it exists and has the expected type."""
+    if not isinstance(record, Mapping):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}", field=field)
+    if field not in record:
+        raise DataError(f"{where + ': ' if where else ''}missing required field", field=field)
+    value = record[field]
+    check_type(value, field, types, where)
+    return value
+
+
+def optional(record: Mapping[str, Any], field: str, types: TypeSpec, default: Any = None, where: str = "") -> Any:
+    """Return ``record[field]`` (type-checked) or `default` when the field is absent or null."""
+    value = record.get(field)
+    if value is None:
+        return default
+    check_type(value, field, types, where)
+    return value
+
+
+class Schema:
+    """A record schema written as data: ``Schema({"id": (str, int), "problem": str}, optional={...})``.
+
+    `required` fields must be present with a matching type; `optional` fields may be absent or null.
+    Extra fields are allowed (sources carry metadata we pass through).
+    """
+
+    def __init__(self, required: Mapping[str, TypeSpec], optional: Mapping[str, TypeSpec] | None = None):
+        self.required = dict(required)
+        self.optional = dict(optional or {})
+
+    def validate(self, record: Any) -> None:
+        if not isinstance(record, Mapping):
+            raise DataError(f"expected a JSON object, got {type(record).__name__}")
+        for field, types in self.required.items():
+            require(record, field, types)
+        for field, types in self.optional.items():
+            if record.get(field) is not None:
+                check_type(record[field], field, types)
+
+    __call__ = validate
+
+
+def read_jsonl(path: PathLike, validate: Callable[[dict], None] | None = None) -> Iterator[dict]:
+    """Yield one dict per non-blank line; bad JSON, a non-object or a failed `validate` raise DataError."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=lineno) from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"expected a JSON object, got {type(record).__name__}", path=path, line=lineno
+                ) from None
+            if validate is not None:
+                try:
+                    validate(record)
+                except DataError as e:
+                    raise e.located(path, line=lineno) from None
+            yield record

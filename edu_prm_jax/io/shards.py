@@ -1,0 +1,165 @@
+"""Resumable JSONL shards and output fingerprints.
+
+Shards are written to a hidden temp name in the same directory and renamed into place, so a shard exists under
+its final name only once complete; a rerun skips finished shards and deletes stale temp files. A fingerprint
+binds an output directory to the settings that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from edu_prm_jax.io.atomic import TMP_SUFFIX, write_json_atomic, write_jsonl_atomic
+from edu_prm_jax.io.jsonl import DataError, PathLike, read_jsonl
+
+
+def shard_name(prefix: str, index: int, num_shards: int) -> str:
+    """``prefix-00003-of-00010.jsonl``: sorts in shard order and says how many shards make the whole."""
+    if not 0 <= index < num_shards:
+        raise ValueError(f"shard index {index} out of range for {num_shards} shards")
+    return f"{prefix}-{index:05d}-of-{num_shards:05d}.jsonl"
+
+
+def _shard_pattern(prefix: str) -> re.Pattern[str]:
+    return re.compile(re.escape(prefix) + r"-(\d{5})-of-(\d{5})\.jsonl")
+
+
+def _list_shards(out_dir: PathLike, prefix: str) -> list[tuple[int, int, pathlib.Path]]:
+    out_dir = pathlib.Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    pattern = _shard_pattern(prefix)
+    found = []
+    for p in out_dir.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m:
+            found.append((int(m.group(1)), int(m.group(2)), p))
+    return sorted(found)
+
+
+def stale_temp_files(out_dir: PathLike, prefix: str) -> list[pathlib.Path]:
+    """Temp files of `prefix` shards left by a crashed writer (never counted as finished shards)."""
+    out_dir = pathlib.Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted(
+        p for p in out_dir.iterdir() if p.name.startswith(f".{prefix}-") and p.name.endswith(TMP_SUFFIX)
+    )
+
+
+def clean_stale_temps(out_dir: PathLike, prefix: str) -> int:
+    """Delete leftover temp files of `prefix` shards; returns how many were removed.
+
+    Only call this when no other writer is working on the same prefix (one writer per shard set).
+    """
+    stale = stale_temp_files(out_dir, prefix)
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+def completed_shards(out_dir: PathLike, prefix: str, num_shards: int | None = None) -> set[int]:
+    """Indices of shards present under their final name (so complete); temp files never count."""
+    return {i for i, n, _ in _list_shards(out_dir, prefix) if num_shards is None or n == num_shards}
+
+
+def shard_done(out_dir: PathLike, prefix: str, index: int, num_shards: int) -> bool:
+    """Whether shard `index` of `num_shards` was finished (renamed into place)."""
+    return (pathlib.Path(out_dir) / shard_name(prefix, index, num_shards)).is_file()
+
+
+def write_shard(
+    out_dir: PathLike, prefix: str, index: int, num_shards: int, records: Iterable[Mapping[str, Any]]
+) -> pathlib.Path:
+    """Write one shard atomically; a crash midway leaves only a temp file that `clean_stale_temps` removes."""
+    return write_jsonl_atomic(pathlib.Path(out_dir) / shard_name(prefix, index, num_shards), records)
+
+
+class ShardedJsonlWriter:
+    """Resumable writer for ``num_shards`` JSONL shards of one output.
+
+    Typical use::
+
+        writer = ShardedJsonlWriter(out_dir, "trees", num_shards=8)
+        for i in writer.pending():          # cleans stale temps, skips finished shards
+            writer.write(i, compute_shard(i))
+    """
+
+    def __init__(self, out_dir: PathLike, prefix: str, num_shards: int):
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        if not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*", prefix):
+            raise ValueError(f"shard prefix {prefix!r} must be letters, digits, '_', '.' or inner '-'")
+        self.out_dir = pathlib.Path(out_dir)
+        self.prefix = prefix
+        self.num_shards = num_shards
+        others = {n for _, n, _ in _list_shards(self.out_dir, prefix)} - {num_shards}
+        if others:
+            raise DataError(
+                f"holds '{prefix}' shards written with num_shards={sorted(others)}, not {num_shards}; "
+                "use a fresh directory or the same shard count",
+                path=self.out_dir,
+            )
+
+    def completed(self) -> set[int]:
+        return completed_shards(self.out_dir, self.prefix, self.num_shards)
+
+    def done(self, index: int) -> bool:
+        return shard_done(self.out_dir, self.prefix, index, self.num_shards)
+
+    def pending(self) -> list[int]:
+        """Shard indices still to write, after deleting temp files a crashed run left behind."""
+        clean_stale_temps(self.out_dir, self.prefix)
+        done = self.completed()
+        return [i for i in range(self.num_shards) if i not in done]
+
+    def write(self, index: int, records: Iterable[Mapping[str, Any]]) -> pathlib.Path:
+        return write_shard(self.out_dir, self.prefix, index, self.num_shards, records)
+
+    def path(self, index: int) -> pathlib.Path:
+        return self.out_dir / shard_name(self.prefix, index, self.num_shards)
+
+
+def read_shards(
+    out_dir: PathLike, prefix: str, validate: Callable[[dict], None] | None = None
+) -> Iterator[dict]:
+    """Yield the records of all `prefix` shards in shard order; a missing shard is an error, not a gap."""
+    shards = _list_shards(out_dir, prefix)
+    if not shards:
+        raise DataError(f"no shards named '{prefix}-NNNNN-of-NNNNN.jsonl'", path=out_dir)
+    totals = {n for _, n, _ in shards}
+    if len(totals) != 1:
+        raise DataError(f"'{prefix}' shards disagree on the shard count: {sorted(totals)}", path=out_dir)
+    (num_shards,) = totals
+    present = {i for i, _, _ in shards}
+    missing = [i for i in range(num_shards) if i not in present]
+    if missing:
+        names = ", ".join(shard_name(prefix, i, num_shards) for i in missing[:5])
+        raise DataError(f"incomplete output: {len(missing)} missing shard(s): {names}", path=out_dir)
+    for _, _, p in shards:
+        yield from read_jsonl(p, validate)
+
+
+FINGERPRINT = "fingerprint.json"
+
+
+def check_fingerprint(out_dir: PathLike, fingerprint: Mapping[str, Any]) -> None:
+    """Bind an output directory to the settings that produce it.
+
+    The first run writes `fingerprint.json`; a rerun with different settings would otherwise skip "finished"
+    shards made under the old ones and mix results, so it is an error naming the fields that changed."""
+    out_dir = pathlib.Path(out_dir)
+    path = out_dir / FINGERPRINT
+    wanted = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            raise DataError(f"holds outputs made with other settings (changed: {changed}); use a fresh "
+                            "directory or delete it to recompute", path=out_dir)
+        return
+    write_json_atomic(path, wanted)

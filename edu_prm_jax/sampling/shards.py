@@ -1,0 +1,57 @@
+"""Sampled trees to resumable `trees-*` JSONL shards (the file `label` and `eval-bon` read)."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any
+
+from absl import logging
+from tqdm import tqdm
+
+from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint
+from edu_prm_jax.sampling.decode import DecodeParams
+from edu_prm_jax.sampling.engine import Sampler, Tree
+
+
+def tree_record(question: dict, index: int, prompt: str, prompt_ids: list[int], params: DecodeParams,
+                tree: Tree) -> dict[str, Any]:
+    return {"id": str(question["id"]), "index": index, "problem": question["problem"],
+            "answer": question.get("answer"), "prompt": prompt, "prompt_ids": prompt_ids, "mode": params.mode,
+            "params": dataclasses.asdict(params), "leaves": [leaf.to_json() for leaf in tree.leaves],
+            "distinct_tokens": tree.cost, "pruned_tokens": tree.pruned_tokens}
+
+
+def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.Path, num_shards: int,
+                     desc: str = "sample", fingerprint: dict[str, Any] | None = None) -> pathlib.Path:
+    """Sample every question and write `trees-*` shards; finished shards from an earlier run are kept (only
+    when `fingerprint` — the settings that make the shards — matches the one recorded in out_dir)."""
+    num_shards = max(1, min(num_shards, len(questions)))
+    check_fingerprint(out_dir, {"params": dataclasses.asdict(sampler.params), "num_shards": num_shards,
+                                "questions": [q["id"] for q in questions], **(fingerprint or {})})
+    writer = ShardedJsonlWriter(out_dir, "trees", num_shards)
+    bounds = [round(i * len(questions) / num_shards) for i in range(num_shards + 1)]
+    pending = writer.pending()
+    todo = sum(bounds[i + 1] - bounds[i] for i in pending)
+    if not pending:
+        logging.info("%s: all %d shards already complete in %s", desc, num_shards, out_dir)
+        return out_dir
+    tok = sampler.tokenizer
+    start, n_tokens = time.time(), 0
+    with tqdm(total=todo, desc=desc, unit="q") as bar:
+        for shard in pending:
+            lo, hi = bounds[shard], bounds[shard + 1]
+            chunk = questions[lo:hi]
+            prompts = [tok.apply_chat_template(q["problem"]) for q in chunk]
+            prompt_ids = [tok.encode(p) for p in prompts]
+            records = []
+            for i, tree in enumerate(sampler.sample_trees(prompt_ids, list(range(lo, hi)))):
+                records.append(tree_record(chunk[i], lo + i, prompts[i], prompt_ids[i], sampler.params, tree))
+                n_tokens += records[-1]["distinct_tokens"]
+                bar.update(1)
+                bar.set_postfix(tok_per_s=f"{n_tokens / max(time.time() - start, 1e-9):.0f}")
+            writer.write(shard, records)
+    return out_dir
+
+
