@@ -31,6 +31,7 @@ TEST = [
     "torch==2.13.0",
     "transformers>=4.46",
     "ruff>=0.6",
+    "import-linter>=2.0",  # the layer contracts in .importlinter
 ]
 
 setup(

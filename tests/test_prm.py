@@ -15,8 +15,8 @@ from edu_prm_jax.models import checkpoints
 from edu_prm_jax.models.config import Qwen2Config
 from edu_prm_jax.models.prm import PRM, load_prm, masked_bce, prm_loss, save_prm
 from edu_prm_jax.models.qwen2 import Qwen2
-from edu_prm_jax.scoring.examples import PRMDataError, PRMExample, build_example, build_examples
 from edu_prm_jax.scoring import examples as prm_data
+from edu_prm_jax.scoring.examples import PRMDataError, PRMExample, build_example, build_examples
 from edu_prm_jax.training.packing import pack_examples
 from edu_prm_jax.training.prm_train import make_eval_fn
 
