@@ -22,6 +22,8 @@ RUNTIME = [
     "sympy>=1.13",
     "matplotlib>=3.8",
     "tensorboardX>=2.6",
+    "pydantic>=2.6",  # typed inter-stage records (edu_prm_jax.records)
+    "pebble>=5.0",  # the bounded answer-checking process pool (edu_prm_jax.grading)
 ]
 
 TEST = [
