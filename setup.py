@@ -1,6 +1,6 @@
 """edu_prm_jax: entropy-driven process reward models (EDU-PRM) in JAX/Flax NNX."""
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 RUNTIME = [
     "jax>=0.7.0",
@@ -29,6 +29,7 @@ RUNTIME = [
 TEST = [
     "pytest>=8.0",
     "pytest-xdist>=3.5",
+    "hypothesis>=6",  # property tests of the record readers on malformed lines
     "portpicker>=1.6",
     "torch==2.13.0",
     "transformers>=4.46",
@@ -43,9 +44,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["edu_prm_jax", "edu_prm_jax.*"]),
+    # Namespace discovery also lists the data-only dirs (edu_prm_jax.assets.toy_policy: the shipped toy policy)
+    # as packages, so their files go into the wheel; edu_prm_jax.configs is a regular package of .py configs.
+    packages=find_namespace_packages(include=["edu_prm_jax", "edu_prm_jax.*"], exclude=["*__pycache__*"]),
     include_package_data=True,
-    package_data={"edu_prm_jax": ["assets/**/*"]},
+    package_data={"edu_prm_jax.assets.toy_policy": ["*"]},
     install_requires=RUNTIME,
     extras_require={
         "test": TEST,

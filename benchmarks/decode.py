@@ -127,7 +127,7 @@ def throughput(args: argparse.Namespace, jax_side: JaxSide, hf: Callable, rng: n
         prompts = rng.integers(0, args.vocab, size=(batch, args.prompt_len)).astype(np.int32)
         row: dict[str, Any] = {"batch": batch, "new_tokens": batch * n}
         for mode in args.jax_modes:
-            params = DecodeParams(mode=mode, num_slots=1, max_new_tokens=n, temperature=args.temperature,
+            params = DecodeParams(mode=mode, num_leaves=1, max_new_tokens=n, temperature=args.temperature,
                                   stop_at_answer=False, seed=args.seed)
             first, med, out = median_time(lambda p=params, x=prompts: jax_side.run(p, x), args.repeats)
             if not (out["gen_len"] == n).all():
@@ -157,7 +157,7 @@ def edu_vs_ht(args: argparse.Namespace, jax_side: JaxSide, rng: np.random.Genera
 
     n, q = args.new_tokens, args.questions
     prompts = rng.integers(0, args.vocab, size=(q, args.prompt_len)).astype(np.int32)
-    greedy = jax_side.run(DecodeParams(mode="greedy", num_slots=1, max_new_tokens=n, stop_at_answer=False),
+    greedy = jax_side.run(DecodeParams(mode="greedy", num_leaves=1, max_new_tokens=n, stop_at_answer=False),
                           prompts)
     ents = greedy["entropies"][:, :n].ravel()
     tau = float(np.quantile(ents, args.tau_quantile))
@@ -167,7 +167,7 @@ def edu_vs_ht(args: argparse.Namespace, jax_side: JaxSide, rng: np.random.Genera
     for m in args.slots:
         row: dict[str, Any] = {"N": m}
         for mode in ("edu", "ht"):
-            params = DecodeParams(mode=mode, num_slots=m, max_new_tokens=n, temperature=args.temperature,
+            params = DecodeParams(mode=mode, num_leaves=m, max_new_tokens=n, temperature=args.temperature,
                                   tau=tau, branch_k=args.branch_k, max_anchors=max(16, m), stop_at_answer=False,
                                   seed=args.seed)
             first, med, out = median_time(lambda p=params: jax_side.run(p, prompts), args.repeats)

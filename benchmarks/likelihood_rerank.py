@@ -38,7 +38,8 @@ from edu_prm_jax.api import load_model  # noqa: E402
 from edu_prm_jax.evaluation.bon import Candidate, majority_vote  # noqa: E402
 from edu_prm_jax.grading.answers import answers_equal, extract_answer  # noqa: E402
 from edu_prm_jax.io.jsonl import DataError  # noqa: E402
-from edu_prm_jax.io.shards import read_shards  # noqa: E402
+from edu_prm_jax.records.steps import read_step_shards  # noqa: E402
+from edu_prm_jax.records.trees import read_tree_shards  # noqa: E402
 from edu_prm_jax.scoring.metrics import auroc  # noqa: E402
 from edu_prm_jax.toy.defaults import resolve_policy  # noqa: E402
 
@@ -62,7 +63,7 @@ def load_ht_runs(workdir: pathlib.Path, n: int | None = None) -> tuple[int, dict
         raise SystemExit(f"--n {n}: the HT runs in {workdir}/eval_bon/runs hold only {drawn} samples per question")
     out = {}
     for seed, (_, path) in sorted(runs.items()):
-        out[seed] = [{**rec, "leaves": rec["leaves"][:n]} for rec in read_shards(path, "trees")]
+        out[seed] = [rec.model_copy(update={"leaves": rec.leaves[:n]}).to_json() for rec in read_tree_shards(path)]
     return n, out
 
 
@@ -123,9 +124,9 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, steps: int = 2000) -> tu
 def labelled_leaves(workdir: pathlib.Path, limit: int, seed: int = 0) -> tuple[list[list[int]], np.ndarray]:
     """Token rows and final correctness of up to `limit` labelled training solutions."""
     try:
-        records = list(read_shards(workdir / "labels", "steps"))
+        records = [r.to_json() for r in read_step_shards(workdir / "labels")]
     except DataError as e:
-        raise SystemExit(f"{e} (run `edu-prm label` first)") from None
+        raise SystemExit(str(e)) from None  # names the directory and, with no shards, the command to run
     order = np.random.default_rng(seed).permutation(len(records))[:limit]
     rows = [records[i]["prompt_ids"] + [t for step in records[i]["step_ids"] for t in step] for i in order]
     return rows, np.asarray([records[i]["final_correct"] for i in order], float)

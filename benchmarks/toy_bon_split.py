@@ -30,8 +30,8 @@ from edu_prm_jax.commands.common.paths import prm_dir  # noqa: E402
 from edu_prm_jax.evaluation.bon import select_all  # noqa: E402
 from edu_prm_jax.evaluation.candidates import score_records  # noqa: E402
 from edu_prm_jax.grading.answers import is_correct  # noqa: E402
-from edu_prm_jax.io.shards import read_shards  # noqa: E402
 from edu_prm_jax.models.prm import load_prm  # noqa: E402
+from edu_prm_jax.records.trees import read_tree_shards  # noqa: E402
 from edu_prm_jax.toy.defaults import resolve_policy  # noqa: E402
 from edu_prm_jax.toy.policy import REPORT, count_number  # noqa: E402
 
@@ -70,14 +70,14 @@ def main() -> None:
             raise SystemExit(f"{report} not found: pass --number (the number the policy misreads)")
         number = json.loads(report.read_text())["policy_config"]["misread_from"]
     runs_dir = args.workdir / "eval_bon" / "runs"
-    greedy = {r["id"]: bool(r["leaves"]) and is_correct(r["leaves"][0]["text"], r["answer"])
-              for r in read_shards(runs_dir / "greedy", "trees")}
+    greedy = {r.id: bool(r.leaves) and is_correct(r.leaves[0].text, r.answer)
+              for r in read_tree_shards(runs_dir / "greedy")}
     prm = load_prm(prm_dir(args.workdir, config.get("prm", "")), parallel.make_mesh(1, 1, 1),
                    dtype=config.get("dtype", "float32"))
     runs = {f"ht_n{args.n}_s{seed}": (records, "high_entropy")
             for seed, records in load_ht_runs(args.workdir, args.n)[1].items()}  # the first N of each seed's run
     for path in sorted(runs_dir.glob(f"edu_n{args.n}_s*")) + sorted(runs_dir.glob(f"p-edu_n{args.n}_s*")):
-        runs[path.name] = (list(read_shards(path, "trees")), "anchors")
+        runs[path.name] = ([tree.to_json() for tree in read_tree_shards(path)], "anchors")
     print(f"questions with / without a {number}, N = {args.n}; accuracy in %\n")
     print("| run | questions | " + " | ".join(SELECTORS) + " |")
     print("|---|---|" + "---|" * len(SELECTORS))

@@ -2,8 +2,9 @@
 
 Each command is a module `edu_prm_jax.commands.<name>` with `DESCRIPTION` and `run(config, workdir)`, imported
 only when that command runs (so `--help` stays fast and a missing command does not break the others). Flags:
-`--config=FILE[:ARG]` (ml_collections config-file semantics; default `configs/<name>.py`), `--config.a.b=v`
-overrides checked against the config's fields, `--workdir`, `--log_level`.
+`--config=FILE[:ARG]` (ml_collections config-file semantics; default: the shipped `configs/<name>.py`, i.e.
+edu_prm_jax/configs/<name>.py, which `configs/<file>.py` names from any directory), `--config.a.b=v` overrides
+checked against the config's fields, `--workdir`, `--log_level`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class UsageError(Exception):
     """A command line that cannot run: unknown command, unknown field, bad flag value."""
 
 
-def default_config_file(name: str) -> str:
-    return f"configs/{name.replace('-', '_')}.py"
+def default_config_file(name: str) -> pathlib.Path:
+    """The shipped config of command `name`: edu_prm_jax/configs/<name>.py, wherever the package is installed."""
+    return config_utils.shipped_config(name)
 
 
 def command_available(name: str) -> bool:
@@ -107,7 +109,7 @@ def _load(name: str, scan: _Scan):
         return config_utils.load_config(scan.config_spec)
     default = default_config_file(name)
     try:
-        return config_utils.load_config(default, prefer_repo=True)
+        return config_utils.load_config_file(default)
     except config_utils.ConfigFileError as e:
         raise UsageError(f"{e}; pass --config=FILE") from None
 
@@ -117,7 +119,7 @@ def command_help(name: str, scan: _Scan) -> str:
              "[--log_level=LEVEL]", "", command_description(name), "",
              "flags:",
              f"  --config=FILE[:ARG]  config file, built by get_config(ARG) "
-             f"(default {default_config_file(name)})",
+             f"(default configs/{default_config_file(name).name}, shipped in edu_prm_jax/configs/)",
              "  --workdir=DIR        run directory; the config used is saved there (default ./workdir)",
              f"  --log_level=LEVEL    {'|'.join(LOG_LEVELS)} (default info)"]
     config, path, module = _load(name, scan)

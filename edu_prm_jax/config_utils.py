@@ -1,6 +1,8 @@
 """Config files as code: locate and load `configs/<name>.py[:arg]`, list fields, read their `# comments`.
 
-Every config in configs/ documents each field with a `# comment` on the line that sets it; those comments are
+The shipped configs are the package `edu_prm_jax.configs` (one file per command, found wherever the package is
+installed); `configs/<file>.py` on the command line names one of them unless the current directory has a file
+at that path. Every config documents each field with a `# comment` on the line that sets it; those comments are
 the field docs `edu-prm <cmd> --help` prints, read from the source so that they cannot drift from the code.
 """
 
@@ -14,7 +16,6 @@ import io
 import json
 import os
 import pathlib
-import sys
 import textwrap
 import tokenize
 from collections.abc import Callable, Iterator
@@ -23,7 +24,10 @@ from typing import Any
 
 import ml_collections
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from edu_prm_jax.io.atomic import write_text_atomic
+
+SHIPPED_CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"  # the edu_prm_jax.configs package
+SHIPPED_PREFIX = "configs"  # `configs/<file>.py` names a shipped config (when no such file is under the cwd)
 
 
 class ConfigFileError(ValueError):
@@ -31,20 +35,25 @@ class ConfigFileError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- locating
-def resolve_config_path(path: str | os.PathLike, prefer_repo: bool = False) -> pathlib.Path:
-    """The config file `path` names: as given (absolute or relative to the current dir), else relative to the
-    repo root. `prefer_repo` looks in the repo first (for the shipped per-command defaults)."""
+def shipped_config(name: str) -> pathlib.Path:
+    """The shipped config file of command `name` (`eval-bon` -> .../edu_prm_jax/configs/eval_bon.py)."""
+    return SHIPPED_CONFIGS / f"{name.replace('-', '_')}.py"
+
+
+def resolve_config_path(path: str | os.PathLike) -> pathlib.Path:
+    """The config file `path` names: as given (absolute, or relative to the current dir); else, for
+    `configs/<file>.py`, the shipped config of that name (edu_prm_jax/configs/<file>.py)."""
     p = pathlib.Path(path).expanduser()
-    if p.is_absolute():
-        candidates = [p]
-    else:
-        here, repo = pathlib.Path.cwd() / p, REPO_ROOT / p
-        candidates = [repo, here] if prefer_repo else [here, repo]
+    candidates = [p] if p.is_absolute() else [pathlib.Path.cwd() / p]
+    if not p.is_absolute() and len(p.parts) > 1 and p.parts[0] == SHIPPED_PREFIX:
+        candidates.append(SHIPPED_CONFIGS.joinpath(*p.parts[1:]))
     for c in candidates:
         if c.is_file():
             return c.resolve()
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
-    raise ConfigFileError(f"config file {str(path)!r} not found (looked at {tried})")
+    shipped = sorted(f.name for f in SHIPPED_CONFIGS.glob("*.py") if not f.name.startswith("_"))
+    raise ConfigFileError(f"config file {str(path)!r} not found (looked at {tried}); shipped configs: "
+                          f"{', '.join(SHIPPED_PREFIX + '/' + f for f in shipped)}")
 
 
 def split_config_spec(spec: str) -> tuple[str, str | None]:
@@ -54,33 +63,36 @@ def split_config_spec(spec: str) -> tuple[str, str | None]:
 
 
 # ------------------------------------------------------------------------------------------- loading
-def _ensure_import_roots(config_file: pathlib.Path) -> None:
-    """Let config files `from configs import common` whether the CLI runs from the repo, elsewhere, or from
-    a user's own config directory next to a `configs/` package."""
-    for root in (REPO_ROOT, config_file.parent.parent):
-        if (root / "configs").is_dir() and str(root) not in sys.path:
-            sys.path.insert(0, str(root))
-
-
 def load_config_module(path: pathlib.Path) -> ModuleType:
-    _ensure_import_roots(path)
     name = f"_edu_prm_config_{abs(hash(str(path)))}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ConfigFileError(f"{path}: cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as e:  # e.g. `from configs import common`, the layout before configs moved
+        if e.name == SHIPPED_PREFIX or (e.name or "").startswith(SHIPPED_PREFIX + "."):
+            raise ConfigFileError(f"{path}: {e}; the shipped configs are the package edu_prm_jax.configs "
+                                  f"(e.g. `from edu_prm_jax.configs import common`)") from None
+        raise
     if not callable(getattr(module, "get_config", None)):
         raise ConfigFileError(f"{path}: defines no get_config() function")
     return module
 
 
-def load_config(spec: str, prefer_repo: bool = False
-                ) -> tuple[ml_collections.ConfigDict, pathlib.Path, ModuleType]:
+def load_config(spec: str) -> tuple[ml_collections.ConfigDict, pathlib.Path, ModuleType]:
     """(config, resolved file, module) for 'path[:arg]': `get_config(arg)` when an arg is given, else
     `get_config()`, as ml_collections' DEFINE_config_file does."""
     path_str, arg = split_config_spec(spec)
-    path = resolve_config_path(path_str, prefer_repo=prefer_repo)
+    return load_config_file(resolve_config_path(path_str), arg)
+
+
+def load_config_file(path: pathlib.Path, arg: str | None = None
+                     ) -> tuple[ml_collections.ConfigDict, pathlib.Path, ModuleType]:
+    """`load_config` of a file already located (its path may hold a ':')."""
+    if not path.is_file():
+        raise ConfigFileError(f"config file {str(path)!r} not found")
     module = load_config_module(path)
     config = module.get_config(arg) if arg is not None else module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
@@ -116,9 +128,11 @@ def field_type_name(config: ml_collections.ConfigDict, dotted: str) -> str:
 
 
 def nearest_keys(key: str, valid: list[str], n: int = 3) -> list[str]:
-    """Valid keys closest to a misspelled one: by whole path, then by last part ('fsdp' -> 'mesh.fsdp')."""
-    close = difflib.get_close_matches(key, valid, n=n, cutoff=0.5)
+    """Valid keys closest to a misspelled one: a key with the same last part first ('sample.policy' -> 'policy',
+    'fsdp' -> 'mesh.fsdp'), then by whole path, then by similar last part."""
     last = key.rsplit(".", 1)[-1]
+    same = [k for k in valid if k.rsplit(".", 1)[-1] == last][:1]
+    close = same + [k for k in difflib.get_close_matches(key, valid, n=n, cutoff=0.5) if k not in same]
     by_last = {k.rsplit(".", 1)[-1]: k for k in reversed(valid)}
     for m in difflib.get_close_matches(last, list(by_last), n=n, cutoff=0.6):
         if by_last[m] not in close:
@@ -253,19 +267,26 @@ def undocumented_fields(config: ml_collections.ConfigDict, comments: dict[str, s
 
 
 def describe_config(config: ml_collections.ConfigDict, comments: dict[str, str]) -> str:
-    """One line per field: `--config.mesh.data=-1  (int)  comment`."""
-    lines = []
-    for key, value in iter_leaves(config):
-        shown = json.dumps(value) if isinstance(value, str | bool | type(None)) else repr(value)
-        lines.append(f"  --config.{key}={shown}  ({field_type_name(config, key)})"
-                     f"\n      {comments.get(key, '(undocumented)')}")
+    """One line per field, `--config.mesh.data=-1  (int)  comment`, after its group's comment when it has one."""
+    lines: list[str] = []
+
+    def walk(group: ml_collections.ConfigDict, prefix: str) -> None:
+        for key in group.keys():
+            value, dotted = group[key], prefix + key
+            if isinstance(value, ml_collections.ConfigDict):
+                if dotted in comments:
+                    lines.append(f"  --config.{dotted}.*\n      {comments[dotted]}")
+                walk(value, dotted + ".")
+                continue
+            shown = json.dumps(value) if isinstance(value, str | bool | type(None)) else repr(value)
+            lines.append(f"  --config.{dotted}={shown}  ({field_type_name(config, dotted)})"
+                         f"\n      {comments.get(dotted, '(undocumented)')}")
+
+    walk(config, "")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------- provenance
 def write_config_json(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
-    """The config as JSON, written to a temp name and renamed so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """The config as JSON, written atomically so a crash never leaves half a file."""
+    write_text_atomic(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")

@@ -44,7 +44,7 @@ for i in range(64):
     steps = [rng.integers(1, 64, rng.integers(2, 6)).tolist() for _ in range(3)]
     labels = [float(33 not in s) for s in steps]
     examples.append(build_example({"prompt_ids": [1, 2, 3], "step_ids": steps, "labels": labels},
-                                  convention="scalar", record_id=i))
+                                  head="scalar", record_id=i))
 sigterm_at = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 
 

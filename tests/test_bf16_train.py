@@ -16,7 +16,7 @@ def _losses(tmp_path, dtype):
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, dtype=dtype)
     rng = np.random.default_rng(0)
     examples = [build_example({"prompt_ids": [1, 2], "step_ids": [rng.integers(3, 64, 4).tolist() for _ in range(3)],
-                               "labels": [1.0, 0.5, 0.0]}, convention="scalar", record_id=i) for i in range(32)]
+                               "labels": [1.0, 0.5, 0.0]}, head="scalar", record_id=i) for i in range(32)]
     trainer = Trainer(PRM(cfg, "scalar", rngs=nnx.Rngs(0)), prm_loss,
                       OptimConfig(learning_rate=1e-3, warmup_steps=1, total_steps=4),
                       TrainConfig(steps=4, log_every=1, progress=False, tensorboard=False, async_checkpointing=False),

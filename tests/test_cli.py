@@ -50,7 +50,7 @@ def probe_command(tmp_path, monkeypatch) -> Path:
     cfg.parent.mkdir()
     cfg.write_text(textwrap.dedent('''
         import ml_collections
-        from configs import common
+        from edu_prm_jax.configs import common
 
         def get_config(arg=None):
             config = ml_collections.ConfigDict()
@@ -111,7 +111,7 @@ def test_missing_command_module_is_a_clear_error(capsys, monkeypatch):
 def test_command_help_shows_fields_with_their_comments(capsys):
     rc, out, _ = run_cli(capsys, "convert", "--help")
     assert rc == 0
-    # Comments exactly as written in configs/convert.py and configs/common.py.
+    # Comments exactly as written in edu_prm_jax/configs/convert.py and common.py.
     assert '--config.direction="hf_to_orbax"' in out and "hf_to_orbax or orbax_to_hf." in out
     assert "--config.mesh.tensor=1" in out and "Tensor-parallel axis size" in out
     assert "--config.shard_bytes=4294967296" in out
@@ -128,7 +128,7 @@ def test_comment_parser_on_hand_written_config(probe_command):
     assert config_utils.undocumented_fields(config, comments) == []
 
 
-COMMAND_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py")
+COMMAND_CONFIGS = sorted(p for p in (REPO / "edu_prm_jax" / "configs").glob("*.py")
                          if p.name not in ("common.py", "__init__.py"))
 
 

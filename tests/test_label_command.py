@@ -109,7 +109,7 @@ def test_label_records_stats_tfds_and_resume(policy, samples, tmp_path, capsys):
     assert decoded["step_lengths"].tolist() == [len(s) for s in records[0]["step_ids"]]
     assert decoded["labels"].tolist() == pytest.approx(records[0]["labels"])
 
-    examples, bstats = prm_data.build_examples(records, convention="scalar")
+    examples, bstats = prm_data.build_examples(records, head="scalar")
     assert bstats.examples == len(records) and bstats.steps == steps
 
     # rerun: nothing redone; after losing one shard only that shard is rewritten, with the same content
@@ -175,7 +175,7 @@ def test_shepherd_method_labels_line_steps(policy, samples, tmp_path):
         assert r["provenance"]["method"] == "shepherd"
         assert r["provenance"]["node_rollouts"] == [2] * (len(r["steps"]) - 1) + [0]
         if len(r["steps"]) > 1:
-            assert r["provenance"]["rollout_params"]["num_slots"] == 2
+            assert r["provenance"]["rollout_params"]["num_leaves"] == 2
             multi += 1
     assert multi > 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -28,8 +29,8 @@ PYTHON = shutil.which("python3") or shutil.which("python")
 EDU_ARGS = [
     "train",
     "--config=configs/train.py",
-    "--config.run_name=my run $HOME 'x' *",
-    "--config.optim.lr=3e-5",
+    "--config.labels=my run $HOME 'x' *",
+    "--config.learning_rate=3e-5",
     "--workdir=gs://bucket/runs/a b",
 ]
 CREATE_FLAGS = ["--name", "prm-vm", "--zone", "us-west4-a", "--accelerator-type", "v5litepod-8",
@@ -352,3 +353,24 @@ def test_gpu_real_local_multiprocess(fake_world: dict[str, str], tmp_path: Path)
     assert res.returncode == 4
     assert json.loads((Path(fake_world["EDU_OUT"]) / "argv-solo.json").read_text())["env"][
         "XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+
+
+# ---- docs ----------------------------------------------------------------------------------------
+
+DOC_CALL = re.compile(r"\b([a-z][a-z-]*) --config=(configs/[\w.]+\.py)((?:\s+--config\.[\w.]+=\S+)*)")
+
+
+@pytest.mark.parametrize("doc", [REPO / "launch" / "README.md", TPU, GPU], ids=lambda p: p.name)
+def test_docs_name_real_configs_and_fields(doc: Path) -> None:
+    """Every `<command> --config=configs/X.py --config.field=...` in the launch docs names a shipped config and
+    fields it has (the docs once named configs/eval.py and config.run_name, which never existed)."""
+    from edu_prm_jax import config_utils
+    from edu_prm_jax.commands.registry import COMMANDS
+
+    calls = DOC_CALL.findall(doc.read_text())
+    assert calls, f"{doc.name}: no edu-prm calls found"
+    for command, spec, overrides in calls:
+        assert command in COMMANDS, f"{doc.name}: unknown command {command!r}"
+        config, _, _ = config_utils.load_config(spec)
+        keys = [o.split("=", 1)[0].removeprefix("--config.") for o in overrides.split()]
+        config_utils.check_override_keys(keys, config, spec)  # raises, naming the field, when one is missing

@@ -3,9 +3,9 @@ that a rerun resumes (finished stages are not redone) instead of starting over."
 
 import json
 
-from configs import pipeline as pipeline_config
 from edu_prm_jax import cli
 from edu_prm_jax.commands import pipeline
+from edu_prm_jax.configs import pipeline as pipeline_config
 
 TINY = ["--config.stages=sample,label,train,eval_bon", "--config.sample.questions=toy:train:12",
         "--config.sample.sampling.num_leaves=4", "--config.sample.batch_questions=12", "--config.train.steps=6",

@@ -223,12 +223,12 @@ def test_step_scores_match_torch_reference_and_export_roundtrip(tmp_path, head):
     (tmp_path / "ref").mkdir()
     body, score = _torch_prm(tmp_path / "ref", head)
     prm = load_prm(tmp_path / "ref", separator_id=SEP)
-    assert prm.head_kind == head
+    assert prm.head_spec.name == head
     tok = IntTokenizer()
     ours = prm_data.score_solutions(prm, tok, ITEMS)
     refs = []
     for (prompt, steps), got in zip(ITEMS, ours):
-        ex = prm_data.encode_solution(tok, prompt, steps, convention=head, separator_id=SEP)
+        ex = prm_data.encode_solution(tok, prompt, steps, head=head, separator_id=SEP)
         assert len(got) == len(steps)
         if head == "qwen_math":
             assert (ex.tokens[ex.step_ends] == SEP).all()
@@ -254,7 +254,7 @@ def test_step_scores_match_torch_reference_and_export_roundtrip(tmp_path, head):
     body2.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
     score2.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("score.")}, strict=True)
     for (prompt, steps), ref in zip(ITEMS, refs):
-        ex = prm_data.encode_solution(tok, prompt, steps, convention=head, separator_id=SEP)
+        ex = prm_data.encode_solution(tok, prompt, steps, head=head, separator_id=SEP)
         np.testing.assert_allclose(
             _torch_step_probs(body2, score2, head, ex.tokens, ex.step_ends), ref, atol=1e-6
         )
@@ -310,28 +310,28 @@ def _record(**kw):
     } | kw
 
 
-def test_build_example_marks_spans_both_conventions():
-    ex = build_example(_record(), convention="scalar")
+def test_build_example_marks_spans_both_heads():
+    ex = build_example(_record(), head="scalar")
     assert ex.tokens.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert ex.step_ends.tolist() == [4, 5, 8]
     assert ex.targets[ex.step_ends].tolist() == [1.0, 0.5, 0.0] and ex.targets.sum() == 1.5
-    ex = build_example(_record(), convention="qwen_math", separator_id=SEP)
+    ex = build_example(_record(), head="qwen_math", separator_id=SEP)
     assert ex.tokens.tolist() == [1, 2, 3, 4, 5, SEP, 6, SEP, 7, 8, 9, SEP]
     assert ex.step_ends.tolist() == [5, 7, 11]
 
 
 def test_step_token_supervision_labels_every_token_of_a_step():
-    ex = build_example(_record(), convention="scalar", supervise="step_tokens")
+    ex = build_example(_record(), head="scalar", supervise="step_tokens")
     assert ex.targets.tolist() == [0, 0, 0, 1.0, 1.0, 0.5, 0.0, 0.0, 0.0]
     assert ex.loss_mask.tolist() == [False] * 3 + [True] * 6 and ex.step_ends.tolist() == [4, 5, 8]
-    ex = build_example(_record(), convention="qwen_math", separator_id=SEP, supervise="step_tokens")
+    ex = build_example(_record(), head="qwen_math", separator_id=SEP, supervise="step_tokens")
     assert ex.targets.tolist() == [0, 0, 0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
     assert ex.loss_mask.sum() == 9
-    assert build_example(_record(), convention="scalar").loss_mask.tolist() == [i in (4, 5, 8) for i in range(9)]
-    batch = make_prm_batches([build_example(_record(), convention="scalar", supervise="step_tokens")], 16, 1)[0]
+    assert build_example(_record(), head="scalar").loss_mask.tolist() == [i in (4, 5, 8) for i in range(9)]
+    batch = make_prm_batches([build_example(_record(), head="scalar", supervise="step_tokens")], 16, 1)[0]
     assert batch["loss_mask"][0].tolist() == [False] * 3 + [True] * 6 + [False] * 7
     with pytest.raises(ValueError, match="supervise"):
-        build_example(_record(), convention="scalar", supervise="all")
+        build_example(_record(), head="scalar", supervise="all")
 
 
 BAD = [
@@ -351,24 +351,24 @@ BAD = [
 @pytest.mark.parametrize("change,field", BAD)
 def test_malformed_records_raise_with_id_and_field(change, field):
     with pytest.raises(PRMDataError, match=rf"rec-7.*{field}"):
-        build_example(_record(**change), convention="qwen_math", separator_id=SEP, vocab_size=VOCAB)
+        build_example(_record(**change), head="qwen_math", separator_id=SEP, vocab_size=VOCAB)
 
 
 def test_missing_field_and_index_as_id():
     rec = _record()
     del rec["id"], rec["labels"]
     with pytest.raises(PRMDataError, match=r"record 1: missing field 'labels'"):
-        build_examples([_record(id=None), rec], convention="scalar")
+        build_examples([_record(id=None), rec], head="scalar")
 
 
 def test_truncation_is_an_error_or_a_counted_drop():
     with pytest.raises(PRMDataError, match=r"rec-7.*max_len=10.*1 of 3 step end"):
-        build_example(_record(), convention="qwen_math", separator_id=SEP, max_len=10)
-    exact_fit = build_example(_record(), convention="qwen_math", separator_id=SEP, max_len=12)
+        build_example(_record(), head="qwen_math", separator_id=SEP, max_len=10)
+    exact_fit = build_example(_record(), head="qwen_math", separator_id=SEP, max_len=12)
     assert exact_fit is not None and len(exact_fit.tokens) == 12 and exact_fit.step_ends.tolist() == [5, 7, 11]
     exs, stats = build_examples(
         [_record(), _record(id="short", step_ids=[[4], [5], [6]])],
-        convention="qwen_math",
+        head="qwen_math",
         separator_id=SEP,
         max_len=10,
         on_overflow="drop",
@@ -405,7 +405,7 @@ def test_packing_does_not_change_step_logits():
     ]
     for r in records:
         r["labels"] = r["labels"][: len(r["step_ids"])]
-    examples, stats = build_examples(records, convention="qwen_math", separator_id=SEP)
+    examples, stats = build_examples(records, head="qwen_math", separator_id=SEP)
     batches = make_prm_batches(examples, seq_len=40, rows=2, seed=0)
     assert {b["tokens"].shape for b in batches} == {(2, 40)}
     assert sum(int(b["step_end_mask"].sum()) for b in batches) == stats.steps
@@ -432,7 +432,7 @@ def test_score_solutions_batch_invariant_and_compiles_per_bucket():
     tok = IntTokenizer()
     together = prm_data.score_solutions(prm, tok, ITEMS, batch_size=2)
     for item, got in zip(ITEMS, together):
-        ex = prm_data.encode_solution(tok, *item, convention="scalar")
+        ex = prm_data.encode_solution(tok, *item, head="scalar")
         alone = jax.nn.sigmoid(alone_logits(prm, ex.tokens, 32))
         np.testing.assert_allclose(got, np.asarray(alone)[ex.step_ends], atol=1e-5)
     before = prm_data._step_logits._cache_size()
@@ -475,8 +475,8 @@ def _auroc(scores, labels):
 def test_tiny_prm_learns_step_errors():
     start = time.time()
     rng = np.random.default_rng(0)
-    train, _ = build_examples(_synthetic(rng, 500), convention="qwen_math", separator_id=SEP)
-    held, _ = build_examples(_synthetic(rng, 100), convention="qwen_math", separator_id=SEP)
+    train, _ = build_examples(_synthetic(rng, 500), head="qwen_math", separator_id=SEP)
+    held, _ = build_examples(_synthetic(rng, 100), head="qwen_math", separator_id=SEP)
     batches = make_prm_batches(train, seq_len=64, rows=8, seed=0)
     prm = PRM(tiny_cfg(), "qwen_math", rngs=nnx.Rngs(0), separator_id=SEP)
     graphdef, state = nnx.split(prm)
@@ -531,7 +531,7 @@ def test_held_out_eval_matches_numpy_on_plain_forwards():
     prm = PRM(tiny_cfg(), "scalar", rngs=nnx.Rngs(4))
     records = [_record(), _record(id="b", step_ids=[[10, 11], [12, 13, 14], [15]], labels=[1.0, 1.0, 1.0]),
                _record(id="c", step_ids=[[20], [21], [22]], labels=[0.0, 0.0, 0.0])]
-    examples = [build_example(r, convention="scalar") for r in records]
+    examples = [build_example(r, head="scalar") for r in records]
     got = make_eval_fn(examples, rows=2, pos_weight=2.5, groups=["q", "q", "q"])(prm, 0)
     z = np.concatenate([alone_logits(prm, ex.tokens, 16)[ex.step_ends] for ex in examples])
     t = np.concatenate([ex.targets[ex.step_ends] for ex in examples])

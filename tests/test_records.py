@@ -137,3 +137,13 @@ def test_mixed_shard_counts_rejected(tmp_path):
     shards.write_shard(tmp_path, "t", 0, 3, [{}])
     with pytest.raises(jsonl.DataError, match="disagree"):
         list(shards.read_shards(tmp_path, "t"))
+
+
+def test_read_jsonl_skips_a_leading_utf8_bom_and_names_bad_bytes(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + b'{"id": 1, "problem": "a"}\n{"id": 2, "problem": "b"}\n')
+    assert [r["id"] for r in jsonl.read_jsonl(p, SCHEMA)] == [1, 2]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"id": 1, "problem": "a"}\n{"id": 2, "problem": "\xff"}\n')
+    with pytest.raises(jsonl.DataError, match=r"bad\.jsonl:2: not UTF-8"):
+        list(jsonl.read_jsonl(bad))

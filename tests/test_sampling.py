@@ -65,7 +65,7 @@ def test_ht_records_temperature_one_logprobs_of_the_sampled_tokens(peaked_model)
     of what was sampled, not those of the tempered sampling distribution."""
     hf, model = peaked_model
     prompts = np.random.default_rng(4).integers(0, V - 1, (2, 5)).astype(np.int32)
-    p = DecodeParams(mode="ht", num_slots=3, max_new_tokens=10, temperature=0.5, seed=7)
+    p = DecodeParams(mode="ht", num_leaves=3, max_new_tokens=10, temperature=0.5, seed=7)
     out = decode(p, model, _tables(), prompts, np.array([5, 5]), np.arange(2))
     for q in range(2):
         for leaf in slots_to_leaves(out, q * 3, 3):
@@ -98,7 +98,7 @@ def test_greedy_equals_transformers_generate(peaked_model):
     arr = np.zeros((3, 16), np.int32)
     for i, p in enumerate(prompts):
         arr[i, :len(p)] = p
-    out = decode(DecodeParams(mode="greedy", num_slots=1, max_new_tokens=20), model, _tables(), arr,
+    out = decode(DecodeParams(mode="greedy", num_leaves=1, max_new_tokens=20), model, _tables(), arr,
                  np.array([len(p) for p in prompts]), np.arange(3))
     for i, p in enumerate(prompts):
         ref = hf.generate(torch.as_tensor([p]), do_sample=False, max_new_tokens=20, eos_token_id=EOS,
@@ -114,7 +114,7 @@ def test_edu_invariants_by_teacher_forcing(peaked_model, mode):
     tau, k, m = 0.6, 2, 8
     symbols = set(range(0, V, 5))
     prompts = np.random.default_rng(2).integers(0, V - 1, (2, 6)).astype(np.int32)
-    p = DecodeParams(mode="edu", num_slots=m, max_new_tokens=14, tau=tau, branch_k=k, threshold_mode=mode)
+    p = DecodeParams(mode="edu", num_leaves=m, max_new_tokens=14, tau=tau, branch_k=k, threshold_mode=mode)
     out = decode(p, model, _tables(symbols), prompts, np.array([6, 6]), np.arange(2))
     n_anchor_total = 0
     for q in range(2):
@@ -172,7 +172,7 @@ def test_budget_mode_forks_highest_entropy_first(peaked_model):
     prompts = np.random.default_rng(5).integers(0, V - 1, (n, 6)).astype(np.int32)
     verdicts = {}
     for mode in ("budget", "fixed"):
-        p = DecodeParams(mode="edu", num_slots=3, max_new_tokens=14, tau=0.0, branch_k=2, threshold_mode=mode)
+        p = DecodeParams(mode="edu", num_leaves=3, max_new_tokens=14, tau=0.0, branch_k=2, threshold_mode=mode)
         out = decode(p, model, _tables(), prompts, np.full(n, 6), np.arange(n))
         assert all(len(slots_to_leaves(out, q * 3, 3)) == 3 for q in range(n))  # the budget is spent
         verdicts[mode] = [_last_fork_prefers_higher_entropy(out, q, 3) for q in range(n)]
@@ -183,7 +183,7 @@ def test_budget_mode_forks_highest_entropy_first(peaked_model):
 def test_stop_strings_end_generation_after_the_first_match(peaked_model):
     _, model = peaked_model
     prompts = np.random.default_rng(8).integers(0, V - 1, (2, 5)).astype(np.int32)
-    p = DecodeParams(mode="greedy", num_slots=1, max_new_tokens=16)
+    p = DecodeParams(mode="greedy", num_leaves=1, max_new_tokens=16)
     free = decode(p, model, _tables(), prompts, np.full(2, 5), np.arange(2))
     ref = [free["tokens"][i, : free["gen_len"][i]].tolist() for i in range(2)]
     start = next(j for j in range(2, len(ref[0]) - 1) if EOS not in ref[0][j:j + 2])
@@ -212,7 +212,7 @@ def test_temperature_sampling_matches_softmax_chi_square(tmp_path):
     stop = build_stop_tables([f"t{i}" for i in range(12)], 12, [])
     tables = Tables.build(stop, np.zeros(12, bool), 12, 12)
     q = 32
-    p = DecodeParams(mode="ht", num_slots=64, max_new_tokens=1, temperature=temp, seed=7)
+    p = DecodeParams(mode="ht", num_leaves=64, max_new_tokens=1, temperature=temp, seed=7)
     out = decode(p, model, tables, np.tile(np.array(prompt + [0], np.int32), (q, 1)), np.full(q, 3), np.arange(q))
     counts = np.bincount(out["tokens"][:, 0], minlength=12)
     n = counts.sum()
@@ -234,7 +234,7 @@ def test_top_k_and_top_p_filters():
 def test_sharded_rollouts_equal_single_device(peaked_model, mode, monkeypatch):
     _, model = peaked_model
     prompts = np.random.default_rng(6).integers(0, V - 1, (8, 6)).astype(np.int32)
-    p = DecodeParams(mode=mode, num_slots=4, max_new_tokens=10, tau=0.6, temperature=1.0)
+    p = DecodeParams(mode=mode, num_leaves=4, max_new_tokens=10, tau=0.6, temperature=1.0)
     args = (p, model, _tables(), prompts, np.full(8, 6), np.arange(8))
     single = decode(*args)
     mesh = parallel.make_mesh(data=8)
@@ -264,7 +264,7 @@ def _scalar_prm(model, bias):
 def test_p_edu_prunes_low_scoring_paths_and_keeps_one(peaked_model):
     _, model = peaked_model
     prompts = np.random.default_rng(8).integers(0, V - 1, (2, 6)).astype(np.int32)
-    p = DecodeParams(mode="edu", num_slots=6, max_new_tokens=14, tau=0.6, prune_below=0.2)
+    p = DecodeParams(mode="edu", num_leaves=6, max_new_tokens=14, tau=0.6, prune_below=0.2)
     args = (p, model, _tables(), prompts, np.array([6, 6]), np.arange(2))
     plain = decode(*args)
     confident = decode(*args, prm=_scalar_prm(model, 50.0))  # every step scores ~1: nothing is pruned
@@ -285,7 +285,7 @@ def test_changing_seed_tau_or_temperature_compiles_nothing(peaked_model):
 
     _, model = peaked_model
     prompts = np.random.default_rng(9).integers(0, V - 1, (2, 6)).astype(np.int32)
-    run = lambda **kw: decode(DecodeParams(mode="ht", num_slots=2, max_new_tokens=6, **kw), model, _tables(),  # noqa
+    run = lambda **kw: decode(DecodeParams(mode="ht", num_leaves=2, max_new_tokens=6, **kw), model, _tables(),  # noqa
                               prompts, np.array([6, 3]), np.arange(2))
     first = run(seed=0, tau=1.0, temperature=0.7)
     size = decode_mod._decode_jit._cache_size()
@@ -297,6 +297,6 @@ def test_changing_seed_tau_or_temperature_compiles_nothing(peaked_model):
 def test_padding_rows_do_not_run(peaked_model):
     _, model = peaked_model
     prompts = np.random.default_rng(10).integers(0, V - 1, (3, 6)).astype(np.int32)
-    out = decode(DecodeParams(mode="greedy", num_slots=1, max_new_tokens=8), model, _tables(), prompts,
+    out = decode(DecodeParams(mode="greedy", num_leaves=1, max_new_tokens=8), model, _tables(), prompts,
                  np.array([6, 6, 1]), np.array([0, 1, -1]))
     assert out["gen_len"][2] == 0 and not out["used"][2]

@@ -31,7 +31,7 @@ def test_score_matches_direct_scoring_and_rejects_bad_lines(tmp_path):
     tok = load_tokenizer(policy)  # independent path: build the inputs by hand and score them directly
     ex = build_example({"prompt_ids": tok.encode(tok.apply_chat_template(rows[0]["problem"])),
                         "step_ids": [tok.encode("3 + 4 = 7\n"), tok.encode("\\boxed{7}")], "labels": [0, 0]},
-                       convention="scalar")
+                       head="scalar")
     np.testing.assert_allclose(got[0]["step_scores"], score_examples(prm, [ex])[0], atol=1e-6)
     # and independently of the scoring helper: one plain forward, sigmoid at the hand-counted step ends
     n_prompt, n_step0, n_step1 = (len(tok.encode(tok.apply_chat_template(rows[0]["problem"]))),

@@ -28,7 +28,7 @@ def test_train_command_exports_a_loadable_prm(tmp_path):
     assert summary["step"] == 6 and np.isfinite(summary["loss"])
     assert "eval_pair_accuracy" in summary and "eval_select_accuracy" in summary
     prm = load_prm(w / "prm" / "hf")
-    assert prm.head_kind == "scalar"
+    assert prm.head_spec.name == "scalar"
     # a rerun finds the finished checkpoint and does not train again: no checkpoint is written or rewritten
     checkpoints = {p.name: p.stat().st_mtime_ns for p in (w / "prm" / "checkpoints").iterdir()}
     assert cli.main(["train", *common, "--config.steps=6", "--config.rows=8", "--config.seq_len=64",
@@ -40,7 +40,7 @@ def test_train_command_exports_a_loadable_prm(tmp_path):
     tokens = np.arange(12, dtype=np.int32)[None] % 40
     np.testing.assert_allclose(np.asarray(again(tokens)), np.asarray(prm(tokens)), atol=1e-6)
     assert cli.main(["export", f"--workdir={w}", "--config.which=best"]) == 0
-    assert load_prm(w / "prm" / "hf_best").head_kind == "scalar"
+    assert load_prm(w / "prm" / "hf_best").head_spec.name == "scalar"
 
 
 def test_selection_metrics_hand_worked():

@@ -22,8 +22,8 @@ from edu_prm_jax.evaluation.bon import SELECTORS, select_all
 from edu_prm_jax.evaluation.candidates import score_records
 from edu_prm_jax.evaluation.report import write_bon_report
 from edu_prm_jax.grading.answers import is_correct
-from edu_prm_jax.io.shards import read_shards
 from edu_prm_jax.models.prm import load_prm
+from edu_prm_jax.records.trees import read_tree_shards
 from edu_prm_jax.sampling.engine import Sampler
 from edu_prm_jax.sampling.shards import sample_to_shards
 from edu_prm_jax.toy.defaults import load_questions, resolve_policy
@@ -55,9 +55,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     tokenizer = load_tokenizer(config.tokenizer or policy_dir)
     prm_path = prm_dir(workdir, config.prm)
     prm = load_prm(prm_path, mesh, dtype=config.dtype)
-    if config.p_edu and prm.uses_separator:
-        raise ValueError("config.p_edu=True needs a scalar-head PRM (P-EDU scores each step at its last token); "
-                         f"{prm_path} has the {prm.head_kind} head: pass --config.p_edu=False")
+    if config.p_edu and prm.head_spec.inserts_separator:
+        raise ValueError("config.p_edu=True needs a PRM that scores each step at its last token (P-EDU reads the "
+                         f"policy's tokens as generated); {prm_path} has the {prm.head_spec.name} head, which "
+                         "inserts a separator: pass --config.p_edu=False")
     weights = sorted(prm_path.glob("*.safetensors"))
     prm_identity = [str(prm_path.resolve())] + [f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
                                                 for w in weights]
@@ -75,16 +76,16 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                        "symbols": [s.extra_symbols, s.disable_symbols],
                        "prm": prm_identity if prm_model is not None else None}
         sample_to_shards(sampler, questions, run_dir, config.num_shards, desc=name, fingerprint=fingerprint)
-        return list(read_shards(run_dir, "trees"))
+        return [tree.to_json() for tree in read_tree_shards(run_dir)]
 
-    greedy = sampled("greedy", 0, mode="greedy", num_slots=1)
+    greedy = sampled("greedy", 0, mode="greedy", num_leaves=1)
     greedy_acc = sum(is_correct(r["leaves"][0]["text"], r["answer"]) for r in greedy if r["leaves"]) / len(greedy)
     scored: dict[str, dict[str, float]] = {}  # run name -> accuracies (greedy EDU trees are shared by seeds)
     runs: list[dict[str, Any]] = []
     edu_seeds = seeds[:1] if s.edu_greedy else seeds
     samplers = ["edu", "p-edu"] if config.p_edu else ["edu"]
     for seed in seeds:
-        ht = sampled(f"ht_n{max(n_grid)}_s{seed}", seed, mode="ht", num_slots=max(n_grid),
+        ht = sampled(f"ht_n{max(n_grid)}_s{seed}", seed, mode="ht", num_leaves=max(n_grid),
                      temperature=config.ht_temperature)
         ht_cands = score_records(prm, ht, "high_entropy")
         for n in n_grid:
@@ -97,7 +98,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                 tree_seed = seed if seed in edu_seeds else edu_seeds[0]
                 run_name = f"{name}_n{n}_s{tree_seed}"
                 trees = sampled(run_name, tree_seed, prm_model=prm if name == "p-edu" else None,
-                                mode="edu", num_slots=n, prune_below=config.prune_below)
+                                mode="edu", num_leaves=n, prune_below=config.prune_below)
                 if run_name not in scored:
                     scored[run_name] = _accuracies(score_records(prm, trees, "anchors"))
                 acc = scored[run_name]

@@ -31,7 +31,7 @@ def item_example(prm: Any, tokenizer: Any, item: dict, joiner: str, max_tokens: 
     prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(item["problem"]))
     steps = [tokenizer.encode(s) for s in joined_steps(item["steps"], joiner)]
     steps = [s if s else [tokenizer.pad_token_id] for s in steps]
-    sep = 1 if prm.uses_separator else 0
+    sep = 1 if prm.head_spec.inserts_separator else 0
     total, kept = len(prompt_ids), []
     for s in steps:
         if total + len(s) + sep > max_tokens:
@@ -41,7 +41,7 @@ def item_example(prm: Any, tokenizer: Any, item: dict, joiner: str, max_tokens: 
     if not kept:
         return None, len(steps)
     record = {"prompt_ids": prompt_ids, "step_ids": kept, "labels": [0.0] * len(kept)}
-    ex = build_example(record, convention=prm.head_kind, separator_id=prm.separator_id, record_id=item["id"])
+    ex = build_example(record, head=prm.head_spec.name, separator_id=prm.separator_id, record_id=item["id"])
     return ex, len(steps) - len(kept)
 
 
@@ -74,6 +74,11 @@ def _table(title: str, result: dict) -> list[str]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    if not config.data:  # ProcessBench is not shipped: no default
+        raise ValueError("config.data is not set (pass --config.data=DIR, the dir holding ProcessBench's "
+                         "gsm8k.json, math.json, olympiadbench.json and omnimath.json)")
+    if not pathlib.Path(config.data).is_dir():
+        raise FileNotFoundError(f"config.data={config.data!r}: no such directory")
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     prm_path = prm_dir(workdir, config.prm)
     prm = load_prm(prm_path, mesh, dtype=config.dtype)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import re
 import shutil
 import zlib
 from collections.abc import Iterator, Sequence
@@ -44,71 +43,29 @@ from tqdm import tqdm
 from edu_prm_jax.grading import answers
 from edu_prm_jax.io import tfds as tfds_io
 from edu_prm_jax.io.atomic import write_json_atomic
-from edu_prm_jax.io.jsonl import DataError, ListOf, Schema, read_jsonl
-from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint, read_shards
+from edu_prm_jax.io.jsonl import count_records
+from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint
 from edu_prm_jax.labeling.mc import TARGETS, JudgedTree, PathLabels, apply_target, label_trees
 from edu_prm_jax.labeling.shepherd import label_shepherd
+from edu_prm_jax.records.steps import STEPS_PREFIX, TFDS_FEATURES, TFDS_NAME, Provenance, StepRecord, read_step_shards
+from edu_prm_jax.records.trees import TreeRecord, read_tree_file, tree_shard_paths
 from edu_prm_jax.sampling.engine import Leaf
 from edu_prm_jax.toy.audit import ToyLabelAudit
 from edu_prm_jax.toy.defaults import resolve_policy
 
 DESCRIPTION = "Monte Carlo step labels (EDU tree or Math-Shepherd) of sample shards, as JSONL + TFDS."
 
-INPUT_PREFIX, OUTPUT_PREFIX, TFDS_NAME = "trees", "steps", "labels"
 METHODS = ("edu", "shepherd")
-TREE_SCHEMA = Schema({"id": (str, int), "prompt": str, "prompt_ids": ListOf(int), "mode": str, "params": dict,
-                      "leaves": list}, optional={"answer": (str, int, float), "index": int})
-LEAF_SCHEMA = Schema({"slot": int, "token_ids": ListOf(int), "anchors": ListOf(int), "text": str},
-                     optional={"parent_slot": int, "fork_pos": int, "stop_reason": str})
-TFDS_FEATURES = {"id": "string", "question_id": "string", "prompt_ids": "int32[]", "step_ids_flat": "int32[]",
-                 "step_lengths": "int32[]", "labels": "float32[]", "label_kind": "string[]",
-                 "final_correct": "bool"}
 
 
 # ------------------------------------------------------------------------------------------- input
-def validate_tree(record: dict) -> None:
-    """Schema of a `sample` tree record; leaf errors name the field as `leaves[i].<field>`."""
-    TREE_SCHEMA.validate(record)
-    for i, leaf in enumerate(record["leaves"]):
-        try:
-            LEAF_SCHEMA.validate(leaf)
-        except DataError as e:
-            raise DataError(e.message, field=f"leaves[{i}]" + (f".{e.field}" if e.field else "")) from None
-        n = len(leaf["token_ids"])
-        bad = [a for a in leaf["anchors"] if not 0 <= a <= n]
-        if bad:
-            raise DataError(f"anchor {bad[0]} outside [0, {n}] (the path has {n} tokens)",
-                            field=f"leaves[{i}].anchors")
-        if any(t < 0 for t in leaf["token_ids"]):
-            raise DataError("negative token id", field=f"leaves[{i}].token_ids")
-
-
-def input_shards(samples: pathlib.Path) -> list[pathlib.Path]:
-    """All `trees-*` shards of `samples`, checked complete (a missing shard is an error, not a gap)."""
-    pattern = re.compile(re.escape(INPUT_PREFIX) + r"-(\d{5})-of-(\d{5})\.jsonl")
-    found = sorted((int(m.group(1)), int(m.group(2)), p) for p in (samples.iterdir() if samples.is_dir() else [])
-                   if (m := pattern.fullmatch(p.name)))
-    if not found:
-        raise DataError(f"no shards named '{INPUT_PREFIX}-NNNNN-of-NNNNN.jsonl' (run `edu-prm sample` first)",
-                        path=samples)
-    totals = {n for _, n, _ in found}
-    if len(totals) != 1 or [i for i, _, _ in found] != list(range(totals.pop())):
-        raise DataError(f"incomplete or mixed '{INPUT_PREFIX}' shards: {[p.name for *_, p in found]}", path=samples)
-    return [p for *_, p in found]
-
-
-def count_records(path: pathlib.Path) -> int:
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
-
-
 def records_in_range(shards: Sequence[pathlib.Path], sizes: Sequence[int], lo: int, hi: int
-                     ) -> Iterator[tuple[dict, str]]:
+                     ) -> Iterator[tuple[TreeRecord, str]]:
     """Validated input records lo..hi-1 (global order) with their shard's file name."""
     offset = 0
     for path, size in zip(shards, sizes):
         if offset < hi and offset + size > lo:
-            for j, rec in enumerate(read_jsonl(path, validate_tree)):
+            for j, rec in enumerate(read_tree_file(path)):
                 if offset + j >= hi:
                     break
                 if offset + j >= lo:
@@ -130,7 +87,7 @@ class SamplerRollout:
         if k < 1:
             raise ValueError(f"rollouts need k >= 1 samples per prompt, got {k}")
         self.sampler = build_sampler(config.policy, config.tokenizer, config.sampling, config.mesh, config.dtype,
-                                     config.batch_questions, config.prompt_bucket, mode="ht", num_slots=k)
+                                     config.batch_questions, config.prompt_bucket, mode="ht", num_leaves=k)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -154,35 +111,33 @@ def step_texts(decode: Any, token_ids: Sequence[int], spans: Sequence[tuple[int,
     return out
 
 
-def path_record(rec: dict, source: str, leaf: Leaf, path: PathLabels, target: str, method: str,
-                decode: Any, rollout_params: dict | None) -> dict[str, Any]:
+def path_record(rec: TreeRecord, source: str, leaf: Leaf, path: PathLabels, target: str, method: str,
+                decode: Any, rollout_params: dict | None) -> StepRecord:
     labels, kinds = apply_target(path.values, target)
-    qid = str(rec["id"])
-    return {
-        "id": f"{qid}/{leaf.slot}", "question_id": qid, "problem": rec.get("problem", ""), "prompt": rec["prompt"],
-        "prompt_ids": rec["prompt_ids"],
-        "steps": step_texts(decode, leaf.token_ids, path.spans),
-        "step_ids": [leaf.token_ids[s:e] for s, e in path.spans], "labels": labels, "label_kind": kinds,
-        "target": target, "final_correct": path.correct,
-        "provenance": {"method": method, "source_shard": source, "mode": rec["mode"], "sampler": rec["params"],
-                       "slot": leaf.slot, "values": path.values, "node_leaves": path.node_leaves,
-                       "node_correct": path.node_correct, "node_rollouts": path.node_rollouts,
-                       "rollout_params": rollout_params},
-    }
+    qid = rec.question_id
+    return StepRecord(
+        id=f"{qid}/{leaf.slot}", question_id=qid, problem=rec.problem, prompt=rec.prompt, prompt_ids=rec.prompt_ids,
+        steps=step_texts(decode, leaf.token_ids, path.spans),
+        step_ids=[leaf.token_ids[s:e] for s, e in path.spans], labels=labels, label_kind=kinds,
+        target=target, final_correct=path.correct,
+        provenance=Provenance(method=method, source_shard=source, mode=rec.mode, sampler=rec.params, slot=leaf.slot,
+                              values=path.values, node_leaves=path.node_leaves, node_correct=path.node_correct,
+                              node_rollouts=path.node_rollouts, rollout_params=rollout_params),
+    )
 
 
-def label_records(items: Sequence[tuple[dict, str]], config: ml_collections.ConfigDict, tokenizer: Any,
-                  rollout: SamplerRollout | None) -> list[dict[str, Any]]:
+def label_records(items: Sequence[tuple[TreeRecord, str]], config: ml_collections.ConfigDict, tokenizer: Any,
+                  rollout: SamplerRollout | None) -> list[StepRecord]:
     """Label every leaf path of the given tree records (one batched rollout call for all of them)."""
     trees, kept = [], []
     for rec, source in items:
-        gold = rec.get("answer")
+        gold = rec.answer
         if gold is None:
-            logging.warning("%s: question %s has no gold answer; not labelled", source, rec["id"])
+            logging.warning("%s: question %s has no gold answer; not labelled", source, rec.id)
             continue
-        leaves = [Leaf.from_json(d) for d in rec["leaves"] if d["token_ids"]]
+        leaves = [Leaf.from_json(d.to_json()) for d in rec.leaves if d.token_ids]
         correct = [answers.is_correct(leaf.text, str(gold)) for leaf in leaves]
-        trees.append(JudgedTree(leaves, correct, rec["prompt_ids"], str(gold)))
+        trees.append(JudgedTree(leaves, correct, rec.prompt_ids, str(gold)))
         kept.append((rec, source))
     decode = tokenizer.decode
     if config.method == "edu":
@@ -226,19 +181,13 @@ def label_stats(records: Iterator[dict]) -> dict[str, Any]:
             "questions_with_correct_leaf_share": share(len(solved), len(questions)), **toy_audit.summary()}
 
 
-def tfds_example(r: dict) -> dict[str, Any]:
-    return {"id": r["id"], "question_id": r["question_id"], "prompt_ids": r["prompt_ids"],
-            "step_ids_flat": [t for s in r["step_ids"] for t in s], "step_lengths": [len(s) for s in r["step_ids"]],
-            "labels": r["labels"], "label_kind": r["label_kind"], "final_correct": r["final_correct"]}
-
-
 def write_tfds(out: pathlib.Path, rebuild: bool) -> pathlib.Path:
     """The TFDS copy of all `steps-*` shards; a stale copy (shards rewritten this run) is rebuilt."""
     data_dir = out / "tfds"
     if rebuild and (data_dir / TFDS_NAME).exists():
         shutil.rmtree(data_dir / TFDS_NAME)
-    return tfds_io.write_tfds_dataset((tfds_example(r) for r in read_shards(out, OUTPUT_PREFIX)), data_dir,
-                                      TFDS_NAME, TFDS_FEATURES)
+    return tfds_io.write_tfds_dataset((r.tfds_example() for r in read_step_shards(out)), data_dir, TFDS_NAME,
+                                      TFDS_FEATURES)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -251,7 +200,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
     samples = pathlib.Path(config.samples) if config.samples else workdir / "samples_edu"
     out = pathlib.Path(config.output) if config.output else workdir / "labels"
-    shards = input_shards(samples)
+    shards = tree_shard_paths(samples)
     sizes = [count_records(p) for p in shards]
     total = sum(sizes)
     num_shards = max(1, min(config.num_shards or len(shards), total))
@@ -259,7 +208,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                                        "shepherd_k")}
     check_fingerprint(out, {"samples": str(samples.resolve()), "input_shards": [p.name for p in shards],
                             "input_bytes": [p.stat().st_size for p in shards], "num_shards": num_shards, **settings})
-    writer = ShardedJsonlWriter(out, OUTPUT_PREFIX, num_shards)
+    writer = ShardedJsonlWriter(out, STEPS_PREFIX, num_shards)
     bounds = [round(i * total / num_shards) for i in range(num_shards + 1)]
     pending = writer.pending()
     tokenizer = load_tokenizer(config.tokenizer or resolve_policy(config.policy)) if pending else None
@@ -270,11 +219,12 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         rollout = SamplerRollout(config, k)
     for shard in tqdm(pending, desc=f"label[{config.method}/{config.target}]", unit="shard"):
         items = list(records_in_range(shards, sizes, bounds[shard], bounds[shard + 1]))
-        writer.write(shard, label_records(items, config, tokenizer, rollout))
+        writer.write(shard, [r.to_json() for r in label_records(items, config, tokenizer, rollout)])
     if not pending:
         logging.info("label: all %d shards already complete in %s", num_shards, out)
     if config.tfds:
         logging.info("label: TFDS dataset at %s", write_tfds(out, rebuild=bool(pending)))
-    stats = {"method": config.method, "target": config.target, **label_stats(read_shards(out, OUTPUT_PREFIX))}
+    stats = {"method": config.method, "target": config.target,
+             **label_stats(r.to_json() for r in read_step_shards(out))}
     write_json_atomic(out / "label_stats.json", stats)
     print(json.dumps(stats, indent=2))

@@ -34,7 +34,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     tokenizer = load_tokenizer(find_tokenizer_dir(prm_path, config.tokenizer))
     prompts = [r["prompt"] if "prompt" in r else tokenizer.apply_chat_template(r["problem"]) for r in records]
     examples = [encode_solution(tokenizer, prompt, joined_steps(r["steps"], config.step_joiner),
-                                convention=prm.head_kind, separator_id=prm.separator_id, record_id=r.get("id"))
+                                head=prm.head_spec.name, separator_id=prm.separator_id, record_id=r.get("id"))
                 for prompt, r in zip(prompts, records)]
     scores = score_examples(prm, examples, batch_size=config.batch_size)
     out = pathlib.Path(config.output) if config.output else workdir / "scores.jsonl"

@@ -35,7 +35,7 @@ def score_records(prm: Any, records: Sequence[dict[str, Any]], split: str, batch
                 owners.append((qi, leaf, None))
                 continue
             record = {"prompt_ids": rec["prompt_ids"], "step_ids": steps, "labels": [0.0] * len(steps)}
-            examples.append(build_example(record, convention=prm.head_kind, separator_id=prm.separator_id,
+            examples.append(build_example(record, head=prm.head_spec.name, separator_id=prm.separator_id,
                                           record_id=f"{rec['id']}/{leaf['slot']}"))
             owners.append((qi, leaf, len(examples) - 1))
     scores = score_examples(prm, examples, batch_size=batch_size) if examples else []

@@ -9,15 +9,18 @@ checker must be lenient about notation yet never hang a data-generation worker. 
 3. math-verify (``parse``/``verify``) with a restricted sympy ``parse_expr`` fallback for plain-text
    expressions such as ``sqrt(2)/2`` that math-verify cannot parse.
 
-Layer 3 runs in a persistent helper *subprocess* (``subprocess.Popen`` of this file, JSON lines over pipes)
-because math-verify's own timeout uses ``signal.alarm``, which only works on the main thread. We call it with
-``parsing_timeout=None`` and ``timeout_seconds=None`` and bound each check ourselves by waiting on the pipe
-with ``select``; a helper that overruns is killed (a replacement is started at once so its import overlaps
-the caller's next work), the check returns False, ``verification_stats()["timeouts"]`` is incremented and a
-warning is logged. ``subprocess`` (not ``multiprocessing``) is used so that daemonic pool workers, threads and
-forked children can all run checks: each process keeps its own pool of helpers (one per concurrently checking
-thread), and a fork discards the parent's helpers in the child. The bound covers the check itself, not the
-one-off helper start-up (about 0.5 s of imports).
+Layer 3 runs in a worker process (a one-worker ``pebble.ProcessPool``, started on first use) because
+math-verify's own timeout uses ``signal.alarm``, which only works on the main thread. We call it with
+``parsing_timeout=None`` and ``timeout_seconds=None`` and bound each check with pebble's per-task ``timeout``: a
+worker that overruns is killed (pebble starts a replacement at once, so its import overlaps the caller's next
+work), the check returns False, ``verification_stats()["timeouts"]`` is incremented and a warning is logged.
+The bound covers the check itself, not the one-off worker start-up (about 1 s of imports).
+
+The worker is started with ``spawn``, never forked from the caller (which may have initialised JAX or hold locks
+in other threads), so threads and forked children can all run checks: each process has its own pool, and a fork
+drops the parent's pool in the child. Like any spawned process, the worker imports the caller's main module as
+``__mp_main__``: a script that checks answers needs the ``if __name__ == "__main__":`` guard. A daemonic process
+(a ``multiprocessing.Pool`` worker) cannot start children, so it cannot check symbolically.
 
 Conventions (both directions, i.e. symmetric in pred/gold):
 
@@ -39,17 +42,19 @@ Conventions (both directions, i.e. symmetric in pred/gold):
 
 from __future__ import annotations
 
-import atexit
-import json
+import concurrent.futures
+import concurrent.futures.process
 import logging
+import multiprocessing
+import multiprocessing.process
+import multiprocessing.util
 import os
 import re
-import select
-import subprocess
-import sys
+import signal
 import threading
-import time
 from fractions import Fraction
+
+import pebble
 
 logger = logging.getLogger(__name__)
 
@@ -284,10 +289,14 @@ def _is_word(key: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Helper subprocess running math-verify (signal-free bound on every symbolic check)
+# Worker pool running math-verify (a signal-free bound on every symbolic check)
 # ----------------------------------------------------------------------------------------------------------
 
-_STARTUP_TIMEOUT_S = 180.0
+# One worker: a process checks answers one after another (labelling), and a warm worker's sympy / math-verify
+# caches are worth more than a second worker (measured: two workers made MATH-500's checks 2x slower).
+# Concurrent callers queue; each check's bound starts when a worker takes it.
+_WORKERS = 1
+_STARTUP_TIMEOUT_S = 180.0  # how long a check may wait for a worker to be ready, on top of its own bound
 _MAX_CHARS = 2000  # longer answers are not final answers; refuse rather than feed sympy megabytes
 _stats = {"fast": 0, "symbolic": 0, "timeouts": 0}
 _stats_lock = threading.Lock()
@@ -304,127 +313,75 @@ def _bump(key: str) -> None:
         _stats[key] += 1
 
 
-class _Helper:
-    """One persistent ``python answers.py``-style server process speaking JSON lines."""
-
-    def __init__(self) -> None:
-        code = (
-            "import importlib.util, sys\n"
-            "spec = importlib.util.spec_from_file_location('_edu_prm_answers_server', sys.argv[1])\n"
-            "mod = importlib.util.module_from_spec(spec)\n"
-            "spec.loader.exec_module(mod)\n"
-            "mod._serve()\n"
-        )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, os.path.abspath(__file__)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            close_fds=True,
-        )
-        self.ready = False
-        self._buf = b""
-
-    def _readline(self, deadline: float) -> bytes | None:
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            readable, _, _ = select.select([fd], [], [], remaining)
-            if not readable:
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise RuntimeError(f"math-verify helper exited (code {self.proc.poll()})")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line
-
-    def wait_ready(self) -> None:
-        if self.ready:
-            return
-        line = self._readline(time.monotonic() + _STARTUP_TIMEOUT_S)
-        if line is None or json.loads(line) != {"ready": True}:
-            self.kill()
-            raise RuntimeError("math-verify helper did not start (is math-verify installed?)")
-        self.ready = True
-
-    def check(self, pred: str, gold: str, timeout_s: float) -> bool | None:
-        """True/False, or None on timeout (the caller must then kill this helper)."""
-        self.wait_ready()
-        self.proc.stdin.write((json.dumps({"p": pred, "g": gold}) + "\n").encode())
-        self.proc.stdin.flush()
-        line = self._readline(time.monotonic() + timeout_s)
-        return None if line is None else bool(json.loads(line)["r"])
-
-    def kill(self) -> None:
-        try:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
+def _start_worker() -> None:
+    """Pool initializer: pay the imports before the first timed check, and let SIGTERM kill at once (pebble's
+    handler is Python code, which runs only between bytecodes: it would wait for a long C-level big-integer
+    operation to return, and pebble waits 3 s before it sends SIGKILL)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    import math_verify  # noqa: F401
+    import sympy  # noqa: F401
 
 
 _pool_lock = threading.Lock()
-_idle: list[_Helper] = []
-_owner_pid = os.getpid()
-_abandoned: list[_Helper] = []  # parent's helpers inherited across fork: neither used nor killed
+_pool: pebble.ProcessPool | None = None
 
 
-def _after_fork_in_child() -> None:
-    global _pool_lock, _idle, _owner_pid
-    _abandoned.extend(_idle)
+def _forget_parent_pool() -> None:
+    """After a fork the parent's pool (its manager threads are gone) is neither used nor stopped by the child."""
+    global _pool_lock, _pool
+    if _pool is not None:
+        # The parent's workers are not this child's children: without this, the exit handlers of multiprocessing
+        # and pebble in a child that exits normally would terminate them. (multiprocessing's own children start
+        # with an empty set the same way.)
+        children = multiprocessing.process._children  # no public API forgets inherited children
+        children.difference_update([p for p in children if p._parent_pid != os.getpid()])
     _pool_lock = threading.Lock()
-    _idle = []
-    _owner_pid = os.getpid()
+    _pool = None
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(after_in_child=_forget_parent_pool)
 
 
-@atexit.register
-def _shutdown_helpers() -> None:
-    if os.getpid() != _owner_pid:
-        return
+def _stop_pool(pool: pebble.ProcessPool, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:
+        pool.stop()
+        pool.join()
+
+
+def _worker_pool() -> pebble.ProcessPool:
+    """This process's pool, started on first use (again after it broke). Workers are spawned, never forked: a
+    fork of a process that has initialised JAX (or holds locks in other threads) is not safe."""
+    global _pool
     with _pool_lock:
-        helpers, _idle[:] = list(_idle), []
-    for h in helpers:
-        h.kill()
-
-
-def _acquire() -> _Helper:
-    with _pool_lock:
-        if _idle:
-            return _idle.pop()
-    return _Helper()
-
-
-def _release(h: _Helper) -> None:
-    with _pool_lock:
-        _idle.append(h)
+        if _pool is None or not _pool.active:
+            if multiprocessing.current_process().daemon:
+                raise RuntimeError("answers_equal: a daemonic process (a multiprocessing.Pool worker) cannot start "
+                                   "the math-verify workers; check answers from concurrent.futures pools instead")
+            _pool = pebble.ProcessPool(max_workers=_WORKERS, initializer=_start_worker,
+                                       context=multiprocessing.get_context("spawn"))
+            # stopped at exit, also in multiprocessing children (they skip atexit but run these finalizers)
+            multiprocessing.util.Finalize(None, _stop_pool, args=(_pool, os.getpid()), exitpriority=10)
+        return _pool
 
 
 def _symbolic_equal(pred: str, gold: str, timeout_s: float) -> bool:
-    helper = _acquire()
+    future = _worker_pool().schedule(_math_verify_equal, args=(pred, gold), timeout=timeout_s)
     try:
-        result = helper.check(pred, gold, timeout_s)
-    except BaseException:
-        helper.kill()
-        raise
-    if result is None:
-        helper.kill()
-        _release(_Helper())  # replacement starts importing now, ready by the next call
-        _bump("timeouts")
+        return future.result(timeout=_STARTUP_TIMEOUT_S + timeout_s)
+    except concurrent.futures.TimeoutError:
+        if not future.done():  # no worker became ready to take the check
+            future.cancel()
+            raise RuntimeError("math-verify worker did not start (is math-verify installed?)") from None
+        _bump("timeouts")  # pebble killed the worker at the bound and starts a replacement
         logger.warning("answers_equal timed out after %.1fs: pred=%.80r gold=%.80r", timeout_s, pred, gold)
         return False
-    _release(helper)
-    return result
+    except (pebble.ProcessExpired, concurrent.futures.process.BrokenProcessPool) as e:
+        raise RuntimeError(f"math-verify worker exited ({e})") from e
+    except BaseException:
+        future.cancel()  # e.g. KeyboardInterrupt: pebble stops the worker still running the check
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -466,7 +423,7 @@ def is_correct(solution_text: str, gold_answer: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Helper-process side (runs only inside the subprocess started by _Helper)
+# Worker side (runs only inside the pool's worker processes)
 # ----------------------------------------------------------------------------------------------------------
 
 _SAFE_EXPR_RE = re.compile(r"^[0-9a-zA-Z+\-*/^().,\s]+$")
@@ -500,7 +457,8 @@ def _sympy_fallback(pred: str, gold: str) -> bool:
     return bool(sympy.simplify(a - b) == 0)
 
 
-def _serve_one(pred: str, gold: str) -> bool:
+def _math_verify_equal(pred: str, gold: str) -> bool:
+    """math-verify's verdict, else the restricted sympy fallback's; malformed answers are simply unequal."""
     from math_verify import parse, verify
 
     def parse_any(s: str):
@@ -510,29 +468,10 @@ def _serve_one(pred: str, gold: str) -> bool:
                 return parsed
         return []
 
-    pg, pp = parse_any(gold), parse_any(pred)
-    if pg and pp and verify(pg, pp, timeout_seconds=None):
-        return True
     try:
+        pg, pp = parse_any(gold), parse_any(pred)
+        if pg and pp and verify(pg, pp, timeout_seconds=None):
+            return True
         return _sympy_fallback(pred, gold)
-    except Exception:  # noqa: BLE001 - any sympy failure means "not shown equal"
+    except Exception:  # noqa: BLE001 - any parser or sympy failure means "not shown equal"
         return False
-
-
-def _serve() -> None:
-    """Loop: one JSON request per stdin line -> one JSON reply per stdout line; exit on EOF."""
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    import math_verify  # noqa: F401 - import cost paid before announcing readiness
-    import sympy  # noqa: F401
-
-    out = sys.stdout.buffer
-    out.write(b'{"ready": true}\n')
-    out.flush()
-    for raw in sys.stdin.buffer:
-        req = json.loads(raw)
-        try:
-            r = _serve_one(req["p"], req["g"])
-        except Exception:  # noqa: BLE001 - malformed answers are simply unequal
-            r = False
-        out.write((json.dumps({"r": r}) + "\n").encode())
-        out.flush()

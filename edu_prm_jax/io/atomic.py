@@ -1,7 +1,9 @@
 """Atomic file writes: readers see either the old file or the complete new one, never a half-written file.
 
 The one helper every writer of the project uses: a hidden temp file in the same directory, fsync, then
-`os.replace` over the destination. A crash leaves only the temp file (named `.<name>.<random>.tmp`).
+`os.replace` over the destination. A crash leaves only the temp file (named `.<name>.<random>.tmp`). The file
+gets the permissions a plain `open(path, "w")` would give (mkstemp's private 0600 would otherwise survive the
+rename and hide exports from other users).
 """
 
 from __future__ import annotations
@@ -18,6 +20,16 @@ from edu_prm_jax.io.jsonl import PathLike
 TMP_SUFFIX = ".tmp"
 
 
+def _process_umask() -> int:
+    """The umask, read once at import (setting and restoring it later could race with other threads)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_process_umask()
+
+
 def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = False) -> pathlib.Path:
     """Call `write(f)` on a hidden temp file in the same directory, fsync, then rename it over `path`.
 
@@ -28,6 +40,7 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = Fa
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+            os.fchmod(f.fileno(), _FILE_MODE)
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 PathLike = str | os.PathLike
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class DataError(ValueError):
@@ -135,23 +136,52 @@ class Schema:
     __call__ = validate
 
 
-def read_jsonl(path: PathLike, validate: Callable[[dict], None] | None = None) -> Iterator[dict]:
-    """Yield one dict per non-blank line; bad JSON, a non-object or a failed `validate` raise DataError."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+def _is_blank(raw: bytes) -> bool:
+    # what `json_lines` skips: undecodable bytes become U+FFFD, which is not whitespace
+    return not raw.decode("utf-8", errors="replace").strip()
+
+
+def json_lines(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line, object) for each non-blank line; any line that is not a UTF-8 JSON object is a DataError.
+
+    Why our own line reader: a file may be truncated or corrupted (bad UTF-8, a number of 5000 digits, nesting
+    deeper than the parser's recursion limit); each such line must end in a DataError naming the file and line,
+    never in another exception. A UTF-8 byte-order mark at the start of the file is skipped."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(UTF8_BOM):
+                raw = raw[len(UTF8_BOM):]  # an encoding mark some editors write, not content
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not UTF-8 (byte {e.start + 1} of the line)", path=path, line=lineno) from None
+            if not text.strip():
                 continue
             try:
-                record = json.loads(line)
+                value = json.loads(text)
             except json.JSONDecodeError as e:
                 raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=lineno) from None
-            if not isinstance(record, dict):
-                raise DataError(
-                    f"expected a JSON object, got {type(record).__name__}", path=path, line=lineno
-                ) from None
-            if validate is not None:
-                try:
-                    validate(record)
-                except DataError as e:
-                    raise e.located(path, line=lineno) from None
-            yield record
+            except (ValueError, RecursionError) as e:  # a number too long to convert, nesting too deep
+                raise DataError(f"invalid JSON ({type(e).__name__}: {str(e)[:120]})", path=path,
+                                line=lineno) from None
+            if not isinstance(value, dict):
+                got = "null" if value is None else type(value).__name__
+                raise DataError(f"expected a JSON object, got {got}", path=path, line=lineno)
+            yield lineno, value
+
+
+def count_records(path: PathLike) -> int:
+    """Non-blank lines of a JSONL file (the records `read_records` yields, or fails on), without parsing them."""
+    with open(path, "rb") as f:
+        return sum(1 for raw in f if not _is_blank(raw))
+
+
+def read_jsonl(path: PathLike, validate: Callable[[dict], None] | None = None) -> Iterator[dict]:
+    """Yield one dict per non-blank line (`json_lines`); a failed `validate` raises DataError at that line."""
+    for lineno, record in json_lines(path):
+        if validate is not None:
+            try:
+                validate(record)
+            except DataError as e:
+                raise e.located(path, line=lineno) from None
+        yield record

@@ -124,24 +124,34 @@ class ShardedJsonlWriter:
         return self.out_dir / shard_name(self.prefix, index, self.num_shards)
 
 
+def shard_paths(directory: PathLike, prefix: str, made_by: str = "") -> list[pathlib.Path]:
+    """The `prefix-NNNNN-of-NNNNN.jsonl` shards of `directory` in order, checked complete (a missing shard is an
+    error, not a gap). `made_by` names the command that writes them, for the error message."""
+    directory = pathlib.Path(directory)
+    found = _list_shards(directory, prefix)
+    hint = f" (run `{made_by}` first)" if made_by else ""
+    if not found:
+        raise DataError(f"no shards named '{prefix}-NNNNN-of-NNNNN.jsonl'{hint}", path=directory)
+    totals = {n for _, n, _ in found}
+    if len(totals) != 1:
+        raise DataError(f"'{prefix}' shards disagree on the shard count: {sorted(totals)}", path=directory)
+    (num_shards,) = totals
+    present = {i for i, _, _ in found}
+    missing = sorted(set(range(num_shards)) - present)
+    if missing:
+        names = ", ".join(shard_name(prefix, i, num_shards) for i in missing[:5])
+        raise DataError(f"incomplete output: {len(missing)} missing shard(s): {names}", path=directory)
+    if max(present) >= num_shards:
+        raise DataError(f"a '{prefix}' shard index is not below the shard count {num_shards}", path=directory)
+    return [p for *_, p in found]
+
+
 def read_shards(
     out_dir: PathLike, prefix: str, validate: Callable[[dict], None] | None = None
 ) -> Iterator[dict]:
     """Yield the records of all `prefix` shards in shard order; a missing shard is an error, not a gap."""
-    shards = _list_shards(out_dir, prefix)
-    if not shards:
-        raise DataError(f"no shards named '{prefix}-NNNNN-of-NNNNN.jsonl'", path=out_dir)
-    totals = {n for _, n, _ in shards}
-    if len(totals) != 1:
-        raise DataError(f"'{prefix}' shards disagree on the shard count: {sorted(totals)}", path=out_dir)
-    (num_shards,) = totals
-    present = {i for i, _, _ in shards}
-    missing = [i for i in range(num_shards) if i not in present]
-    if missing:
-        names = ", ".join(shard_name(prefix, i, num_shards) for i in missing[:5])
-        raise DataError(f"incomplete output: {len(missing)} missing shard(s): {names}", path=out_dir)
-    for _, _, p in shards:
-        yield from read_jsonl(p, validate)
+    for path in shard_paths(out_dir, prefix):
+        yield from read_jsonl(path, validate)
 
 
 FINGERPRINT = "fingerprint.json"

@@ -1,19 +1,17 @@
 """Process reward model: a Qwen2 backbone plus a reward head read at step ends, its loss, and HF IO.
 
-Two head conventions (`head=`):
-- "qwen_math": Qwen2.5-Math-PRM's `score = Sequential(Linear(h, h), ReLU(), Linear(h, 2))`, read at a
-  separator token (`<extra_0>`) inserted after each step; the step score is softmax(...)[1].
-- "scalar": one `Linear(h, 1)` read at the last token of each step (no inserted token); score = sigmoid.
-Both return one logit per token with sigmoid(logit) = step score (for qwen_math, logit = l1 - l0, since
-softmax([l0, l1])[1] = sigmoid(l1 - l0)), so training and scoring share one code path.
+The head is named by `head=` and described by its registry entry (`models/heads.py`: its module, HF tensor
+names, HF architecture, step layout). Every head returns one logit per token with sigmoid(logit) = step score,
+so training and scoring share one code path whatever the head.
 
 HF layout (what `load_prm` reads and `save_prm` writes):
 - backbone tensors under `model.` as in Qwen2ForCausalLM, no `lm_head.weight`;
-- qwen_math: `score.0.weight` [h, h], `score.0.bias` [h], `score.2.weight` [2, h], `score.2.bias` [2], and
-  config.json `architectures: ["Qwen2ForProcessRewardModel"]` (the public Qwen2.5-Math-PRM-7B/72B layout);
-- scalar: `score.weight` [1, h], `score.bias` [1], config.json `"edu_prm_head": "scalar"`.
+- the head's own tensors (`HeadSpec.tensors`, e.g. `score.0.*`/`score.2.*` for qwen_math, `score.*` for scalar);
+- config.json: `architectures: [HeadSpec.architecture]`, the spec's extra fields, and `"edu_prm_head": <name>`.
+  A checkpoint without `"edu_prm_head"` is recognised by its architecture (the public Qwen2.5-Math-PRM-7B/72B
+  say "Qwen2ForProcessRewardModel"), else by its head tensor names.
 config.json may carry `"edu_prm_separator_id"` (the step separator's token id; public checkpoints do not, so
-pass it from the tokenizer, see `training.prm_data.separator_ids`) and `"edu_prm_expanded_layers"` (how many of
+pass it from the tokenizer, see `scoring.examples.separator_ids`) and `"edu_prm_expanded_layers"` (how many of
 the last decoder blocks were appended by block expansion, so a later run can train those alone).
 """
 
@@ -34,66 +32,15 @@ from edu_prm_jax import parallel
 from edu_prm_jax.models import checkpoints
 from edu_prm_jax.models.config import ConfigError, Qwen2Config, dtype_from_name
 from edu_prm_jax.models.expansion import expansion_source
-from edu_prm_jax.models.qwen2 import Dense, Qwen2
+from edu_prm_jax.models.heads import HeadSpec, get_head, registered_heads
+from edu_prm_jax.models.qwen2 import KVCache, Qwen2
 from edu_prm_jax.models.safetensors_io import CheckpointError
 
-HEADS = ("qwen_math", "scalar")
-HF_ARCHITECTURE = "Qwen2ForProcessRewardModel"
 BACKBONE_PREFIX = "backbone."
+HEAD_PREFIX = "head."
 HEAD_CONFIG_KEY = "edu_prm_head"
 SEPARATOR_CONFIG_KEY = "edu_prm_separator_id"
 EXPANDED_CONFIG_KEY = "edu_prm_expanded_layers"
-
-# HF head tensor name -> (NNX path, transpose); NNX kernels are [in, out], HF Linear weights [out, in].
-HEAD_TENSORS: dict[str, dict[str, tuple[str, bool]]] = {
-    "qwen_math": {
-        "score.0.weight": ("head.hidden.kernel", True),
-        "score.0.bias": ("head.hidden.bias", False),
-        "score.2.weight": ("head.out.kernel", True),
-        "score.2.bias": ("head.out.bias", False),
-    },
-    "scalar": {
-        "score.weight": ("head.out.kernel", True),
-        "score.bias": ("head.out.bias", False),
-    },
-}
-
-
-def _head_cfg(cfg: Qwen2Config) -> Qwen2Config:
-    """Heads compute in float32 whatever the backbone's compute dtype: they are tiny next to the backbone,
-    and the score is a difference of two logits, which bfloat16 would round coarsely."""
-    return cfg.replace(dtype="float32")
-
-
-class QwenMathHead(nnx.Module):
-    """Linear(h, h) - ReLU - Linear(h, 2); returns l1 - l0. The hidden layer is split like an MLP."""
-
-    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
-        h = cfg.hidden_size
-        self.hidden = Dense(h, h, ("embed", "mlp"), bias=True, cfg=_head_cfg(cfg), rngs=rngs)
-        self.out = Dense(h, 2, ("mlp", "head_out"), bias=True, cfg=_head_cfg(cfg), rngs=rngs)
-
-    def __call__(self, hidden: jax.Array) -> jax.Array:
-        two = self.out(jax.nn.relu(self.hidden(hidden.astype(jnp.float32))))
-        return two[..., 1] - two[..., 0]
-
-
-class ScalarHead(nnx.Module):
-    """Linear(h, 1); returns its single logit."""
-
-    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
-        self.out = Dense(cfg.hidden_size, 1, ("embed", "head_out"), bias=True, cfg=_head_cfg(cfg), rngs=rngs)
-
-    def __call__(self, hidden: jax.Array) -> jax.Array:
-        return self.out(hidden.astype(jnp.float32))[..., 0]
-
-
-def _make_head(cfg: Qwen2Config, head: str, rngs: nnx.Rngs) -> nnx.Module:
-    if head == "qwen_math":
-        return QwenMathHead(cfg, rngs)
-    if head == "scalar":
-        return ScalarHead(cfg, rngs)
-    raise ValueError(f"unknown PRM head {head!r}; expected one of {HEADS}")
 
 
 def _backbone_cfg(cfg: Qwen2Config) -> Qwen2Config:
@@ -102,7 +49,9 @@ def _backbone_cfg(cfg: Qwen2Config) -> Qwen2Config:
 
 
 class PRM(nnx.Module):
-    """Qwen2 backbone + reward head. `prm(tokens, positions, segment_ids)` -> step logit per token [B, T]."""
+    """Qwen2 backbone + reward head. `prm(tokens, positions, segment_ids)` -> step logit per token [B, T] float32.
+
+    `head` names a registered head (models/heads.py); `head_spec` is its registry entry."""
 
     def __init__(
         self,
@@ -114,16 +63,15 @@ class PRM(nnx.Module):
         backbone: Qwen2 | None = None,
         expanded_layers: int = 0,
     ):
-        if head not in HEADS:
-            raise ValueError(f"unknown PRM head {head!r}; expected one of {HEADS}")
+        spec = get_head(head)
         self.cfg = cfg
-        self.head_kind = head
+        self._head_name = spec.name  # a string, static in the graphdef; callers read `head_spec`
         self.separator_id = None if separator_id is None else int(separator_id)
         if not 0 <= expanded_layers < cfg.num_hidden_layers:
             raise ValueError(f"expanded_layers must be in [0, {cfg.num_hidden_layers}), got {expanded_layers}")
         self.expanded_layers = int(expanded_layers)  # the last blocks that block expansion appended
         self.backbone = backbone if backbone is not None else Qwen2(_backbone_cfg(cfg), rngs)
-        self.head = _make_head(cfg, head, rngs)
+        self.head = spec.make(cfg, rngs)
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
@@ -131,10 +79,31 @@ class PRM(nnx.Module):
         hidden, _ = self.backbone.backbone(tokens, positions, segment_ids=segment_ids)
         return self.head(hidden)
 
+    def prefill(self, prompts: jax.Array, *, cache: KVCache, write_index: jax.Array) -> KVCache:
+        """Write a prompt block into the PRM's own KV cache for incremental scoring (P-EDU, sampling.decode).
+
+        prompts [B, T] int32 written at write_index [B] int32 -> the updated cache. Nothing is scored: a prompt
+        is not a step."""
+        _, cache = self.backbone.backbone(prompts, cache=cache, write_index=write_index)
+        return cache
+
+    def step(self, tokens: jax.Array, *, cache: KVCache, write_index: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Score one newly decoded token per row against the cached prefix: the logit of a step ending here.
+
+        tokens [B] int32 written at write_index [B] int32 -> (step logit [B] float32, sigmoid = score; the
+        updated cache). Meaningful for heads read at a step's last token (not at an inserted separator)."""
+        hidden, cache = self.backbone.backbone(tokens[:, None], cache=cache, write_index=write_index)
+        return self.head(hidden)[:, 0], cache
+
+    @property
+    def head_spec(self) -> HeadSpec:
+        """The head's registry entry (models/heads.py): its name, HF layout and step layout."""
+        return get_head(self._head_name)
+
     @property
     def uses_separator(self) -> bool:
-        """True when steps end in an inserted separator token (qwen_math), False when at their last token."""
-        return self.head_kind == "qwen_math"
+        """`head_spec.inserts_separator`, under the name sampling.decode asks for."""
+        return self.head_spec.inserts_separator
 
     @classmethod
     def from_policy(
@@ -232,27 +201,33 @@ def prm_loss(
 
 
 def _head_from_config(raw: dict[str, Any], names: list[str], source: pathlib.Path) -> str:
-    """The head convention: config key first, then the HF architecture, then the tensor names."""
+    """The checkpoint's head name: config.json's field first, then its HF architecture, then its tensor names."""
     if HEAD_CONFIG_KEY in raw:
         head = raw[HEAD_CONFIG_KEY]
-        if head not in HEADS:
-            raise ConfigError(f"{source}: field {HEAD_CONFIG_KEY!r} = {head!r}, expected one of {HEADS}")
-        return head
-    if HF_ARCHITECTURE in (raw.get("architectures") or []):
-        return "qwen_math"
-    for head, table in HEAD_TENSORS.items():
-        if all(n in names for n in table):
-            return head
+        try:
+            return get_head(head).name
+        except ValueError as e:
+            raise ConfigError(f"{source}: field {HEAD_CONFIG_KEY!r}: {e}") from None
+    architectures = raw.get("architectures") or []
+    for spec in registered_heads():
+        if spec.architecture in architectures:
+            return spec.name
+    present = set(names)
+    for spec in registered_heads():
+        if present.issuperset(spec.tensors):
+            return spec.name
     raise CheckpointError(
         f"{source}: not a PRM checkpoint: no {HEAD_CONFIG_KEY!r} field, architectures "
-        f"{raw.get('architectures')} and no score.* head tensors"
+        f"{raw.get('architectures')} and no registered head's tensors "
+        f"(heads: {[spec.name for spec in registered_heads()]})"
     )
 
 
 def hf_to_prm(name: str, head: str) -> tuple[str, bool] | None:
-    """(PRM NNX path, transpose) for an HF tensor name of a PRM checkpoint, or None."""
-    if name in HEAD_TENSORS[head]:
-        return HEAD_TENSORS[head][name]
+    """(PRM NNX path, transpose) for an HF tensor name of a checkpoint with head `head`, or None."""
+    in_head = get_head(head).nnx_path(name)
+    if in_head is not None:
+        return HEAD_PREFIX + in_head[0], in_head[1]
     mapped = checkpoints.hf_to_nnx(name)
     if mapped is None or mapped[0] == "lm_head":
         return None
@@ -260,10 +235,12 @@ def hf_to_prm(name: str, head: str) -> tuple[str, bool] | None:
 
 
 def prm_to_hf(path: str, head: str) -> tuple[str, bool]:
-    """Inverse of `hf_to_prm`."""
-    for name, (nnx_path, transpose) in HEAD_TENSORS[head].items():
-        if nnx_path == path:
-            return name, transpose
+    """Inverse of `hf_to_prm`: (HF tensor name, transpose) for a PRM NNX path; KeyError for an unknown one."""
+    if path.startswith(HEAD_PREFIX):
+        named = get_head(head).hf_name(path[len(HEAD_PREFIX) :])
+        if named is None:
+            raise KeyError(f"{path} has no HF name in head {head!r}'s tensor table")
+        return named
     if not path.startswith(BACKBONE_PREFIX):
         raise KeyError(path)
     return checkpoints.nnx_to_hf(path[len(BACKBONE_PREFIX) :])
@@ -290,8 +267,8 @@ def load_prm(
 ) -> PRM:
     """Load a PRM from an HF directory (see the module docstring for the layout), streamed onto `mesh`.
 
-    `head` overrides the detected convention; `separator_id` overrides config.json's. An `lm_head.weight`
-    (a causal LM's) is ignored: the PRM never reads it.
+    `head` (a registered head's name) overrides the detected one; `separator_id` overrides config.json's. An
+    `lm_head.weight` (a causal LM's) is ignored: the PRM never reads it.
     """
     directory = pathlib.Path(path)
     config_path = directory / "config.json"
@@ -299,19 +276,18 @@ def load_prm(
     cfg = cfg.replace(param_dtype=param_dtype or cfg.param_dtype, dtype=dtype or cfg.dtype)
     raw = json.loads(config_path.read_text())
     ckpt = checkpoints.HFCheckpoint(directory)
-    head = head or _head_from_config(raw, ckpt.names(), config_path)
-    if head not in HEADS:
-        raise ValueError(f"unknown PRM head {head!r}; expected one of {HEADS}")
+    spec = get_head(head or _head_from_config(raw, ckpt.names(), config_path))
+    head = spec.name
     sep = separator_id if separator_id is not None else raw.get(SEPARATOR_CONFIG_KEY)
     expanded = expanded_layers_in(raw, cfg, config_path)
     abstract = nnx.eval_shape(lambda: PRM(cfg, head, rngs=nnx.Rngs(0), separator_id=sep, expanded_layers=expanded))
-    other_head = {n for h, table in HEAD_TENSORS.items() if h != head for n in table}
+    other_head = {n for other in registered_heads() if other.name != head for n in other.tensors}
     stray = sorted(n for n in ckpt.names() if n in other_head)
     if stray:
         raise CheckpointError(
             f"{directory}: head {head!r} expected, but found {stray} (another head's tensors)"
         )
-    missing = [n for n in HEAD_TENSORS[head] if n not in ckpt.names()]
+    missing = [n for n in spec.tensors if n not in ckpt.names()]
     if missing:
         raise CheckpointError(f"{directory}: head {head!r} needs tensor(s) {missing}, which are missing")
     return checkpoints.load_tensors_into(
@@ -320,13 +296,12 @@ def load_prm(
 
 
 def prm_hf_config(prm: PRM, dtype_name: str) -> dict[str, Any]:
-    """config.json for an exported PRM: the Qwen2 fields plus the PRM architecture and head/separator keys."""
-    config = prm.cfg.to_hf_dict() | {"torch_dtype": dtype_name, HEAD_CONFIG_KEY: prm.head_kind}
-    if prm.head_kind == "qwen_math":
-        config["architectures"] = [HF_ARCHITECTURE]
-        config["num_labels"] = 2
-    else:
-        config["architectures"] = ["Qwen2ForScalarProcessRewardModel"]
+    """config.json for an exported PRM: the Qwen2 fields, the head's architecture and extra fields, and the
+    head/separator/expansion keys."""
+    spec = prm.head_spec
+    config = prm.cfg.to_hf_dict() | {"torch_dtype": dtype_name, HEAD_CONFIG_KEY: spec.name}
+    config["architectures"] = [spec.architecture]
+    config.update(spec.hf_config)
     if prm.separator_id is not None:
         config[SEPARATOR_CONFIG_KEY] = prm.separator_id
     if prm.expanded_layers:
@@ -349,7 +324,7 @@ def save_prm(
     `checkpoints.write_hf_directory`)."""
     dtype_name = dtype or prm.cfg.torch_dtype
     tensors = checkpoints.iter_hf_tensors(
-        prm, lambda p: prm_to_hf(p, prm.head_kind), dtype_from_name(dtype_name)
+        prm, lambda p: prm_to_hf(p, prm.head_spec.name), dtype_from_name(dtype_name)
     )
     checkpoints.write_hf_directory(out_dir, prm_hf_config(prm, dtype_name), tensors, shard_bytes,
                                    overwrite=overwrite, copy_files=copy_files, field=field)

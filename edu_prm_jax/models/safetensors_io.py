@@ -13,9 +13,12 @@ import os
 import pathlib
 import struct
 from collections.abc import Iterable
+from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
+
+from edu_prm_jax.io.atomic import atomic_write
 
 DTYPES = {
     "F64": np.dtype(np.float64),
@@ -116,11 +119,11 @@ def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.n
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+
+    def write(f: BinaryIO) -> None:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for _, arr in tensors:
-            f.write(arr.tobytes())
-    os.replace(tmp, path)
+            f.write(arr.reshape(-1).view(np.uint8))  # the tensor's own buffer: no bytes copy of it
+
+    atomic_write(path, write, binary=True)

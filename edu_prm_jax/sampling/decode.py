@@ -1,10 +1,18 @@
 """The jitted rollout loop: one prefill per question, then a `lax.while_loop` over a pool of slots.
 
-Both samplers run here. A question owns M slots (rows q*M .. q*M+M-1 of the batch):
+Both samplers run here. A question owns M slots (rows q*M .. q*M+M-1 of the batch), M = `num_leaves`:
 - HT: all M slots start as copies of the prefilled prompt and sample independently at temperature T.
-- EDU: slot 0 starts; at an anchor (H > tau and a non-symbol top-1 token) a path forks: it keeps the top-1
-  token and each of the next K-1 tokens goes to a free slot, whose KV-cache rows and history are copied from the
-  parent inside the loop. In "budget" mode the highest-entropy candidates get the free slots first.
+- EDU: slot 0 starts; at an anchor (`anchor_qualifies`: H > tau and a non-symbol top-1 token) a path forks: it
+  keeps the top-1 token and each of the next K-1 tokens goes to a free slot, whose KV-cache rows and history are
+  copied from the parent inside the loop (`fork_plan`). In "budget" mode the highest-entropy candidates get the
+  free slots first (`fork_priority`).
+One loop step runs these phases, in this order (`_decode_loop`'s `body`):
+  1. read the next-token distribution of every row (entropy, top-K, the anchor rule) and propose a token;
+  2. P-EDU only: at a step boundary, prune a path whose just-finished step scored low (frees its slot);
+  3. EDU only: plan the forks and apply them (record anchors, copy parent rows into the children's slots);
+  4. record the chosen token (id, logprob, entropy, high-entropy flag);
+  5. detect stops (EOS, a closed \\boxed{...}, a stop string, the length limit);
+  6. advance the policy (and the PRM) by the chosen token.
 Per step only scalars leave the logits (entropy, chosen-token logprob); the [B, T, V] history is never built.
 Randomness is keyed by (seed, question id, slot, step), so results do not depend on how questions are sharded.
 """
@@ -35,7 +43,9 @@ class DecodeParams:
     """Static (compile-time) sampler settings; see configs/sample.py for the user-facing fields."""
 
     mode: str = "edu"  # "edu" (tree), "ht" (independent samples) or "greedy" (one argmax path per question)
-    num_slots: int = 4  # M: leaves per question (EDU budget) or samples per question (HT)
+    # M, the slots per question: EDU's leaf budget (at most M leaves per question), HT's samples per question,
+    # 1 for greedy. The config field `sampling.num_leaves` sets it.
+    num_leaves: int = 4
     max_new_tokens: int = 256
     temperature: float = 0.7  # HT sampling temperature; also EDU non-anchor tokens when edu_greedy=False
     top_k: int = 0  # 0 = off
@@ -52,8 +62,8 @@ class DecodeParams:
     def __post_init__(self) -> None:
         if self.mode not in ("edu", "ht", "greedy"):
             raise ValueError(f"mode must be 'edu', 'ht' or 'greedy', got {self.mode!r}")
-        if self.mode == "greedy" and self.num_slots != 1:
-            raise ValueError("greedy mode decodes one path per question: num_slots must be 1")
+        if self.mode == "greedy" and self.num_leaves != 1:
+            raise ValueError("greedy mode decodes one path per question: num_leaves must be 1")
         if self.threshold_mode not in ("fixed", "budget"):
             raise ValueError(f"threshold_mode must be 'fixed' or 'budget', got {self.threshold_mode!r}")
         if self.branch_k < 2 and self.mode == "edu":
@@ -78,13 +88,13 @@ def split_params(p: DecodeParams) -> tuple[DecodeParams, dict[str, jax.Array]]:
 class Tables:
     """Per-vocabulary tables as device arrays (not static: changing them does not recompile)."""
 
-    vocab_mask: jax.Array
-    symbol: jax.Array
-    eos: jax.Array
-    has_boxed: jax.Array
-    opens: jax.Array
-    closes: jax.Array
-    stop_seqs: jax.Array
+    vocab_mask: jax.Array  # [V] bool, id is a real tokenizer token (the model's padded rows are masked out)
+    symbol: jax.Array  # [V] bool, the anchor rule's symbol set (a symbol top-1 never makes an anchor)
+    eos: jax.Array  # [V] bool, token ends the sequence
+    has_boxed: jax.Array  # [V] bool, token text contains "boxed"
+    opens: jax.Array  # [V] int32, "{" count (after the last "boxed")
+    closes: jax.Array  # [V] int32, "}" count (after the last "boxed")
+    stop_seqs: jax.Array  # [n, k] int32, stop strings as token sequences, right-aligned, -1 padded
 
     @classmethod
     def build(cls, stop: StopTables, symbol_mask: np.ndarray, model_vocab: int, tokenizer_vocab: int) -> Tables:
@@ -99,9 +109,171 @@ class Tables:
                    jnp.asarray(stop.stop_seqs))
 
 
-def _row_keys(seed: jax.Array, question_ids: jax.Array, num_slots: int, step: jax.Array) -> jax.Array:
+# ------------------------------------------------------------------------------------------------- loop state
+# Shapes: Q questions, M = num_leaves slots each, B = Q * M rows (question q's slot m is row q*M + m),
+# G = max_new_tokens, A = max_anchors, V = vocabulary, K = branch_k.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PathState:
+    """Everything the loop keeps per row (per path): a forked child starts as a copy of its parent's row."""
+
+    tokens: jax.Array  # [B, G] int32, generated tokens (0 past gen_len)
+    logprobs: jax.Array  # [B, G] float32, temperature-1 log-probability of each generated token
+    entropies: jax.Array  # [B, G] float32, entropy (nats) of the distribution each token was chosen from
+    high_entropy: jax.Array  # [B, G] bool, the position qualified as an anchor (forked or not)
+    gen_len: jax.Array  # [B] int32, tokens generated so far
+    cache_len: jax.Array  # [B] int32, filled KV-cache positions (prompt + generated): the next write index
+    active: jax.Array  # [B] bool, the path is still generating
+    used: jax.Array  # [B] bool, the slot holds a path (running or finished); a free slot can take a child
+    stop: jax.Array  # [B] int32, STOP_* reason (RUNNING while active)
+    parent: jax.Array  # [B] int32, slot (within the question) this path forked from; -1 for a root
+    fork_pos: jax.Array  # [B] int32, generated-token index where it left its parent (0 for a root)
+    anchors: jax.Array  # [B, A] int32, generated-token indices where this path or an ancestor forked; -1 after
+    n_anchors: jax.Array  # [B] int32, valid entries of `anchors`
+    box_open: jax.Array  # [B] bool, a \boxed{ has started and not yet closed
+    box_depth: jax.Array  # [B] int32, brace depth inside the open \boxed{
+    last_score: jax.Array  # [B] float32, P-EDU: PRM score at the newest token (1 before the first)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """The `lax.while_loop` carry."""
+
+    step: jax.Array  # [] int32, the generated-token index being chosen
+    logits: jax.Array  # [B, V] float32, each row's next-token logits
+    cache: KVCache  # the policy's KV cache, per layer [B, prompt + G, kv_heads, head_dim]
+    prm_cache: KVCache | None  # P-EDU: the PRM's own KV cache, same layout; None (an empty subtree) without a PRM
+    paths: PathState
+    pruned_tokens: jax.Array  # [Q] int32, tokens generated by paths P-EDU pruned (they cost, but are no leaf)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeOutput:
+    """What the loop returns (the record of each slot), rows q*M + m; `decode` hands it back as host arrays."""
+
+    tokens: jax.Array  # [B, G] int32, generated tokens (valid up to gen_len)
+    logprobs: jax.Array  # [B, G] float32, temperature-1 log-probability of each token
+    entropies: jax.Array  # [B, G] float32, entropy (nats) at each token
+    high_entropy: jax.Array  # [B, G] bool, positions that qualified as anchors (Best-of-N splits HT steps here)
+    gen_len: jax.Array  # [B] int32
+    used: jax.Array  # [B] bool, the slot holds a leaf
+    stop: jax.Array  # [B] int32, STOP_* reason
+    parent: jax.Array  # [B] int32, parent slot within the question, -1 for a root
+    fork_pos: jax.Array  # [B] int32, where the path left its parent
+    anchors: jax.Array  # [B, A] int32, step boundaries (-1 padded)
+    n_anchors: jax.Array  # [B] int32
+    pruned_tokens: jax.Array  # [Q] int32, P-EDU's pruned tokens per question
+
+    @classmethod
+    def of(cls, state: DecodeState) -> DecodeOutput:
+        paths = state.paths
+        return cls(**{f.name: getattr(paths, f.name) for f in dataclasses.fields(cls) if f.name != "pruned_tokens"},
+                   pruned_tokens=state.pruned_tokens)
+
+    def to_host(self) -> dict[str, np.ndarray]:
+        """{field name: numpy array}, the form `engine.slots_to_leaves` reads."""
+        return {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class NextToken:
+    """This step's view of each row's next-token distribution; a new child takes its parent's."""
+
+    logits: jax.Array  # [B, V] float32, masked to the tokenizer's vocabulary
+    entropy: jax.Array  # [B] float32, nats, at temperature 1
+    log_z: jax.Array  # [B] float32, logsumexp(logits), for the chosen token's logprob
+    qualifies: jax.Array  # [B] bool, `anchor_qualifies` at this position
+
+
+# ------------------------------------------------------------------------------------------- the anchor rule
+
+
+def anchor_qualifies(entropy: jax.Array, top1_token: jax.Array, tau: float | jax.Array,
+                     symbol_mask: jax.Array) -> jax.Array:
+    """METHOD.md's anchor rule: a position qualifies when H > tau (strictly) and its top-1 token is not a symbol.
+
+    entropy [...] float32 (nats), top1_token [...] int32 (the argmax token), tau a scalar, symbol_mask [V] bool
+    -> [...] bool. One rule for all three uses, so they always agree: where EDU forks, where P-EDU's steps end
+    (and a path's PRM score is checked), and the `high_entropy` flags Best-of-N splits HT samples at."""
+    return (entropy > tau) & ~symbol_mask[top1_token]
+
+
+def branch_candidates(active: jax.Array, qualifies: jax.Array, n_anchors: jax.Array,
+                      max_anchors: int) -> jax.Array:
+    """Paths that may fork now: running, at a qualifying position, and below `max_anchors` forks on their path.
+
+    All [B]: bool, bool, int32 -> bool. Whether a candidate really forks depends on free slots (`fork_plan`)."""
+    return active & qualifies & (n_anchors < max_anchors)
+
+
+def fork_priority(entropy: jax.Array, slot: jax.Array, threshold_mode: str) -> jax.Array:
+    """Who gets the free slots first when candidates outnumber them (higher priority first, ties: lower slot).
+
+    "fixed": the lowest slot (the threshold stays tau); "budget": the highest entropy, so the effective threshold
+    rises as the leaf budget runs out (METHOD.md "Dynamic threshold"). entropy [B] float32, slot [B] int32 (the
+    slot index within its question) -> [B] float32."""
+    if threshold_mode == "budget":
+        return entropy
+    return -slot.astype(jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ForkPlan:
+    """One step's forks within each question (all [Q, M])."""
+
+    source: jax.Array  # int32, slot each slot copies its row from this step (itself unless it is a new child)
+    child_token: jax.Array  # int32, token a new child emits: its parent's j-th runner-up (0 where not a child)
+    is_child: jax.Array  # bool, a new child takes this (previously free) slot
+    is_anchor: jax.Array  # bool, this path forks here (at least one child got a slot)
+
+
+def fork_plan(candidates: jax.Array, priority: jax.Array, used: jax.Array, topk_tokens: jax.Array,
+              branch_k: int) -> ForkPlan:
+    """Which candidates branch, and into which free slots.
+
+    candidates [Q, M] bool, priority [Q, M] float32 (`fork_priority`), used [Q, M] bool, topk_tokens [Q, M, K]
+    int32 (K >= branch_k). Candidates are ranked by priority; the r-th gets free slots r*(K-1) .. r*(K-1)+K-2
+    (free slots in slot order) for its runner-up tokens 1 .. K-1, as far as free slots last. So with fewer free
+    slots than children, the higher-priority candidates fork and the rest keep going as they are."""
+    q_n, m_n = candidates.shape
+    children = branch_k - 1
+    idx = jnp.arange(m_n)
+    # rank among candidates: higher priority first, ties by slot index
+    better = (priority[:, None, :] > priority[:, :, None]) | ((priority[:, None, :] == priority[:, :, None]) &
+                                                              (idx[None, None, :] < idx[None, :, None]))
+    rank = jnp.sum(better & candidates[:, None, :], axis=-1)
+    free = ~used
+    n_free = jnp.sum(free, axis=-1, keepdims=True)
+    order_key = jnp.where(free, jnp.cumsum(free, axis=-1) - 1, m_n + idx)
+    free_slots = jnp.argsort(order_key, axis=-1)  # free_slots[q, r] = r-th free slot
+    source = jnp.broadcast_to(idx, (q_n, m_n))
+    child_token = jnp.zeros((q_n, m_n), jnp.int32)
+    is_child = jnp.zeros((q_n, m_n), bool)
+    rows = jnp.arange(q_n)[:, None]
+    for j in range(children):
+        target = rank * children + j
+        ok = candidates & (target < n_free)
+        dest = jnp.where(ok, jnp.take_along_axis(free_slots, jnp.minimum(target, m_n - 1), -1), m_n)
+        source = source.at[rows, dest].set(jnp.broadcast_to(idx, (q_n, m_n)), mode="drop")
+        child_token = child_token.at[rows, dest].set(topk_tokens[:, :, j + 1], mode="drop")
+        is_child = is_child.at[rows, dest].set(True, mode="drop")
+    is_anchor = candidates & (rank * children < n_free)
+    return ForkPlan(source, child_token, is_child, is_anchor)
+
+
+# ------------------------------------------------------------------------------------------------ the phases
+
+
+def _row_keys(seed: jax.Array, question_ids: jax.Array, num_leaves: int, step: jax.Array) -> jax.Array:
+    """One PRNG key per row from (seed, question id, slot, step): the same draws however questions are batched."""
     base = jax.random.key(seed)
-    slots = jnp.arange(num_slots)
+    slots = jnp.arange(num_leaves)
 
     def one(q, s):
         return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, q), s), step)
@@ -109,178 +281,235 @@ def _row_keys(seed: jax.Array, question_ids: jax.Array, num_slots: int, step: ja
     return jax.vmap(lambda q: jax.vmap(lambda s: one(q, s))(slots))(question_ids).reshape(-1)
 
 
-def _fork_plan(p: DecodeParams, cand, prio, used, topk_tokens):
-    """Which candidates branch and into which free slots. All arrays [Q, M] (topk_tokens [Q, M, K]).
+def _prefill(p: DecodeParams, model: nnx.Module, prm: nnx.Module | None, prompts: jax.Array,
+             prompt_lens: jax.Array, question_ids: jax.Array) -> DecodeState:
+    """Run each prompt once, then give every slot of its question a copy of the prompt's cache and logits.
 
-    Returns (src [Q, M] slot each slot copies from (itself if none), child_token [Q, M], is_child [Q, M],
-    is_anchor [Q, M])."""
-    q_n, m_n = cand.shape
-    k1 = p.branch_k - 1
-    idx = jnp.arange(m_n)
-    # rank among candidates: higher priority first, ties by slot index
-    better = (prio[:, None, :] > prio[:, :, None]) | ((prio[:, None, :] == prio[:, :, None]) &
-                                                      (idx[None, None, :] < idx[None, :, None]))
-    rank = jnp.sum(better & cand[:, None, :], axis=-1)
-    free = ~used
-    n_free = jnp.sum(free, axis=-1, keepdims=True)
-    order_key = jnp.where(free, jnp.cumsum(free, axis=-1) - 1, m_n + idx)
-    free_slots = jnp.argsort(order_key, axis=-1)  # free_slots[q, r] = r-th free slot
-    src = jnp.broadcast_to(idx, (q_n, m_n))
-    child_token = jnp.zeros((q_n, m_n), jnp.int32)
-    is_child = jnp.zeros((q_n, m_n), bool)
-    rows = jnp.arange(q_n)[:, None]
-    for j in range(k1):
-        target = rank * k1 + j
-        ok = cand & (target < n_free)
-        dest = jnp.where(ok, jnp.take_along_axis(free_slots, jnp.minimum(target, m_n - 1), -1), m_n)
-        src = src.at[rows, dest].set(jnp.broadcast_to(idx, (q_n, m_n)), mode="drop")
-        child_token = child_token.at[rows, dest].set(topk_tokens[:, :, j + 1], mode="drop")
-        is_child = is_child.at[rows, dest].set(True, mode="drop")
-    is_anchor = cand & (rank * k1 < n_free)
-    return src, child_token, is_child, is_anchor
-
-
-def _decode_loop(p: DecodeParams, knobs: dict[str, jax.Array], model: nnx.Module, tables: Tables,
-                 prompts: jax.Array, prompt_lens: jax.Array, question_ids: jax.Array,
-                 prm: nnx.Module | None = None) -> dict[str, jax.Array]:
-    """The rollout loop. With `prm` (a scalar-head PRM) this is P-EDU: the PRM reads every generated token in
-    lockstep with the policy (its own KV cache, forked alongside), and at each step boundary (a position that
-    qualifies as an anchor) a path whose just-finished step scores below `prune_below` is dropped and its slot
-    freed; if every running path of a question is weak, the best-scoring one is spared."""
+    HT starts all M slots, EDU and greedy only slot 0 (the others wait for forks); padding questions (id < 0)
+    start none."""
     q_n, plen = prompts.shape
-    m_n, g_n, a_n = p.num_slots, p.max_new_tokens, p.max_anchors
+    m_n, g_n, a_n = p.num_leaves, p.max_new_tokens, p.max_anchors
     b_n = q_n * m_n
-    cfg = model.cfg
-    cache = KVCache.zeros(cfg, q_n, plen + g_n)
+    cache = KVCache.zeros(model.cfg, q_n, plen + g_n)
     hidden, cache = model.backbone(prompts, cache=cache, write_index=jnp.zeros((q_n,), jnp.int32))
     last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)
     logits = model.logits(last)[:, 0]  # [Q, V]
     expand = jnp.repeat(jnp.arange(q_n), m_n)
-    cache = cache.gather_rows(expand)
-    logits = logits[expand]
     prm_cache = None
     if prm is not None:
         prm_cache = KVCache.zeros(prm.backbone.cfg, q_n, plen + g_n)
-        _, prm_cache = prm.backbone.backbone(prompts, cache=prm_cache,
-                                                      write_index=jnp.zeros((q_n,), jnp.int32))
+        prm_cache = prm.prefill(prompts, cache=prm_cache, write_index=jnp.zeros((q_n,), jnp.int32))
         prm_cache = prm_cache.gather_rows(expand)  # the prompt scores nothing: last_score starts at 1
     slot = jnp.tile(jnp.arange(m_n), q_n)
     start = (slot == 0) if p.mode != "ht" else jnp.ones((b_n,), bool)
     start = start & (question_ids >= 0)[expand]  # padding rows of a short batch never run
-    state = dict(
-        step=jnp.int32(0), logits=logits, cache=cache, cache_len=prompt_lens[expand].astype(jnp.int32),
+    paths = PathState(
         tokens=jnp.zeros((b_n, g_n), jnp.int32), logprobs=jnp.zeros((b_n, g_n), jnp.float32),
-        entropies=jnp.zeros((b_n, g_n), jnp.float32), gen_len=jnp.zeros((b_n,), jnp.int32),
+        entropies=jnp.zeros((b_n, g_n), jnp.float32), high_entropy=jnp.zeros((b_n, g_n), bool),
+        gen_len=jnp.zeros((b_n,), jnp.int32), cache_len=prompt_lens[expand].astype(jnp.int32),
         active=start, used=start, stop=jnp.zeros((b_n,), jnp.int32),
         parent=jnp.full((b_n,), -1, jnp.int32), fork_pos=jnp.zeros((b_n,), jnp.int32),
         anchors=jnp.full((b_n, a_n), -1, jnp.int32), n_anchors=jnp.zeros((b_n,), jnp.int32),
-        box_on=jnp.zeros((b_n,), bool), box_depth=jnp.zeros((b_n,), jnp.int32),
-        high_entropy=jnp.zeros((b_n, g_n), bool), prm_cache=prm_cache, last_score=jnp.ones((b_n,), jnp.float32),
-        pruned_tokens=jnp.zeros((q_n,), jnp.int32),
-    )
-    seq_w = tables.stop_seqs.shape[1]
-    row_ids = jnp.arange(b_n)
+        box_open=jnp.zeros((b_n,), bool), box_depth=jnp.zeros((b_n,), jnp.int32),
+        last_score=jnp.ones((b_n,), jnp.float32))
+    return DecodeState(step=jnp.int32(0), logits=logits[expand], cache=cache.gather_rows(expand),
+                       prm_cache=prm_cache, paths=paths, pruned_tokens=jnp.zeros((q_n,), jnp.int32))
 
-    def body(s):
-        t = s["step"]
-        z = mask_logits(s["logits"], tables.vocab_mask)
-        ent, log_z = entropy_and_logz(z)
-        kk = max(p.branch_k, 1) if p.mode == "edu" else 1  # only EDU forks use the runners-up
-        topk = top_k_small(z, kk)  # [B, K]
-        greedy = p.mode == "greedy" or (p.mode == "edu" and p.edu_greedy)
-        if greedy:
-            tok = topk[:, 0]
-        else:
-            keys = _row_keys(knobs["seed"], question_ids, m_n, t)
-            tok = sample_tokens(z, keys, knobs["temperature"], p.top_k, knobs["top_p"], nucleus=p.top_p < 1.0)
-        history = ("tokens", "logprobs", "entropies", "gen_len", "active", "used", "stop", "parent", "fork_pos",
-                   "anchors", "n_anchors", "box_on", "box_depth", "cache_len", "high_entropy", "last_score")
-        qualifies = (ent > knobs["tau"]) & ~tables.symbol[topk[:, 0]]
+
+def _read_next_token(p: DecodeParams, knobs: dict[str, jax.Array], tables: Tables, question_ids: jax.Array,
+                     state: DecodeState) -> tuple[NextToken, jax.Array, jax.Array]:
+    """Phase 1: (each row's NextToken, its top-K tokens [B, K] int32, the proposed token [B] int32).
+
+    The proposal is the argmax (greedy, EDU with edu_greedy) or a sample (HT); a fork may replace it. Only EDU
+    needs the runners-up, so the others compute the top-1 alone."""
+    logits = mask_logits(state.logits, tables.vocab_mask)
+    entropy, log_z = entropy_and_logz(logits)
+    topk = top_k_small(logits, max(p.branch_k, 1) if p.mode == "edu" else 1)
+    if p.mode == "greedy" or (p.mode == "edu" and p.edu_greedy):
+        proposal = topk[:, 0]
+    else:
+        keys = _row_keys(knobs["seed"], question_ids, p.num_leaves, state.step)
+        proposal = sample_tokens(logits, keys, knobs["temperature"], p.top_k, knobs["top_p"], nucleus=p.top_p < 1.0)
+    qualifies = anchor_qualifies(entropy, topk[:, 0], knobs["tau"], tables.symbol)
+    return NextToken(logits, entropy, log_z, qualifies), topk, proposal
+
+
+def _prune_weak_paths(state: DecodeState, qualifies: jax.Array, prune_below: jax.Array,
+                      num_leaves: int) -> DecodeState:
+    """Phase 2, P-EDU: at a step boundary (a qualifying position), drop a path whose just-finished step scored
+    below `prune_below` and free its slot, before this step's forks so they can take it.
+
+    If every running path of a question is weak, the best-scoring one (lowest slot on ties) is spared, so a
+    question always keeps a path. The pruned path's own tokens go to `pruned_tokens`: they were paid for."""
+    paths = state.paths
+    q_n, m_n = state.pruned_tokens.shape[0], num_leaves
+    at_boundary = paths.active & qualifies & (state.step > 0)
+    weak = (at_boundary & (paths.last_score < prune_below)).reshape(q_n, m_n)
+    survivors = jnp.sum(paths.active.reshape(q_n, m_n) & ~weak, axis=-1, keepdims=True)
+    best = jnp.argmax(jnp.where(weak, paths.last_score.reshape(q_n, m_n), -jnp.inf), axis=-1)
+    spare = (survivors == 0) & (jnp.arange(m_n)[None, :] == best[:, None])
+    prune = (weak & ~spare).reshape(-1)
+    own_tokens = (paths.gen_len - paths.fork_pos) * prune
+    paths = dataclasses.replace(paths, stop=jnp.where(prune, STOP_PRUNED, paths.stop),
+                                active=paths.active & ~prune, used=paths.used & ~prune)
+    return dataclasses.replace(state, paths=paths,
+                               pruned_tokens=state.pruned_tokens + own_tokens.reshape(q_n, m_n).sum(-1))
+
+
+def _copy_parent_rows(is_child: jax.Array, source_row: jax.Array, state: DecodeState,
+                      next_token: NextToken) -> tuple[DecodeState, NextToken]:
+    """A new child's row becomes a copy of its parent's: path record, next-token view and KV cache(s).
+
+    is_child [B] bool, source_row [B] int32 (a row's own index unless it is a child). Skipped (`lax.cond`) on
+    the steps without a fork, which are most of them: copying the cache costs a full pass over it."""
+    forked = jnp.any(is_child)
+
+    def adopt(rows):
+        return jax.tree.map(
+            lambda a: jnp.where(is_child.reshape((-1,) + (1,) * (a.ndim - 1)), a[source_row], a), rows)
+
+    paths, next_token = jax.lax.cond(forked, adopt, lambda r: r, (state.paths, next_token))
+
+    def copy_cache(cache: KVCache | None) -> KVCache | None:
+        if cache is None:
+            return None
+        return jax.lax.cond(forked, lambda c: c.gather_rows(source_row), lambda c: c, cache)
+
+    state = dataclasses.replace(state, paths=paths, cache=copy_cache(state.cache),
+                                prm_cache=copy_cache(state.prm_cache))
+    return state, next_token
+
+
+def _fork(p: DecodeParams, state: DecodeState, next_token: NextToken, topk: jax.Array,
+          token: jax.Array) -> tuple[DecodeState, NextToken, jax.Array]:
+    """Phase 3, EDU: plan this step's forks and apply them; returns the state, next-token view and tokens
+    [B] int32 after the children took their slots.
+
+    An anchor keeps its top-1 token; each child emits one runner-up. The anchor is recorded before the copy, so
+    children inherit it as a step boundary."""
+    paths = state.paths
+    b_n, m_n = token.shape[0], p.num_leaves
+    q_n = b_n // m_n
+    slot = jnp.tile(jnp.arange(m_n), q_n)
+    candidates = branch_candidates(paths.active, next_token.qualifies, paths.n_anchors, p.max_anchors)
+    priority = fork_priority(next_token.entropy, slot, p.threshold_mode)
+    plan = fork_plan(candidates.reshape(q_n, m_n), priority.reshape(q_n, m_n), paths.used.reshape(q_n, m_n),
+                     topk.reshape(q_n, m_n, -1), p.branch_k)
+    is_anchor = plan.is_anchor.reshape(-1)
+    record_at = jnp.where(is_anchor, paths.n_anchors, p.max_anchors)  # out of range: dropped
+    paths = dataclasses.replace(
+        paths, anchors=paths.anchors.at[jnp.arange(b_n), record_at].set(state.step, mode="drop"),
+        n_anchors=paths.n_anchors + is_anchor)
+    token = jnp.where(is_anchor, topk[:, 0], token)
+    source_row = (jnp.arange(q_n)[:, None] * m_n + plan.source).reshape(-1)
+    is_child = plan.is_child.reshape(-1)
+    state, next_token = _copy_parent_rows(is_child, source_row, dataclasses.replace(state, paths=paths),
+                                          next_token)
+    paths = state.paths
+    paths = dataclasses.replace(
+        paths, parent=jnp.where(is_child, plan.source.reshape(-1), paths.parent),  # a slot within the question
+        fork_pos=jnp.where(is_child, state.step, paths.fork_pos))
+    token = jnp.where(is_child, plan.child_token.reshape(-1), token)
+    return dataclasses.replace(state, paths=paths), next_token, token
+
+
+def _record_token(paths: PathState, step: jax.Array, token: jax.Array, next_token: NextToken,
+                  running: jax.Array) -> PathState:
+    """Phase 4: write each running row's token with its temperature-1 logprob, entropy and anchor flag."""
+    b_n, g_n = paths.tokens.shape
+    rows = jnp.arange(b_n)
+    logprob = jnp.take_along_axis(next_token.logits, token[:, None], -1)[:, 0] - next_token.log_z
+    write = jnp.where(running, step, g_n)  # out of range: dropped
+    return dataclasses.replace(
+        paths, tokens=paths.tokens.at[rows, write].set(token, mode="drop"),
+        logprobs=paths.logprobs.at[rows, write].set(logprob, mode="drop"),
+        entropies=paths.entropies.at[rows, write].set(next_token.entropy, mode="drop"),
+        high_entropy=paths.high_entropy.at[rows, write].set(next_token.qualifies, mode="drop"),
+        gen_len=paths.gen_len + running)
+
+
+def _track_boxed_answer(paths: PathState, token: jax.Array, tables: Tables,
+                        stop_at_answer: bool) -> tuple[PathState, jax.Array]:
+    """(paths with the \\boxed{ brace depth advanced by `token`, [B] bool: this token closed the answer).
+
+    A token containing "boxed" (re)starts tracking; only braces after it count (stopping.py)."""
+    starts = tables.has_boxed[token]
+    box_open = paths.box_open | starts
+    depth = jnp.where(starts, 0, paths.box_depth) + tables.opens[token] - tables.closes[token]
+    if stop_at_answer:
+        closed = box_open & (tables.closes[token] > 0) & (depth <= 0) & \
+            ((paths.box_depth > 0) | (tables.opens[token] > 0))
+    else:
+        closed = jnp.zeros_like(starts)
+    return dataclasses.replace(paths, box_open=box_open & ~closed, box_depth=jnp.where(closed, 0, depth)), closed
+
+
+def _ends_with_stop_string(paths: PathState, stop_seqs: jax.Array) -> jax.Array:
+    """[B] bool: a row's newest tokens equal one of the stop sequences ([n, k], right-aligned, -1 padded)."""
+    width = stop_seqs.shape[1]
+    last = paths.gen_len[:, None] - width + jnp.arange(width)[None]  # the newest `width` positions, -1 before 0
+    tail = jnp.where(last >= 0, jnp.take_along_axis(paths.tokens, jnp.maximum(last, 0), axis=1), -1)
+    return jnp.any(jnp.all((stop_seqs[None] == -1) | (stop_seqs[None] == tail[:, None]), -1), -1)
+
+
+def _detect_stops(p: DecodeParams, paths: PathState, token: jax.Array, running: jax.Array,
+                  tables: Tables) -> PathState:
+    """Phase 5: end the running rows whose new token is EOS, closes the \\boxed{...} answer, completes a stop
+    string, or fills max_new_tokens (the first reason in that order is recorded)."""
+    eos = tables.eos[token]
+    paths, closed = _track_boxed_answer(paths, token, tables, p.stop_at_answer)
+    matched = _ends_with_stop_string(paths, tables.stop_seqs)
+    reason = jnp.select([eos, closed, matched, paths.gen_len >= p.max_new_tokens],
+                        [STOP_EOS, STOP_ANSWER, STOP_STRING, STOP_LENGTH], RUNNING)
+    stopping = running & (reason != RUNNING)
+    return dataclasses.replace(paths, stop=jnp.where(stopping, reason, paths.stop), active=running & ~stopping)
+
+
+def _advance_models(state: DecodeState, token: jax.Array, running: jax.Array, model: nnx.Module,
+                    prm: nnx.Module | None) -> DecodeState:
+    """Phase 6: feed the chosen tokens to the policy (next step's logits) and, for P-EDU, to the PRM (the score
+    of a step that ends at this token, checked at the next boundary). Rows that did not run keep their cache
+    length, so their writes are overwritten if they ever run (a free slot is overwritten by a fork's copy)."""
+    paths = state.paths
+    logits, cache = model(token[:, None], cache=state.cache, write_index=paths.cache_len)
+    prm_cache, last_score = state.prm_cache, paths.last_score
+    if prm is not None:
+        score_logit, prm_cache = prm.step(token, cache=prm_cache, write_index=paths.cache_len)
+        last_score = jnp.where(running, jax.nn.sigmoid(score_logit), last_score)
+    paths = dataclasses.replace(paths, cache_len=paths.cache_len + running, last_score=last_score)
+    return dataclasses.replace(state, step=state.step + 1, logits=logits[:, 0], cache=cache, prm_cache=prm_cache,
+                               paths=paths)
+
+
+def _decode_loop(p: DecodeParams, knobs: dict[str, jax.Array], model: nnx.Module, tables: Tables,
+                 prompts: jax.Array, prompt_lens: jax.Array, question_ids: jax.Array,
+                 prm: nnx.Module | None = None) -> DecodeOutput:
+    """The rollout loop. With `prm` (a scalar-head PRM) this is P-EDU: the PRM reads every generated token in
+    lockstep with the policy (its own KV cache, forked alongside), and at each step boundary (a position that
+    qualifies as an anchor) a path whose just-finished step scores below `prune_below` is dropped and its slot
+    freed; if every running path of a question is weak, the best-scoring one is spared."""
+
+    def body(state: DecodeState) -> DecodeState:
+        next_token, topk, token = _read_next_token(p, knobs, tables, question_ids, state)
         if prm is not None:
-            s = dict(s)
-            weak = (s["active"] & qualifies & (t > 0) & (s["last_score"] < knobs["prune_below"])).reshape(q_n, m_n)
-            survivors = jnp.sum(s["active"].reshape(q_n, m_n) & ~weak, axis=-1, keepdims=True)
-            # if every running path is weak, the best-scoring one (lowest slot on ties) is spared
-            best = jnp.argmax(jnp.where(weak, s["last_score"].reshape(q_n, m_n), -jnp.inf), axis=-1)
-            spare = (survivors == 0) & (jnp.arange(m_n)[None, :] == best[:, None])
-            prune = (weak & ~spare).reshape(-1)
-            own = (s["gen_len"] - s["fork_pos"]) * prune
-            s["pruned_tokens"] = s["pruned_tokens"] + own.reshape(q_n, m_n).sum(-1)
-            s["stop"] = jnp.where(prune, STOP_PRUNED, s["stop"])
-            s["active"], s["used"] = s["active"] & ~prune, s["used"] & ~prune
+            state = _prune_weak_paths(state, next_token.qualifies, knobs["prune_below"], p.num_leaves)
         if p.mode == "edu":
-            cand = s["active"] & qualifies & (s["n_anchors"] < a_n)
-            prio = ent if p.threshold_mode == "budget" else -slot.astype(jnp.float32)
-            src, child_tok, is_child, is_anchor = _fork_plan(
-                p, cand.reshape(q_n, m_n), prio.reshape(q_n, m_n), s["used"].reshape(q_n, m_n),
-                topk.reshape(q_n, m_n, kk))
-            is_anchor = is_anchor.reshape(-1)
-            # the anchor is recorded before copying, so children inherit it
-            s["anchors"] = s["anchors"].at[row_ids, jnp.where(is_anchor, s["n_anchors"], a_n)].set(t, mode="drop")
-            s["n_anchors"] = s["n_anchors"] + is_anchor
-            tok = jnp.where(is_anchor, topk[:, 0], tok)
-            src_row = (jnp.arange(q_n)[:, None] * m_n + src).reshape(-1)
-            is_child = is_child.reshape(-1)
-            s = dict(s)
+            state, next_token, token = _fork(p, state, next_token, topk, token)
+        running = state.paths.active  # the rows that emit a token this step
+        paths = _record_token(state.paths, state.step, token, next_token, running)
+        paths = _detect_stops(p, paths, token, running, tables)
+        return _advance_models(dataclasses.replace(state, paths=paths), token, running, model, prm)
 
-            def adopt(rows):  # children take their source row's state; skipped on the (most) steps without a fork
-                return jax.tree.map(
-                    lambda a: jnp.where(is_child.reshape((-1,) + (1,) * (a.ndim - 1)), a[src_row], a), rows)
+    def cond(state: DecodeState) -> jax.Array:
+        return (state.step < p.max_new_tokens) & jnp.any(state.paths.active)
 
-            forked = jnp.any(is_child)
-            rows = ({name: s[name] for name in history}, z, ent, log_z, qualifies)
-            hist, z, ent, log_z, qualifies = jax.lax.cond(forked, adopt, lambda r: r, rows)
-            s.update(hist)
-            for name in ("cache", "prm_cache") if prm is not None else ("cache",):
-                s[name] = jax.lax.cond(forked, lambda c: c.gather_rows(src_row), lambda c: c, s[name])
-            tok = jnp.where(is_child, child_tok.reshape(-1), tok)
-            s["parent"] = jnp.where(is_child, src.reshape(-1), s["parent"])  # a slot index within the question
-            s["fork_pos"] = jnp.where(is_child, t, s["fork_pos"])
-        active = s["active"]
-        logp = jnp.take_along_axis(z, tok[:, None], -1)[:, 0] - log_z
-        write = jnp.where(active, t, g_n)
-        s["tokens"] = s["tokens"].at[row_ids, write].set(tok, mode="drop")
-        s["logprobs"] = s["logprobs"].at[row_ids, write].set(logp, mode="drop")
-        s["entropies"] = s["entropies"].at[row_ids, write].set(ent, mode="drop")
-        s["high_entropy"] = s["high_entropy"].at[row_ids, write].set(qualifies, mode="drop")
-        s["gen_len"] = s["gen_len"] + active
-        # stops
-        eos = tables.eos[tok]
-        box_on = s["box_on"] | tables.has_boxed[tok]
-        depth = jnp.where(tables.has_boxed[tok], 0, s["box_depth"]) + tables.opens[tok] - tables.closes[tok]
-        closed = box_on & (tables.closes[tok] > 0) & (depth <= 0) & \
-            ((s["box_depth"] > 0) | (tables.opens[tok] > 0)) if p.stop_at_answer else jnp.zeros_like(eos)
-        s["box_on"], s["box_depth"] = box_on & ~closed, jnp.where(closed, 0, depth)
-        last = s["gen_len"][:, None] - seq_w + jnp.arange(seq_w)[None]  # the newest seq_w positions, -1 before 0
-        tail = jnp.where(last >= 0, jnp.take_along_axis(s["tokens"], jnp.maximum(last, 0), axis=1), -1)
-        matched = jnp.any(jnp.all((tables.stop_seqs[None] == -1) | (tables.stop_seqs[None] == tail[:, None]), -1), -1)
-        reason = jnp.select([eos, closed, matched, s["gen_len"] >= g_n],
-                            [STOP_EOS, STOP_ANSWER, STOP_STRING, STOP_LENGTH], RUNNING)
-        stopping = active & (reason != RUNNING)
-        s["stop"] = jnp.where(stopping, reason, s["stop"])
-        s["active"] = active & ~stopping
-        logits, cache = model(tok[:, None], cache=s["cache"], write_index=s["cache_len"])
-        s["logits"], s["cache"] = logits[:, 0], cache
-        if prm is not None:
-            prm_hidden, s["prm_cache"] = prm.backbone.backbone(tok[:, None], cache=s["prm_cache"],
-                                                               write_index=s["cache_len"])
-            score = jax.nn.sigmoid(prm.head(prm_hidden)[:, 0])
-            s["last_score"] = jnp.where(active, score, s["last_score"])
-        s["cache_len"] = s["cache_len"] + active
-        s["step"] = t + 1
-        return s
-
-    def cond(s):
-        return (s["step"] < g_n) & jnp.any(s["active"])
-
-    out = jax.lax.while_loop(cond, body, state)
-    return {k: out[k] for k in ("tokens", "logprobs", "entropies", "gen_len", "used", "stop", "parent", "fork_pos",
-                                "anchors", "n_anchors", "high_entropy", "pruned_tokens")}
+    state = _prefill(p, model, prm, prompts, prompt_lens, question_ids)
+    return DecodeOutput.of(jax.lax.while_loop(cond, body, state))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _decode_jit(p: DecodeParams, graphdef: Any, prm_graphdef: Any, knobs: dict, state: Any, prm_state: Any,
-                tables: Tables, prompts, prompt_lens, question_ids):
+                tables: Tables, prompts, prompt_lens, question_ids) -> DecodeOutput:
     prm = nnx.merge(prm_graphdef, prm_state) if prm_graphdef is not None else None
     return _decode_loop(p, knobs, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids, prm)
 
@@ -288,7 +517,7 @@ def _decode_jit(p: DecodeParams, graphdef: Any, prm_graphdef: Any, knobs: dict, 
 def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarray, prompt_lens: np.ndarray,
            question_ids: np.ndarray, mesh: Mesh | None = None, prm: nnx.Module | None = None
            ) -> dict[str, np.ndarray]:
-    """Run the rollout loop for a bucket of questions; returns host arrays with rows q*M + m.
+    """Run the rollout loop for a bucket of questions; returns `DecodeOutput`'s fields as host arrays, rows q*M + m.
 
     With a mesh whose 'data' axis is > 1, questions are sharded over 'data' with `jax.shard_map` (manual over
     'data' only, so params keep their fsdp/tensor sharding) and each device forks within its own questions.
@@ -311,7 +540,7 @@ def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarr
             prm_state = jax.device_put(prm_state, state_shardings(prm_state, mesh))
         tables = jax.device_put(tables, NamedSharding(mesh, PartitionSpec()))
         out = _sharded_decode(p, graphdef, prm_graphdef, mesh)(knobs, state, prm_state, tables, *args)
-    return {k: np.asarray(v) for k, v in out.items()}
+    return out.to_host()
 
 
 @functools.lru_cache(maxsize=32)

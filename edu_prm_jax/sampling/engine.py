@@ -60,9 +60,9 @@ def distinct_tokens(leaves: Sequence[Leaf]) -> int:
     return sum(leaf.new_tokens for leaf in leaves)
 
 
-def slots_to_leaves(out: dict[str, np.ndarray], row0: int, num_slots: int) -> list[Leaf]:
+def slots_to_leaves(out: dict[str, np.ndarray], row0: int, num_leaves: int) -> list[Leaf]:
     leaves = []
-    for m in range(num_slots):
+    for m in range(num_leaves):
         r = row0 + m
         if not out["used"][r]:
             continue
@@ -132,7 +132,7 @@ class Sampler:
                 ids[i] = qids[i]
             out = decode(p, self.model, self.tables, arr, lens, ids, self.mesh, prm=self.prm)
             for i in range(n_real):
-                leaves = slots_to_leaves(out, i * p.num_slots, p.num_slots)
+                leaves = slots_to_leaves(out, i * p.num_leaves, p.num_leaves)
                 for leaf in leaves:
                     leaf.text = self.tokenizer.decode(leaf.token_ids)
                 yield Tree(leaves, int(out["pruned_tokens"][i]))

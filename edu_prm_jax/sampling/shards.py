@@ -11,16 +11,19 @@ from absl import logging
 from tqdm import tqdm
 
 from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint
+from edu_prm_jax.records.trees import TREES_PREFIX, LeafRecord, TreeRecord
 from edu_prm_jax.sampling.decode import DecodeParams
 from edu_prm_jax.sampling.engine import Sampler, Tree
 
 
 def tree_record(question: dict, index: int, prompt: str, prompt_ids: list[int], params: DecodeParams,
-                tree: Tree) -> dict[str, Any]:
-    return {"id": str(question["id"]), "index": index, "problem": question["problem"],
-            "answer": question.get("answer"), "prompt": prompt, "prompt_ids": prompt_ids, "mode": params.mode,
-            "params": dataclasses.asdict(params), "leaves": [leaf.to_json() for leaf in tree.leaves],
-            "distinct_tokens": tree.cost, "pruned_tokens": tree.pruned_tokens}
+                tree: Tree) -> TreeRecord:
+    """The shard line of one sampled question (validated here, so a writer bug fails before it is written)."""
+    return TreeRecord(id=str(question["id"]), index=index, problem=question["problem"],
+                      answer=question.get("answer"), prompt=prompt, prompt_ids=prompt_ids, mode=params.mode,
+                      params=dataclasses.asdict(params),
+                      leaves=[LeafRecord.model_validate(leaf.to_json()) for leaf in tree.leaves],
+                      distinct_tokens=tree.cost, pruned_tokens=tree.pruned_tokens)
 
 
 def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.Path, num_shards: int,
@@ -30,7 +33,7 @@ def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.P
     num_shards = max(1, min(num_shards, len(questions)))
     check_fingerprint(out_dir, {"params": dataclasses.asdict(sampler.params), "num_shards": num_shards,
                                 "questions": [q["id"] for q in questions], **(fingerprint or {})})
-    writer = ShardedJsonlWriter(out_dir, "trees", num_shards)
+    writer = ShardedJsonlWriter(out_dir, TREES_PREFIX, num_shards)
     bounds = [round(i * len(questions) / num_shards) for i in range(num_shards + 1)]
     pending = writer.pending()
     todo = sum(bounds[i + 1] - bounds[i] for i in pending)
@@ -48,10 +51,10 @@ def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.P
             records = []
             for i, tree in enumerate(sampler.sample_trees(prompt_ids, list(range(lo, hi)))):
                 records.append(tree_record(chunk[i], lo + i, prompts[i], prompt_ids[i], sampler.params, tree))
-                n_tokens += records[-1]["distinct_tokens"]
+                n_tokens += records[-1].distinct_tokens
                 bar.update(1)
                 bar.set_postfix(tok_per_s=f"{n_tokens / max(time.time() - start, 1e-9):.0f}")
-            writer.write(shard, records)
+            writer.write(shard, [r.to_json() for r in records])
     return out_dir
 
 

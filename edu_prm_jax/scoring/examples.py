@@ -5,10 +5,10 @@ Record format (one per solution):
 `step_ids` are each step's token ids as generated. Step ends come from these spans, never from re-tokenizing
 joined text (re-tokenizing moves boundaries when a merge spans two steps, the classic PRM label shift).
 
-Conventions (`PRM.head_kind`):
-- "scalar": the step end is the last token of the step; nothing is inserted.
-- "qwen_math": a separator id (Qwen's `<extra_0>`) is inserted after each step; the step end is the
-  separator.
+Step layouts (`head=` names a registered head, models/heads.py; its `step_layout` decides):
+- LAST_TOKEN (e.g. "scalar"): the step end is the last token of the step; nothing is inserted.
+- SEPARATOR_AFTER (e.g. "qwen_math"): a separator id (Qwen's `<extra_0>`) is inserted after each step; the step
+  end is the separator.
 
 Supervision (`supervise=`): "step_end" puts each step's label on its step end only; "step_tokens" puts it on
 every token of the step (and its separator). With tree labels (no extra rollouts) that is exact, not an
@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from edu_prm_jax.models.heads import get_head
 
 SUPERVISE = ("step_end", "step_tokens")
 SCORE_BUCKET = 64  # scoring pads lengths to a multiple of this, so jit compiles once per bucket
@@ -102,7 +104,7 @@ def _int_list(value: Any, rid: Any, field: str, vocab_size: int | None) -> list[
 def build_example(
     record: Mapping[str, Any],
     *,
-    convention: str,
+    head: str,
     separator_id: int | None = None,
     max_len: int | None = None,
     on_overflow: str = "error",
@@ -110,20 +112,19 @@ def build_example(
     record_id: Any = None,
     supervise: str = "step_end",
 ) -> PRMExample | None:
-    """One record -> `PRMExample` (None only when it overflows `max_len` and on_overflow="drop")."""
+    """One record -> `PRMExample` laid out for the registered head `head` (None only when it overflows
+    `max_len` and on_overflow="drop")."""
     if supervise not in SUPERVISE:
         raise ValueError(f"supervise must be one of {SUPERVISE}, got {supervise!r}")
-    if convention not in ("qwen_math", "scalar"):
-        raise ValueError(f"unknown convention {convention!r}; expected 'qwen_math' or 'scalar'")
+    use_sep = get_head(head).inserts_separator  # else the step end is the step's last token
     if on_overflow not in ("error", "drop"):
         raise ValueError(f"on_overflow must be 'error' or 'drop', got {on_overflow!r}")
     rid = record.get("id", record_id)
     for field in ("prompt_ids", "step_ids", "labels"):
         if field not in record:
             raise PRMDataError(f"record {rid!r}: missing field {field!r}")
-    use_sep = convention == "qwen_math"
     if use_sep and separator_id is None:
-        raise PRMDataError(f"record {rid!r}: the qwen_math convention needs a separator id")
+        raise PRMDataError(f"record {rid!r}: the {head} head inserts a separator after each step and needs its id")
     prompt = _int_list(record["prompt_ids"], rid, "prompt_ids", vocab_size)
     steps_raw = record["step_ids"]
     if not isinstance(steps_raw, (list, tuple)) or not steps_raw:
@@ -182,7 +183,7 @@ def build_example(
 def build_examples(
     records: Iterable[Mapping[str, Any]],
     *,
-    convention: str,
+    head: str,
     separator_id: int | None = None,
     max_len: int | None = None,
     on_overflow: str = "error",
@@ -195,7 +196,7 @@ def build_examples(
     for i, rec in enumerate(records):
         ex = build_example(
             rec,
-            convention=convention,
+            head=head,
             separator_id=separator_id,
             max_len=max_len,
             on_overflow=on_overflow,
@@ -229,16 +230,17 @@ def joined_steps(steps: Sequence[str], joiner: str) -> list[str]:
 
 
 def encode_solution(
-    tokenizer: Any, prompt: str, steps: Sequence[str], *, convention: str, separator_id: int | None = None,
+    tokenizer: Any, prompt: str, steps: Sequence[str], *, head: str, separator_id: int | None = None,
     record_id: Any = None,
 ) -> PRMExample:
-    """Tokenize the prompt and each step separately and concatenate ids (step ends stay exact)."""
+    """Tokenize the prompt and each step separately and concatenate ids laid out for `head` (step ends stay
+    exact)."""
     record = {
         "prompt_ids": tokenizer.encode(prompt),
         "step_ids": [tokenizer.encode(s) for s in steps],
         "labels": [0.0] * len(steps),
     }
-    return build_example(record, convention=convention, separator_id=separator_id, record_id=record_id)
+    return build_example(record, head=head, separator_id=separator_id, record_id=record_id)
 
 
 def score_solutions(
@@ -253,22 +255,23 @@ def score_solutions(
 ) -> list[list[float]]:
     """Step scores (sigmoid of the step logit) for each (prompt, [step strings]) item, in input order.
 
-    The prompt is used verbatim (apply the chat template first if the PRM expects one). With the qwen_math
-    head the separator (`separator_id`, else `prm.separator_id`) is inserted after each step. Rows are
-    right-padded to a multiple of `bucket` and batches to `batch_size`, so the jitted forward compiles once
-    per length bucket. An item longer than `max_len` is an error naming its index.
+    The prompt is used verbatim (apply the chat template first if the PRM expects one). When the PRM's head
+    inserts a separator (`prm.head_spec.inserts_separator`, e.g. qwen_math), the separator (`separator_id`,
+    else `prm.separator_id`) goes after each step. Rows are right-padded to a multiple of `bucket` and
+    batches to `batch_size`, so the jitted forward compiles once per length bucket. An item longer than
+    `max_len` is an error naming its index.
     """
-    convention = prm.head_kind
+    spec = prm.head_spec
     sep = separator_id if separator_id is not None else prm.separator_id
-    if convention == "qwen_math" and sep is None:
+    if spec.inserts_separator and sep is None:
         raise PRMDataError(
-            "score_solutions: the qwen_math head needs a separator id (pass separator_id=, e.g. "
-            "separator_ids(tokenizer, '<extra_0>'))"
+            f"score_solutions: the {spec.name} head inserts a separator after each step and needs its id (pass "
+            f"separator_id=, e.g. separator_ids(tokenizer, '<extra_0>'))"
         )
     examples = []
     for i, (prompt, steps) in enumerate(items):
         try:
-            ex = encode_solution(tokenizer, prompt, steps, convention=convention, separator_id=sep)
+            ex = encode_solution(tokenizer, prompt, steps, head=spec.name, separator_id=sep)
         except PRMDataError as e:
             raise PRMDataError(f"item {i}: {e}") from None
         if max_len is not None and len(ex.tokens) > max_len:

@@ -164,7 +164,7 @@ def greedy_decode(model: Qwen2, tokenizer: Tokenizer, prompts: Sequence[str], ma
     entropies: the decision to stop is a token too). Runs the project's sampler in greedy mode."""
     from edu_prm_jax.sampling import DecodeParams, Sampler
 
-    params = DecodeParams(mode="greedy", num_slots=1, max_new_tokens=max_new_tokens, stop_at_answer=False)
+    params = DecodeParams(mode="greedy", num_leaves=1, max_new_tokens=max_new_tokens, stop_at_answer=False)
     sampler = Sampler(model, tokenizer, params, batch_questions=batch_size, prompt_bucket=16)
     eos = set(tokenizer.eos_token_ids)
     out: list[dict[str, Any]] = []

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from edu_prm_jax.io.atomic import write_bytes_atomic
+
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", EOS)
 SPLITS = ("train", "test")
@@ -237,12 +239,6 @@ def toy_corpus(n_train: int, cfg: ToyConfig, seed: int | None = None) -> Iterato
         yield plain_prompt(p["problem"]) + p["solution"] + EOS
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def train_toy_tokenizer(
     texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 256, seed: int = 0
 ) -> Path:
@@ -285,9 +281,9 @@ def train_toy_tokenizer(
         max_sentence_length=1 << 16,
         minloglevel=2,
     )
-    _atomic_write(out / "tokenizer.model", model.getvalue())
+    write_bytes_atomic(out / "tokenizer.model", model.getvalue())
     config = {"eos_token": EOS, "pad_token": EOS, "edu_prm_chat_template": "plain"}
-    _atomic_write(out / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
+    write_bytes_atomic(out / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
     return out
 
 

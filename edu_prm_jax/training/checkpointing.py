@@ -1,8 +1,9 @@
 """Resumable training checkpoints: params + optimizer state + data-iterator state + step + config.
 
 Orbax `CheckpointManager` with async saves; it keeps the last `keep_last` checkpoints plus the best one by
-an eval metric. The state is restored into the shardings of a freshly built train state, so a run can
-resume on another mesh.
+an eval metric. Items per step: `state` (the train state pytree), `data` and `config` (JSON). The state is
+restored into the shardings of a freshly built train state, so a run can resume on another mesh; a part of it
+(the model's parameters, for export) can be restored alone, without reading the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from edu_prm_jax.io.atomic import write_text_atomic
+
 
 def _abstract(state: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -25,17 +28,23 @@ class Checkpointer:
     """Save/restore of (train state pytree, data-iterator state dict, config dict) per step."""
 
     def __init__(self, directory: str | os.PathLike, keep_last: int = 3, best_metric: str | None = None,
-                 best_mode: str = "min", async_save: bool = True):
+                 best_mode: str = "min", async_save: bool = True, read_only: bool = False):
+        """`read_only` opens an existing run's checkpoints to restore from (export): nothing is created,
+        saved or deleted."""
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
-        policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep_last)]
-        if best_metric is not None:
-            policies.append(ocp.checkpoint_managers.BestN(
-                get_metric_fn=lambda m: float(m[best_metric]), reverse=best_mode == "min", n=1,
-                keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=async_save, create=True)
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False,
+                                                   enable_async_checkpointing=False)
+        else:
+            policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep_last)]
+            if best_metric is not None:
+                policies.append(ocp.checkpoint_managers.BestN(
+                    get_metric_fn=lambda m: float(m[best_metric]), reverse=best_mode == "min", n=1,
+                    keep_checkpoints_without_metrics=False))
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+                enable_async_checkpointing=async_save, create=True)
         self.directory = pathlib.Path(directory).absolute()
         self.best_metric = best_metric
         self.best_mode = best_mode
@@ -71,9 +80,7 @@ class Checkpointer:
         if metrics:  # a sidecar record, so `best_step` works after a restart too
             table = self._read_metrics()
             table[str(step)] = metrics
-            tmp = self._metrics_path.with_name(f".{self._metrics_path.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(table, indent=1))
-            os.replace(tmp, self._metrics_path)
+            write_text_atomic(self._metrics_path, json.dumps(table, indent=1))
         return self._mgr.save(step, args=args, metrics=metrics or None, force=True)
 
     @property
@@ -90,6 +97,14 @@ class Checkpointer:
             state=ocp.args.StandardRestore(_abstract(like_state)),
             data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["data"]), dict(restored["config"])
+
+    def restore_part(self, step: int, target: Mapping[str, Any]) -> Any:
+        """Only the part of `step`'s train state that `target` names (e.g. {'model': abstract params}), each leaf
+        placed as its target says (shape, dtype, sharding). An Orbax partial restore: the leaves not named (the
+        optimizer moments) are never read, so memory holds the part alone."""
+        restored = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+        return restored["state"]
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()

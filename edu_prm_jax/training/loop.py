@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import signal
 import time
@@ -24,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from edu_prm_jax import parallel
+from edu_prm_jax.io.atomic import write_text_atomic
 from edu_prm_jax.models.qwen2 import Qwen2
 from edu_prm_jax.training.checkpointing import Checkpointer
 from edu_prm_jax.training.metrics import MetricsWriter, mfu, train_flops_per_token
@@ -50,10 +50,29 @@ class TrainConfig:
     tensorboard: bool = True  # TensorBoard event files under workdir/tb
 
 
+CHECKPOINT_SUBDIR = "checkpoints"  # a Trainer's checkpoints live in <workdir>/checkpoints
+
+
 class _TrainState(nnx.Module):
+    """What a checkpoint's `state` item holds: {'model': the model's state, 'optimizer': step + moments}."""
+
     def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer):
         self.model = model
         self.optimizer = optimizer
+
+
+def restore_model(checkpointer: Checkpointer, step: int, abstract_model: nnx.Module, mesh: Mesh,
+                  rules: Mapping[str, Any] | None = None) -> nnx.Module:
+    """The model alone from a Trainer checkpoint, placed on `mesh` by its logical axes. `abstract_model` is an
+    `nnx.eval_shape`-built model of the trained architecture. The optimizer state (two more model-sized copies
+    under AdamW) is never read, and no Trainer is built: what an export needs (benchmarks/export_memory.py)."""
+    graphdef, state = nnx.split(abstract_model)
+    shardings = parallel.state_shardings(state, mesh, rules)
+    target = jax.tree.map(lambda var, sharding: var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype,
+                                                                                 sharding=sharding)),
+                          state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    restored = checkpointer.restore_part(step, {"model": target})
+    return nnx.merge(graphdef, restored["model"])
 
 
 def _seq_len(batch: Mapping[str, Any]) -> int:
@@ -99,7 +118,7 @@ class Trainer:
         self.state = jax.device_put(state, self.state_shardings)
         self.step = 0
         self._stop_requested = False
-        self.checkpointer = Checkpointer(self.workdir / "checkpoints", train_cfg.keep_checkpoints,
+        self.checkpointer = Checkpointer(self.workdir / CHECKPOINT_SUBDIR, train_cfg.keep_checkpoints,
                                          train_cfg.best_metric, train_cfg.best_mode, train_cfg.async_checkpointing)
         self._step_fn = jax.jit(self._train_step, donate_argnums=0,
                                 out_shardings=(self.state_shardings, None))
@@ -188,8 +207,8 @@ class Trainer:
         self.maybe_restore(data)
         previous = signal.signal(signal.SIGTERM, self.request_stop)
         lead = jax.process_index() == 0  # in a multi-host job only process 0 writes logs and metric files
-        writer = MetricsWriter(self.workdir / "tb", cfg.steps, self.step, cfg.progress and lead,
-                               cfg.tensorboard and lead)
+        writer = MetricsWriter(self.workdir / "tb", cfg.steps, self.step, progress=cfg.progress and lead,
+                               tensorboard=cfg.tensorboard and lead, log_lines=lead)
         last: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
         n_dev = self.mesh.devices.size
@@ -235,10 +254,9 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
             writer.close()
-        tmp = self.workdir / ".last_metrics.json.tmp"
         if lead:
-            tmp.write_text(json.dumps({"step": self.step, **last, **eval_metrics}, indent=2))
-            os.replace(tmp, self.workdir / "last_metrics.json")
+            write_text_atomic(self.workdir / "last_metrics.json",
+                              json.dumps({"step": self.step, **last, **eval_metrics}, indent=2))
         return {**last, **{f"eval_{k}": v for k, v in eval_metrics.items()}, "step": self.step,
                 "preempted": float(self._stop_requested)}
 

@@ -1,10 +1,13 @@
-"""Throughput accounting (FLOPs, MFU) and metric sinks: console progress bar and TensorBoard events."""
+"""Throughput accounting (FLOPs, MFU) and the metrics writer: log lines, a progress bar, TensorBoard events."""
 
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Mapping
+
+from absl import logging
+from tqdm import tqdm
 
 from edu_prm_jax.models.config import Qwen2Config
 
@@ -31,30 +34,41 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float
 
 
 class MetricsWriter:
-    """Writes scalars to TensorBoard event files under `logdir` and shows them on a tqdm bar."""
+    """The one sink for a run's scalars, whatever is enabled: a log line per write, a tqdm progress bar (steps/s
+    and the latest loss, learning rate, tokens/s, MFU) and, when `tensorboard`, event files under `logdir`.
+
+    Log lines go through the bar (`tqdm.external_write_mode`), so a line never lands in the middle of it.
+    """
+
+    POSTFIX = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")  # train scalars shown on the bar
 
     def __init__(self, logdir: str | os.PathLike, total_steps: int, initial_step: int = 0,
-                 progress: bool = True, enabled: bool = True):
+                 progress: bool = True, tensorboard: bool = True, log_lines: bool = True):
+        self._log_lines = log_lines
         self._tb = None
         self._bar = None
-        if enabled:
+        if tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(logdir))
-            if progress:
-                from tqdm.auto import tqdm
-
-                self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, desc="train")
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, desc="train", unit="step")
 
     def write(self, step: int, scalars: Mapping[str, float], prefix: str = "train") -> None:
+        """Record `scalars` at `step` under `prefix` ('train', 'eval') in every enabled sink."""
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
         if self._bar is not None and prefix == "train":
-            short = {k: scalars[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu") if k in scalars}
-            self._bar.set_postfix({k: f"{v:.3g}" for k, v in short.items()}, refresh=False)
-        elif self._bar is not None:
-            self._bar.write(f"step {step} {prefix}: " + " ".join(f"{k}={float(v):.4g}" for k, v in scalars.items()))
+            shown = {k: f"{float(scalars[k]):.3g}" for k in self.POSTFIX if k in scalars}
+            self._bar.set_postfix(shown, refresh=False)
+        if self._log_lines:
+            line = f"step {step} {prefix}: " + " ".join(f"{k}={float(v):.4g}" for k, v in scalars.items())
+            if self._bar is not None:
+                with tqdm.external_write_mode(file=self._bar.fp):
+                    logging.info(line)
+            else:
+                logging.info(line)
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:

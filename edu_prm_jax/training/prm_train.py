@@ -10,7 +10,6 @@ eval split: no question contributes to both.
 from __future__ import annotations
 
 import hashlib
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,40 +17,16 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from edu_prm_jax.io.shards import read_shards
 from edu_prm_jax.models.prm import masked_bce
+from edu_prm_jax.records.steps import load_label_records as load_label_records  # re-exported: training's input
 from edu_prm_jax.scoring.aggregate import best_index, solution_score
 from edu_prm_jax.scoring.examples import PRMExample, build_example, score_examples
 from edu_prm_jax.scoring.metrics import auroc
-
-TFDS_NAME = "labels"
 
 
 def is_eval_question(question_id: str, fraction: float) -> bool:
     digest = hashlib.sha256(str(question_id).encode()).digest()
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
-
-
-def _from_tfds(example: dict) -> dict:
-    flat, lengths = list(example["step_ids_flat"]), list(example["step_lengths"])
-    steps, pos = [], 0
-    for n in lengths:
-        steps.append([int(t) for t in flat[pos:pos + n]])
-        pos += n
-    return {"id": example["id"], "question_id": example["question_id"],
-            "prompt_ids": [int(t) for t in example["prompt_ids"]], "step_ids": steps,
-            "labels": [float(x) for x in example["labels"]]}
-
-
-def load_label_records(labels_dir: pathlib.Path) -> list[dict]:
-    """All labelled-step records, from the TFDS dataset when present, else from the JSONL shards."""
-    tfds_dir = labels_dir / "tfds"
-    if (tfds_dir / TFDS_NAME).is_dir():
-        from edu_prm_jax.io.tfds import grain_loader, open_tfds_source
-
-        ds = grain_loader(open_tfds_source(tfds_dir, TFDS_NAME, "train"), shuffle=False)
-        return [_from_tfds(ds[i]) for i in range(len(ds))]
-    return list(read_shards(labels_dir, "steps"))
 
 
 def split_records(records: Sequence[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -64,7 +39,7 @@ def split_records(records: Sequence[dict], eval_fraction: float) -> tuple[list[d
 def to_examples(records: Sequence[dict], prm: Any, max_len: int, supervise: str = "step_end") -> list[PRMExample]:
     out = []
     for r in records:
-        ex = build_example(r, convention=prm.head_kind, separator_id=prm.separator_id, max_len=max_len,
+        ex = build_example(r, head=prm.head_spec.name, separator_id=prm.separator_id, max_len=max_len,
                            on_overflow="drop", record_id=r.get("id"), supervise=supervise)
         if ex is not None:
             out.append(ex)

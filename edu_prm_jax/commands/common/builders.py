@@ -8,38 +8,72 @@ import pathlib
 from typing import Any
 
 import ml_collections
+from flax import nnx
 
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_model, load_tokenizer
+from edu_prm_jax.models.checkpoints import ORBAX_CONFIG, HFCheckpoint, is_orbax_dir
 from edu_prm_jax.models.config import Qwen2Config
 from edu_prm_jax.models.expansion import expanded_layers_pattern
-from edu_prm_jax.models.prm import PRM, expanded_layers_in, load_prm, prm_loss
+from edu_prm_jax.models.heads import get_head
+from edu_prm_jax.models.prm import (
+    PRM,
+    SEPARATOR_CONFIG_KEY,
+    _head_from_config,
+    expanded_layers_in,
+    load_prm,
+    prm_loss,
+)
 from edu_prm_jax.sampling.decode import DecodeParams
 from edu_prm_jax.sampling.engine import Sampler
 from edu_prm_jax.scoring.examples import separator_ids
 from edu_prm_jax.toy.defaults import resolve_policy
-from edu_prm_jax.training.loop import TrainConfig, Trainer
+from edu_prm_jax.training.checkpointing import Checkpointer
+from edu_prm_jax.training.loop import CHECKPOINT_SUBDIR, TrainConfig, Trainer
 from edu_prm_jax.training.optim import OptimConfig
+
+# Sampling-config fields the Sampler takes itself (`build_sampler` and eval-bon pass them), not DecodeParams.
+SAMPLER_FIELDS = {"stop_strings": "", "extra_symbols": "", "disable_symbols": False}
 
 
 def decode_params(s: ml_collections.ConfigDict, **override: Any) -> DecodeParams:
-    fields = {f.name for f in dataclasses.fields(DecodeParams)}
-    values = {k: v for k, v in s.to_dict().items() if k in fields}
-    values["num_slots"] = 1 if s.mode == "greedy" else s.num_leaves
-    values.update(override)
+    """DecodeParams from a sampling config (fields by name, `num_leaves` -> the leaf budget; greedy decodes one
+    path) and per-run `override`s. A config field that no decode setting or sampler argument reads is an error,
+    never silently dropped."""
+    names = {f.name for f in dataclasses.fields(DecodeParams)}
+    leaves = "num_leaves" if "num_leaves" in names else "num_slots"  # DecodeParams' name for the leaf budget M
+    values: dict[str, Any] = {}
+    for key, value in s.items():
+        if key in SAMPLER_FIELDS:
+            continue
+        field = leaves if key == "num_leaves" else key
+        if field not in names or (field == leaves and key != "num_leaves"):
+            known = sorted({n for n in names if n != leaves} | {"num_leaves"} | set(SAMPLER_FIELDS))
+            raise ValueError(f"sampling.{key}: no sampler setting reads this field (sampling fields: {known})")
+        values[field] = value
+    for key, value in override.items():
+        values[leaves if key in ("num_leaves", "num_slots") else key] = value
+    if values.get("mode") == "greedy" and not ({"num_leaves", "num_slots"} & override.keys()):
+        values[leaves] = 1
     return DecodeParams(**values)
+
+
+def sampler_options(s: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The Sampler's own keyword arguments from a sampling config (defaults for fields the config leaves out)."""
+    opts = {k: s.get(k, default) for k, default in SAMPLER_FIELDS.items()}
+    return {"stop_strings": [x for x in opts["stop_strings"].split("|") if x],
+            "extra_symbols": opts["extra_symbols"], "disable_symbols": opts["disable_symbols"]}
 
 
 def build_sampler(policy: str, tokenizer_dir: str, s: ml_collections.ConfigDict, mesh_cfg: Any, dtype: str,
                   batch_questions: int = 8, prompt_bucket: int = 32, **override: Any) -> Sampler:
+    params = decode_params(s, **override)  # a bad field fails before the model loads
     policy_dir = resolve_policy(policy)
     mesh = parallel.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
     model = load_model(policy_dir, dtype=dtype, mesh=mesh)
     tokenizer = load_tokenizer(tokenizer_dir or policy_dir)
-    stops = [x for x in s.stop_strings.split("|") if x]
-    return Sampler(model, tokenizer, decode_params(s, **override), mesh=mesh, batch_questions=batch_questions,
-                   prompt_bucket=prompt_bucket, stop_strings=stops, extra_symbols=s.extra_symbols,
-                   disable_symbols=s.disable_symbols)
+    return Sampler(model, tokenizer, params, mesh=mesh, batch_questions=batch_questions,
+                   prompt_bucket=prompt_bucket, **sampler_options(s))
 
 
 TRAINABLE = ("all", "head", "expanded")
@@ -87,12 +121,51 @@ def build_prm(config: ml_collections.ConfigDict, mesh) -> PRM:
     else:
         policy_dir = resolve_policy(config.policy)
         policy = load_model(policy_dir, dtype=config.dtype, mesh=mesh)
-        sep = separator_ids(load_tokenizer(policy_dir), config.separator) if config.head == "qwen_math" else None
+        inserts_separator = get_head(config.head).inserts_separator
+        sep = separator_ids(load_tokenizer(policy_dir), config.separator) if inserts_separator else None
         prm = PRM.from_policy(policy, head=config.head, seed=config.seed, separator_id=sep, mesh=mesh,
                               expand_layers=config.expand_layers)
     prm.cfg = prm.cfg.replace(remat=config.remat)  # a runtime choice, never exported
     prm.backbone.cfg = prm.backbone.cfg.replace(remat=config.remat)
     return prm
+
+
+def abstract_prm(config: ml_collections.ConfigDict) -> PRM:
+    """The PRM `build_prm(config, mesh)` builds, as shapes and dtypes only (`nnx.eval_shape`), read from config
+    files: no weight is loaded. What a trained PRM is restored into (export), so that the policy's weights are
+    never held beside the trained ones. Keep in step with `build_prm`."""
+    if config.init_prm:
+        directory = pathlib.Path(config.init_prm)
+        config_path = directory / "config.json"
+        raw = json.loads(config_path.read_text())
+        cfg = Qwen2Config.from_hf_dict(raw, str(config_path))
+        head = _head_from_config(raw, HFCheckpoint(directory).names(), config_path)
+        sep = raw.get(SEPARATOR_CONFIG_KEY)
+        expanded = expanded_layers_in(raw, cfg, config_path)
+    else:
+        policy_dir = resolve_policy(config.policy)
+        if is_orbax_dir(policy_dir):
+            meta_path = policy_dir / ORBAX_CONFIG
+            cfg = Qwen2Config.from_hf_dict(json.loads(meta_path.read_text())["model"], str(meta_path))
+        else:
+            cfg = Qwen2Config.from_file(policy_dir)
+        cfg = cfg.replace(num_hidden_layers=cfg.num_hidden_layers + config.expand_layers)
+        head = config.head
+        inserts_separator = get_head(head).inserts_separator
+        sep = separator_ids(load_tokenizer(policy_dir), config.separator) if inserts_separator else None
+        expanded = config.expand_layers
+    cfg = cfg.replace(dtype=config.dtype or cfg.dtype, remat=config.remat)
+    return nnx.eval_shape(lambda: PRM(cfg, head, rngs=nnx.Rngs(0), separator_id=sep, expanded_layers=expanded))
+
+
+BEST_METRIC, BEST_MODE = "step_auroc", "max"  # the held-out metric that picks a PRM run's 'best' checkpoint
+
+
+def prm_checkpoints(workdir: pathlib.Path) -> Checkpointer:
+    """The checkpoints an `edu-prm train` run left in `workdir`, opened read-only and ranked as `make_trainer`
+    ranks them."""
+    return Checkpointer(workdir / "prm" / CHECKPOINT_SUBDIR, best_metric=BEST_METRIC, best_mode=BEST_MODE,
+                        read_only=True)
 
 
 def make_trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, prm: PRM, eval_fn, mesh) -> Trainer:
@@ -103,7 +176,7 @@ def make_trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, prm: 
                         accum_steps=config.accum_steps, trainable=trainable_pattern(config, prm))
     train_cfg = TrainConfig(steps=config.steps, log_every=10, eval_every=config.eval_every,
                             checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-                            best_metric="step_auroc", best_mode="max", peak_flops_per_device=config.peak_flops)
+                            best_metric=BEST_METRIC, best_mode=BEST_MODE, peak_flops_per_device=config.peak_flops)
     pos_weight = config.pos_weight
     return Trainer(prm, lambda m, b: prm_loss(m, b, pos_weight), optim, train_cfg, workdir / "prm", mesh=mesh,
                    eval_fn=eval_fn, config=config.to_dict())

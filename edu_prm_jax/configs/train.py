@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from edu_prm_jax.configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -16,8 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.labels = ""  # Labelled-step dir from `edu-prm label`; empty = <workdir>/labels.
     config.policy = "toy"  # Backbone initialisation: 'toy', an HF policy dir or an Orbax dir.
     config.init_prm = ""  # Start from an existing PRM in HF format instead (e.g. Qwen2.5-Math-PRM-7B).
-    config.head = "scalar"  # scalar (read at each step's last token) or qwen_math (separator after each step).
-    config.separator = "<extra_0>"  # Separator token text for the qwen_math head (must be one token).
+    config.head = "scalar"  # A registered head (models/heads.py): scalar (step's last token) or qwen_math (separator).
+    config.separator = "<extra_0>"  # Separator token text for heads that insert one, e.g. qwen_math (one token).
     config.supervise = "step_end"  # Labelled positions: step_end, or step_tokens (every token of a step).
     config.seq_len = 256  # Packed row length (a solution longer than this is dropped and counted).
     config.rows = 16  # Rows per micro-batch (a multiple of the mesh's data x fsdp size).

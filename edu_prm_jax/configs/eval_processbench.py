@@ -1,20 +1,22 @@
 """`edu-prm eval-processbench`: ProcessBench F1 of a PRM on the four subsets.
 
-Example: edu-prm eval-processbench --config.prm=runs/toy/prm/hf --config.data=../shared/data/processbench
+Example: edu-prm eval-processbench --config.prm=runs/toy/prm/hf --config.data=/data/processbench
+The data dir holds ProcessBench's gsm8k.json, math.json, olympiadbench.json and omnimath.json (the Hugging Face
+dataset Qwen/ProcessBench, one JSON list per subset); it has no default.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from edu_prm_jax.configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.prm = ""  # PRM in HF format; empty = <workdir>/prm/hf.
     config.tokenizer = ""  # Tokenizer dir; empty = the PRM dir (training copies the policy's tokenizer there).
-    config.data = "../shared/data/processbench"  # Dir with gsm8k/math/olympiadbench/omnimath .json files.
+    config.data = ""  # Dir with the subsets' <name>.json files (required; the pipeline skips the stage when empty).
     config.subsets = "gsm8k,math,olympiadbench,omnimath"  # Comma-separated subsets to evaluate.
     config.limit = 0  # Items per subset (first N, both classes in proportion; 0 = all). Partial runs say so.
     config.theta = 0.5  # Fixed threshold: the first step scoring below it is the predicted error.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from configs import common
+from edu_prm_jax.configs import common
 
 
 def get_config(direction: str | None = None) -> ml_collections.ConfigDict:

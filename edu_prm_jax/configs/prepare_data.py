@@ -1,6 +1,6 @@
 """`edu-prm prepare-data`: a source file as a TFDS array_record dataset (built and read without TensorFlow).
 
-Example: edu-prm prepare-data --config.source=../shared/data/processbench/math.json --workdir=runs/data
+Example: edu-prm prepare-data --config.source=/data/processbench/math.json --workdir=runs/data
 """
 
 from __future__ import annotations

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
-from configs.sample import sampling_config
+from edu_prm_jax.configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -20,7 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.limit = 0  # Use only the first N questions; 0 = all.
     config.n_grid = "1,2,4,8,16,32,64"  # Comma-separated N values (EDU leaf budget M = N).
     config.seeds = "0,1,2"  # Comma-separated sampling seeds; results report mean and std over them.
-    config.sampling = sampling_config("edu")  # EDU settings (HT uses ht_temperature; mode is set per run).
+    config.sampling = common.sampling_config(fields=common.EVAL_BON_SAMPLING)  # Sampler (mode, N, seed: per run).
+    config.sampling.temperature = 0.7  # EDU non-anchor tokens when edu_greedy=False (HT uses ht_temperature).
     config.ht_temperature = 0.7  # Temperature of the HT baseline.
     config.p_edu = True  # Also run P-EDU (needs a scalar-head PRM): prune paths whose newest step scores low.
     config.prune_below = 0.2  # P-EDU pruning threshold on the step score.

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
-from configs.sample import sampling_config
+from edu_prm_jax.configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -26,7 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.shepherd_k = 8  # method=shepherd: HT completions per step prefix.
     config.policy = "toy"  # Policy for rollouts (and its tokenizer): 'toy', an HF dir or an Orbax dir.
     config.tokenizer = ""  # Tokenizer dir; empty = the policy dir.
-    config.sampling = sampling_config("ht")  # Rollout sampler settings (mode/num_leaves are set per use).
+    config.sampling = common.sampling_config(fields=common.ROLLOUT_SAMPLING)  # HT rollouts (k set per use).
+    config.sampling.temperature = 0.7  # Temperature of the HT rollouts.
     config.batch_questions = 8  # Rollout prompts decoded together.
     config.prompt_bucket = 32  # Rollout prompt lengths are padded to a multiple of this.
     config.dtype = "float32"  # Compute dtype of the policy.

@@ -16,7 +16,7 @@ Expected memory per chip (64 chips x 95 GB HBM; estimates, not measurements):
 
 from __future__ import annotations
 
-from configs import train
+from edu_prm_jax.configs import train
 
 
 def get_config():

@@ -3,7 +3,10 @@
 Run on a Cloud TPU VM (see launch/tpu_vm.sh):
   edu-prm pipeline --config=configs/qwen25_math_7b.py --config.policy=/models/Qwen2.5-Math-7B-Instruct \
       --config.prm_backbone=/models/Qwen2.5-Math-7B --config.sample.questions=/data/math/train.jsonl \
+      --config.eval_bon.questions=/data/math500/test.jsonl --config.processbench.data=/data/processbench \
       --workdir=/runs/math7b
+The /models and /data paths below are placeholders: point them at your copies (ProcessBench is skipped while
+processbench.data is empty).
 
 Expected memory per device (estimates from the formulas below, not measurements; TPU v4-8: 4 chips x 32 GB):
 - sampling / eval (mesh data=4): bf16 weights 7.6e9 x 2 B = 15.2 GB replicated per chip; KV cache per slot =
@@ -16,7 +19,7 @@ Expected memory per device (estimates from the formulas below, not measurements;
 
 from __future__ import annotations
 
-from configs import pipeline
+from edu_prm_jax.configs import pipeline
 
 
 def get_config():
@@ -46,13 +49,15 @@ def get_config():
     config.train.mesh.data = 1
     config.train.mesh.fsdp = -1
     # evaluation: MATH-500, N up to 64, 8 seeds like the paper (with the spread it did not report)
-    config.eval_bon.questions = "../shared/data/math500/test.jsonl"
+    config.eval_bon.questions = "/data/math500/test.jsonl"  # MATH-500 as JSONL (set this)
     config.eval_bon.n_grid = "1,2,4,8,16,32,64"
     config.eval_bon.seeds = "0,1,2,3,4,5,6,7"
-    config.eval_bon.sampling.max_new_tokens = 2048
+    # eval_bon samples with config.sample.sampling (max_new_tokens 2048, the same anchor rule as the PRM's
+    # training data); set a config.eval_bon.sampling field only to evaluate with a different value
     config.eval_bon.batch_questions = 8
     config.eval_bon.prompt_bucket = 128
     config.eval_bon.p_edu = False  # P-EDU needs a scalar-head PRM
+    config.processbench.data = ""  # ProcessBench dir (gsm8k.json, math.json, ...); empty = stage skipped
     config.processbench.limit = 0
     config.processbench.max_tokens = 8192
     return config
