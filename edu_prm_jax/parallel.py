@@ -1,44 +1,210 @@
-"""Device meshes and the logical-axis rule table that maps parameter/activation names onto them.
+"""Device meshes, and the one rule table that maps logical axis names onto them.
 
-Every parameter names its axes (`embed`, `q_heads`, `kv_heads`, `mlp`, `vocab`, `norm`); a rule table maps each
-name to mesh axes ('data', 'fsdp', 'tensor'). The same model code then runs on one CPU, 8 simulated devices, a
-GPU or a TPU pod slice; only the mesh shape changes.
+Parameters, training batches, rollouts, the KV cache and the residual stream between decoder layers each name
+their axes logically (`embed`, `kv_heads`, `rollout`, `cache_batch`, `act_batch`, ...); a `ShardingRules` table
+maps every name to mesh axes ('data', 'fsdp', 'tensor'). The same model code then runs on one CPU, 8 simulated
+devices, a GPU or a TPU pod slice; only the mesh shape changes, and the table when a command's `mesh.rules`
+config group overrides it (`rules_from_config`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import functools
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)
-DEFAULT_RULES: dict[str, Any] = {
-    "batch": ("data", "fsdp"),
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "q_heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    "norm": None,
-    "layers": None,
-    "cache_seq": None,
-    "head_dim": None,
-    "seq": None,
-    "head_out": None,
+# Every logical axis and what it names. The KV cache shares `kv_heads` and `head_dim` with the parameters.
+LOGICAL_AXES: dict[str, str] = {
+    "vocab": "parameters: vocabulary rows of the embedding and the LM head",
+    "embed": "parameters: the hidden size (d_model) of every kernel and the embedding",
+    "q_heads": "parameters: query heads x head_dim (q_proj outputs, o_proj inputs)",
+    "kv_heads": "parameters and KV cache: key/value heads (k/v_proj outputs; the cache's head axis)",
+    "mlp": "parameters: the MLP's intermediate size (and a reward head's hidden layer)",
+    "norm": "parameters: RMSNorm scales",
+    "head_dim": "KV cache: features per head",
+    "layers": "parameters: a stacked-layers axis (the per-layer model has none; kept for scanned variants)",
+    "head_out": "parameters: a reward head's outputs (1 or 2 columns)",
+    "batch": "training batches: rows of a micro-batch",
+    "rollout": "rollouts: questions of a decode batch; decode's shard_map is manual over these mesh axes",
+    "cache_batch": "KV cache: rows (one per path slot); inside decode's shard_map the manual axes drop out",
+    "cache_seq": "KV cache: positions (prompt + generated)",
+    "act_batch": "activations: rows of the residual stream between decoder layers",
+    "act_seq": "activations: positions of the residual stream between decoder layers",
+    "act_embed": "activations: hidden features of the residual stream between decoder layers",
 }
+
+_DEFAULT_TABLE: dict[str, tuple[str, ...]] = {
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "q_heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "norm": (),
+    "head_dim": (),
+    "layers": (),
+    "head_out": (),
+    "batch": ("data", "fsdp"),
+    "rollout": ("data",),
+    "cache_batch": ("data",),
+    "cache_seq": (),
+    "act_batch": ("data", "fsdp"),
+    "act_seq": (),
+    "act_embed": (),
+}
+
+# One rule's target: a mesh axis, several ('data,fsdp' or a tuple), or replicated (None, '' or ()).
+MeshAxes = str | Sequence[str] | None
+
+
+def _parse_mesh_axes(target: MeshAxes, where: str) -> tuple[str, ...]:
+    """('data', 'fsdp') from 'data,fsdp', ('data', 'fsdp'), 'data' -> ('data',), None or '' -> ()."""
+    if target is None:
+        return ()
+    names = target.split(",") if isinstance(target, str) else list(target)
+    axes = tuple(str(n).strip() for n in names if str(n).strip())
+    for axis in axes:
+        if axis not in MESH_AXES:
+            raise ValueError(f"{where}={target!r}: unknown mesh axis {axis!r} (mesh axes: {', '.join(MESH_AXES)}; "
+                             f"'' = replicated)")
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{where}={target!r}: a mesh axis is named twice")
+    return axes
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis -> mesh axes, for parameters, training batches, rollouts, the KV cache and activations.
+
+    `table` is ((logical axis, (mesh axis, ...)), ...); an empty tuple means replicated. Frozen and hashable, so
+    it can be a static `jit` argument or an `lru_cache` key. A dimension the mesh axes do not divide (an odd
+    vocabulary) is replicated, and a mesh axis is used at most once per array (the first dimension wins)."""
+
+    table: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def __post_init__(self) -> None:
+        for name, axes in self.table:
+            _parse_mesh_axes(axes, f"sharding rule {name!r}")
+
+    @classmethod
+    def default(cls) -> ShardingRules:
+        return _DEFAULT_RULES
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, MeshAxes]) -> ShardingRules:
+        """A table from {logical axis: mesh axes} (any names; `default()` is the project's table)."""
+        return cls(tuple((name, _parse_mesh_axes(target, f"sharding rule {name!r}"))
+                         for name, target in mapping.items()))
+
+    def as_dict(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.table)
+
+    @functools.cached_property
+    def _lookup(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.table)
+
+    def mesh_axes(self, name: str) -> tuple[str, ...]:
+        """The mesh axes logical axis `name` maps to (all of them, whatever a mesh's sizes)."""
+        if name not in self._lookup:
+            raise ValueError(f"no sharding rule for logical axis {name!r} (rules: {sorted(self._lookup)})")
+        return self._lookup[name]
+
+    def with_overrides(self, overrides: Mapping[str, MeshAxes]) -> ShardingRules:
+        """These rules with some entries replaced; an unknown logical axis is an error naming it."""
+        table = self.as_dict()
+        for name, target in overrides.items():
+            if name not in table:
+                raise ValueError(f"sharding rule {name!r}: no such logical axis (axes: {sorted(table)})")
+            table[name] = _parse_mesh_axes(target, f"sharding rule {name!r}")
+        return ShardingRules(tuple(table.items()))
+
+    def split_axes(self, name: str, mesh: Mesh) -> tuple[str, ...]:
+        """The mesh axes `name` maps to that really split on `mesh` (present, size > 1)."""
+        return tuple(a for a in self.mesh_axes(name) if mesh.shape.get(a, 1) > 1)
+
+    def axis_size(self, name: str, mesh: Mesh) -> int:
+        """How many ways logical axis `name` is split on `mesh` (1 when replicated)."""
+        return math.prod(mesh.shape[a] for a in self.split_axes(name, mesh))
+
+    def spec(self, axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, *,
+             manual: frozenset[str] | set[str] = frozenset()) -> PartitionSpec:
+        """PartitionSpec of an array whose dimensions are named `axes` (None: replicated) and sized `shape`.
+
+        `manual` mesh axes (those a surrounding `shard_map` is manual over) are never named: each device
+        already holds its own block along them."""
+        if len(axes) != len(shape):
+            raise ValueError(f"logical axes {tuple(axes)} do not match an array of shape {tuple(shape)}")
+        used = set(manual)
+        entries: list[str | tuple[str, ...] | None] = []
+        for name, dim in zip(axes, shape):
+            target: tuple[str, ...] = ()
+            if name is not None:
+                target = tuple(a for a in self.split_axes(name, mesh) if a not in used)
+                if target and dim % math.prod(mesh.shape[a] for a in target):
+                    target = ()
+            used.update(target)
+            entries.append(None if not target else target[0] if len(target) == 1 else target)
+        return PartitionSpec(*entries)
+
+    def sharding(self, axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+        return NamedSharding(mesh, self.spec(axes, shape, mesh))
+
+    def rows_sharding(self, name: str, mesh: Mesh, ndim: int) -> NamedSharding:
+        """Dimension 0 over logical axis `name`'s mesh axes (`batch` or `rollout`), the rest replicated."""
+        split = self.split_axes(name, mesh)
+        first = None if not split else split[0] if len(split) == 1 else split
+        return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+
+
+_DEFAULT_RULES = ShardingRules(tuple(_DEFAULT_TABLE.items()))
+
+# What every function taking `rules` accepts: a ShardingRules, a plain {logical axis: mesh axes} mapping, or
+# None for the default table.
+RulesLike = ShardingRules | Mapping[str, MeshAxes] | None
+
+
+def as_rules(rules: RulesLike) -> ShardingRules:
+    if rules is None:
+        return _DEFAULT_RULES
+    if isinstance(rules, ShardingRules):
+        return rules
+    return ShardingRules.from_mapping(rules)
+
+
+def rules_from_config(group: Mapping[str, Any] | None, field: str = "mesh.rules") -> ShardingRules:
+    """ShardingRules from a config's `mesh.rules` group: {logical axis: 'mesh axis', 'a,b' for several, or ''
+    for replicated}. Fields the group leaves out (a config written before they existed) keep their defaults;
+    an unknown logical or mesh axis is an error naming the field."""
+    if group is None:
+        return _DEFAULT_RULES
+    overrides: dict[str, tuple[str, ...]] = {}
+    for name, value in group.items():
+        where = f"{field}.{name}"
+        if name not in LOGICAL_AXES:
+            raise ValueError(f"{where}: no such logical axis (logical axes: {', '.join(LOGICAL_AXES)})")
+        if not isinstance(value, str):
+            raise ValueError(f"{where}={value!r}: expected a mesh axis name, comma-separated names or '' "
+                             f"(replicated)")
+        overrides[name] = _parse_mesh_axes(value, where)
+    return _DEFAULT_RULES.with_overrides(overrides)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh with Auto axes; -1 in one place takes the remaining devices."""
+    """A ('data', 'fsdp', 'tensor') mesh with Auto axes; -1 in one place takes the remaining devices.
+
+    `jax.make_mesh` lays the devices out (topology-aware on TPU); a mesh smaller than the device list uses its
+    first devices."""
     devices = list(devices if devices is not None else jax.devices())
     shape = [data, fsdp, tensor]
     if shape.count(-1) > 1:
@@ -48,48 +214,22 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         if len(devices) % known:
             raise ValueError(f"{len(devices)} devices do not divide into mesh {shape}")
         shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
-        if math.prod(shape) > len(devices):
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
-                             f"{len(devices)} available")
-        devices = devices[: math.prod(shape)]
-    grid = np.array(devices, dtype=object).reshape(shape)
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    if math.prod(shape) > len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+                         f"{len(devices)} available")
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices[: math.prod(shape)])
 
 
-def _axis_size(mesh: Mesh, target: Any) -> int:
-    if target is None:
-        return 1
-    names = target if isinstance(target, tuple) else (target,)
-    return math.prod(mesh.shape[n] for n in names)
-
-
-def logical_to_spec(
-    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Mapping[str, Any] | None = None
-) -> PartitionSpec:
-    """PartitionSpec for one array. A dimension the mesh axes do not divide (odd vocab sizes) is replicated,
-    and a mesh axis is used at most once per array."""
-    rules = DEFAULT_RULES if rules is None else rules
-    used: set[str] = set()
-    spec = []
-    for name, dim in zip(axes, shape):
-        target = rules.get(name) if name is not None else None
-        if target is not None:
-            names = tuple(n for n in (target if isinstance(target, tuple) else (target,))
-                          if n in mesh.shape and mesh.shape[n] > 1 and n not in used)
-            target = names if names else None
-            if target is not None and dim % _axis_size(mesh, target):
-                target = None
-        if target is not None:
-            used.update(target)
-            target = target[0] if len(target) == 1 else target
-        spec.append(target)
-    return PartitionSpec(*spec)
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: RulesLike = None) -> PartitionSpec:
+    """PartitionSpec for one array (`ShardingRules.spec` of `rules`, default table when None)."""
+    return as_rules(rules).spec(axes, shape, mesh)
 
 
 def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                   rules: Mapping[str, Any] | None = None) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+                   rules: RulesLike = None) -> NamedSharding:
+    return as_rules(rules).sharding(axes, shape, mesh)
 
 
 def _leaf_axes(var: Any) -> tuple[str | None, ...] | None:
@@ -97,7 +237,7 @@ def _leaf_axes(var: Any) -> tuple[str | None, ...] | None:
     return meta.get("out_sharding") or meta.get("sharding_names")
 
 
-def variable_sharding(var: Any, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> NamedSharding:
+def variable_sharding(var: Any, mesh: Mesh, rules: RulesLike = None) -> NamedSharding:
     """NamedSharding of one Variable from its logical axis names (replicated when it has none, or when it holds
     no array, like optax's MaskedNode in the optimizer state of a frozen parameter)."""
     axes = _leaf_axes(var)
@@ -106,14 +246,14 @@ def variable_sharding(var: Any, mesh: Mesh, rules: Mapping[str, Any] | None = No
     return named_sharding(axes, var.shape, mesh, rules)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> nnx.State:
+def state_shardings(state: nnx.State, mesh: Mesh, rules: RulesLike = None) -> nnx.State:
     """A pytree of NamedShardings matching `state` (abstract or concrete), from each Variable's axis names."""
-
+    rules = as_rules(rules)
     return jax.tree.map(lambda var: variable_sharding(var, mesh, rules), state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> nnx.Module:
+def shard_model(model: nnx.Module, mesh: Mesh, rules: RulesLike = None) -> nnx.Module:
     """Place every parameter of `model` onto `mesh` according to its logical axes (in place; returns model)."""
     state = nnx.state(model)
     shardings = state_shardings(state, mesh, rules)
@@ -127,18 +267,52 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, Any] | None =
     return model
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping[str, Any] | None = None) -> NamedSharding:
-    """Shard dimension 0 over the batch axes, replicate the rest."""
-    target = (rules or DEFAULT_RULES)["batch"]
-    names = tuple(n for n in (target if isinstance(target, tuple) else (target,)) if mesh.shape.get(n, 1) > 1)
-    first = None if not names else (names[0] if len(names) == 1 else names)
-    return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, rules: RulesLike = None) -> NamedSharding:
+    """Shard dimension 0 over the `batch` rule's mesh axes, replicate the rest."""
+    return as_rules(rules).rows_sharding("batch", mesh, ndim)
 
 
-def batch_divisor(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> int:
+def batch_divisor(mesh: Mesh, rules: RulesLike = None) -> int:
     """How many ways the batch dimension is split; batch sizes are padded to a multiple of this."""
-    target = (rules or DEFAULT_RULES)["batch"]
-    return _axis_size(mesh, tuple(n for n in target if n in mesh.shape))
+    return as_rules(rules).axis_size("batch", mesh)
+
+
+# ------------------------------------------------------------------------------ constraints while tracing
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, ShardingRules] | None] = contextvars.ContextVar(
+    "edu_prm_jax_sharding", default=None)
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh | None, rules: RulesLike = None) -> Iterator[None]:
+    """Within it, `constrain` pins arrays (the KV cache, activations at block boundaries) to `rules` on `mesh`;
+    with `mesh=None` it is a no-op. Enter it inside the traced function (a jit's body, a shard_map's local
+    function) and make (mesh, rules) part of that jit's cache key: the constraints are fixed at trace time."""
+    token = _ACTIVE.set(None if mesh is None else (mesh, as_rules(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _manual_axes() -> frozenset[str]:
+    """Mesh axes a surrounding `shard_map` is manual over (none outside one)."""
+    abstract = jax.sharding.get_abstract_mesh()
+    return frozenset(getattr(abstract, "manual_axes", ()) or ())
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`x` pinned (`with_sharding_constraint`) to the layout the active rules give logical `axes`.
+
+    Unchanged outside a `sharding_context`, and where the mesh has one device along every axis not manual
+    here (one device: numerics are untouched). Inside a `shard_map` the manual axes are left out of the spec."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    manual = _manual_axes()
+    if math.prod(size for axis, size in mesh.shape.items() if axis not in manual) == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules.spec(axes, x.shape, mesh, manual=manual)))
 
 
 def maybe_initialize_distributed() -> bool:

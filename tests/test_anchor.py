@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edu_prm_jax.sampling.decode import anchor_qualifies, branch_candidates, fork_plan, fork_priority
+from edu_prm_jax.sampling.anchors import anchor_qualifies, branch_candidates, fork_plan, fork_priority
 
 T, F = True, False
 

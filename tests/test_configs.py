@@ -20,14 +20,9 @@ from edu_prm_jax.configs import eval_bon as eval_bon_config
 from edu_prm_jax.configs import label as label_config
 from edu_prm_jax.configs import pipeline as pipeline_config
 from edu_prm_jax.configs import sample as sample_config
-from edu_prm_jax.sampling.decode import DecodeParams
 
 PACKAGE = Path(config_utils.__file__).resolve().parent
 COMMANDS = PACKAGE / "commands"
-
-
-def _leaves(p: DecodeParams) -> int:
-    return getattr(p, "num_leaves", None) or p.num_slots
 
 
 # ------------------------------------------------------------------------------------------- fields are read
@@ -62,11 +57,9 @@ def test_decode_params_maps_num_leaves_and_greedy():
     s = common.sampling_config("edu", num_leaves=5)
     s.tau, s.max_new_tokens = 0.3, 11
     p = decode_params(s)
-    assert (p.mode, _leaves(p), p.tau, p.max_new_tokens) == ("edu", 5, 0.3, 11)
-    assert _leaves(decode_params(common.sampling_config("greedy", num_leaves=8))) == 1  # greedy: one path
-    # per-run overrides, under either name of the leaf budget (callers still say num_slots)
-    assert _leaves(decode_params(s, mode="ht", num_slots=7)) == 7
-    assert _leaves(decode_params(s, mode="ht", num_leaves=6)) == 6
+    assert (p.mode, p.num_leaves, p.tau, p.max_new_tokens) == ("edu", 5, 0.3, 11)
+    assert decode_params(common.sampling_config("greedy", num_leaves=8)).num_leaves == 1  # greedy: one path
+    assert decode_params(s, mode="ht", num_leaves=6).num_leaves == 6  # per-run overrides
     assert decode_params(s, seed=4, prune_below=0.1).seed == 4
 
 
@@ -223,3 +216,30 @@ def test_unset_like_keeps_types():
     c = ml_collections.ConfigDict({"a": 1, "b": "x", "g": {"f": 0.5}})
     u = common.unset_like(c)
     assert u.a is None and u.g.f is None and u.get_type("b") is str and u.g.get_type("f") is float
+
+
+@pytest.mark.parametrize("stage,field", [("sample", "output"), ("label", "samples"), ("label", "output"),
+                                         ("train", "labels"), ("eval_bon", "prm"), ("processbench", "prm")])
+def test_pipeline_refuses_paths_that_would_break_the_hand_off(stage, field):
+    config = pipeline_config.get_config()
+    config[stage][field] = "/elsewhere"
+    with pytest.raises(ValueError, match=rf"{stage}\.{field}='/elsewhere': the pipeline hands each stage"):
+        pipeline.stage_config(config, stage)
+
+
+def test_pipeline_refuses_ht_trees_for_labelling():
+    config = pipeline_config.get_config()
+    config.sample.sampling.mode = "ht"
+    with pytest.raises(ValueError, match="sample.sampling.mode='ht'"):
+        pipeline.stage_config(config, "sample")
+
+
+def test_a_finished_stage_with_other_settings_stops_the_pipeline(tmp_path):
+    config = pipeline_config.get_config()
+    ran = pipeline.stage_config(config, "train")
+    config_utils.write_config_json(ran, tmp_path / "train_config.json")
+    pipeline.check_unchanged("train", ran, tmp_path / "train_config.json")  # same settings: skipped quietly
+    config.train.steps = 800
+    config.train.learning_rate = 1e-4
+    with pytest.raises(ValueError, match=r"learning_rate: 0\.0003 -> 0\.0001, steps: 400 -> 800"):
+        pipeline.check_unchanged("train", pipeline.stage_config(config, "train"), tmp_path / "train_config.json")

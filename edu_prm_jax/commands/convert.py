@@ -41,19 +41,20 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     del workdir  # the converted model goes to config.dst; the workdir only holds the provenance config
     src, dst = _check(config)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = parallel.rules_from_config(config.mesh.rules)
     logging.info("convert %s: %s -> %s on mesh %s", config.direction, src, dst, dict(mesh.shape))
     carried = checkpoints.tokenizer_files(src) if config.copy_tokenizer else []
     if config.direction == "hf_to_orbax":
         if config.dtype:
             logging.warning("config.dtype=%s is the safetensors export dtype; Orbax keeps config.param_dtype",
                             config.dtype)
-        model = checkpoints.load_hf_model(src, param_dtype=config.param_dtype, mesh=mesh)
+        model = checkpoints.load_hf_model(src, param_dtype=config.param_dtype, mesh=mesh, rules=rules)
         checkpoints.save_orbax(model, dst, overwrite=config.overwrite, copy_files=carried, field="dst",
                                sources=[src])
     else:
         if jax.process_count() > 1:
             raise NotImplementedError("orbax_to_hf writes safetensors from one process; run it single-host")
-        model = checkpoints.load_orbax_model(src, param_dtype=config.param_dtype, mesh=mesh)
+        model = checkpoints.load_orbax_model(src, param_dtype=config.param_dtype, mesh=mesh, rules=rules)
         checkpoints.save_hf_model(model, dst, dtype=config.dtype, shard_bytes=int(config.shard_bytes),
                                   overwrite=config.overwrite, copy_files=carried, field="dst", sources=[src])
     logging.info("convert: wrote %s (tokenizer files copied: %s)", dst, [p.name for p in carried] or "none")

@@ -50,11 +50,12 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     questions = load_questions(config.questions, limit=config.limit)
     n_grid, seeds = parse_ints(config.n_grid, "n_grid"), parse_ints(config.seeds, "seeds")
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = parallel.rules_from_config(config.mesh.rules)
     policy_dir = resolve_policy(config.policy)
-    model = load_model(policy_dir, dtype=config.dtype, mesh=mesh)
+    model = load_model(policy_dir, dtype=config.dtype, mesh=mesh, rules=rules)
     tokenizer = load_tokenizer(config.tokenizer or policy_dir)
     prm_path = prm_dir(workdir, config.prm)
-    prm = load_prm(prm_path, mesh, dtype=config.dtype)
+    prm = load_prm(prm_path, mesh, dtype=config.dtype, rules=rules)
     if config.p_edu and prm.head_spec.inserts_separator:
         raise ValueError("config.p_edu=True needs a PRM that scores each step at its last token (P-EDU reads the "
                          f"policy's tokens as generated); {prm_path} has the {prm.head_spec.name} head, which "
@@ -70,7 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         params = decode_params(s, seed=seed, **override)
         sampler = Sampler(model, tokenizer, params, mesh=mesh, batch_questions=config.batch_questions,
                           prompt_bucket=config.prompt_bucket, stop_strings=stops, extra_symbols=s.extra_symbols,
-                          disable_symbols=s.disable_symbols, prm=prm_model)
+                          disable_symbols=s.disable_symbols, prm=prm_model, rules=rules)
         run_dir = out / "runs" / name
         fingerprint = {"policy": str(policy_dir.resolve()), "dtype": config.dtype, "stop_strings": s.stop_strings,
                        "symbols": [s.extra_symbols, s.disable_symbols],

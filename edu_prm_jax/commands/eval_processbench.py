@@ -80,8 +80,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     if not pathlib.Path(config.data).is_dir():
         raise FileNotFoundError(f"config.data={config.data!r}: no such directory")
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = parallel.rules_from_config(config.mesh.rules)
     prm_path = prm_dir(workdir, config.prm)
-    prm = load_prm(prm_path, mesh, dtype=config.dtype)
+    prm = load_prm(prm_path, mesh, dtype=config.dtype, rules=rules)
     tokenizer = load_tokenizer(find_tokenizer_dir(prm_path, config.tokenizer))
     data = pathlib.Path(config.data)
     subsets = [s for s in config.subsets.split(",") if s]

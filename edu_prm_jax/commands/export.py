@@ -38,7 +38,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         if step is None:
             raise FileNotFoundError(f"{checkpoints.directory}: no {config.which} checkpoint")
         mesh = parallel.make_mesh(train_cfg.mesh.data, train_cfg.mesh.fsdp, train_cfg.mesh.tensor)
-        prm = restore_model(checkpoints, step, abstract_prm(train_cfg), mesh)
+        rules = parallel.rules_from_config(train_cfg.mesh.get("rules"))  # runs saved before rules: the defaults
+        prm = restore_model(checkpoints, step, abstract_prm(train_cfg), mesh, rules)
     finally:
         checkpoints.close()
     save_prm(prm, out, dtype=config.dtype, overwrite=config.overwrite,

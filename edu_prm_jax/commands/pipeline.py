@@ -31,6 +31,10 @@ DESCRIPTION = "Run the whole method (sample, label, train, eval-bon, eval-proces
 # Stage name (a field of the pipeline config) -> the command that runs it.
 STAGES = {"sample": "sample", "label": "label", "train": "train", "eval_bon": "eval-bon",
           "processbench": "eval-processbench"}
+# Fields through which a stage would read or write somewhere other than the workdir: in the pipeline each stage
+# reads the previous stage's output from the workdir, so setting one of these would break the hand-off.
+WIRED_BY_PIPELINE = {"sample": ("output",), "label": ("samples", "output"), "train": ("labels",),
+                     "eval_bon": ("prm",), "processbench": ("prm",)}
 PROCESSBENCH_HINT = ("pass --config.processbench.data=DIR, the dir holding ProcessBench's gsm8k.json, math.json, "
                      "olympiadbench.json and omnimath.json")
 
@@ -62,6 +66,14 @@ def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections
         if field in sub:
             raise ValueError(f"{name}.{field}: the pipeline sets {field} once for every stage from "
                              f"--config.{field}; remove {name}.{field} from the config")
+    for field in WIRED_BY_PIPELINE[name]:
+        if sub.get(field):
+            raise ValueError(f"{name}.{field}={sub[field]!r}: the pipeline hands each stage the previous stage's "
+                             f"output through the workdir; run `edu-prm {STAGES[name]}` on its own to use another "
+                             "path")
+    if name == "sample" and sub["sampling"]["mode"] != "edu":
+        raise ValueError(f"sample.sampling.mode={sub['sampling']['mode']!r}: the pipeline labels EDU trees (an HT "
+                         "sample has no anchors to cut steps at); Best-of-N's HT runs are eval_bon's")
     own = stage_defaults(name)
     for field in SHARED:
         if field in own:
@@ -72,6 +84,21 @@ def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections
         sub["sampling"] = eval_bon_sampling(config).to_dict()
     ordered = {k: sub[k] for k in own.keys() if k in sub}  # the command's own field order, as in its --help
     return ml_collections.ConfigDict({**ordered, **sub})
+
+
+def check_unchanged(name: str, sub: ml_collections.ConfigDict, recorded: pathlib.Path) -> None:
+    """A finished stage is skipped only when it ran with the settings asked for now; otherwise stop and name the
+    settings that differ (rerunning it silently, or skipping it while the report claims the new values, would
+    both mislead)."""
+    if not recorded.is_file():
+        return
+    before = json.loads(recorded.read_text())
+    now = json.loads(sub.to_json_best_effort())  # as `config_utils.write_config_json` recorded it
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        raise ValueError(f"{name} finished earlier in this workdir with other settings ({shown}); use a fresh "
+                         "--workdir, or put the earlier settings back")
 
 
 def processbench_skip_reason(config: ml_collections.ConfigDict) -> str | None:
@@ -146,6 +173,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
             continue
         if name == "train" and (workdir / "prm" / "train_summary.json").is_file() and \
                 (prm_dir(workdir) / "config.json").is_file():
+            check_unchanged(name, sub, workdir / f"{name}_config.json")
             logging.info("train: finished earlier (%s), skipped", workdir / "prm" / "train_summary.json")
             continue
         config_utils.write_config_json(sub, workdir / f"{name}_config.json")

@@ -24,6 +24,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     labels_dir = pathlib.Path(config.labels) if config.labels else workdir / "labels"
     export_dir = prm_dir(workdir)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = parallel.rules_from_config(config.mesh.rules)
     label_files = sorted(labels_dir.glob("steps-*.jsonl"))
     check_trainable(config)
     check_fingerprint(workdir / "prm", {  # a resumed run must train on the same data and model
@@ -34,7 +35,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
            if config[k] != default}})  # runs written before these options existed still resume
     records = load_label_records(labels_dir)
     train_records, held = split_records(records, config.eval_fraction)
-    prm = build_prm(config, mesh)
+    prm = build_prm(config, mesh, rules)
     train_ex = to_examples(train_records, prm, config.seq_len, config.supervise)
     eval_kept = [(ex, r.get("question_id", i)) for i, r in enumerate(held)  # metrics read step ends, like scoring
                  for ex in to_examples([r], prm, config.seq_len)]
@@ -45,7 +46,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     stream = PackedStream(train_ex, config.seq_len, config.rows, config.seed)
     eval_fn = make_eval_fn(eval_ex, config.rows, config.pos_weight,
                            groups=[question for _, question in eval_kept])
-    trainer = make_trainer(config, workdir, prm, eval_fn, mesh)
+    trainer = make_trainer(config, workdir, prm, eval_fn, mesh, rules)
     try:
         metrics = trainer.train(stream)
     finally:

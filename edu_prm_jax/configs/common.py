@@ -18,6 +18,23 @@ def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collection
     mesh.data = data  # Data-parallel axis size; -1 = all devices not used by fsdp and tensor.
     mesh.fsdp = fsdp  # Fully-sharded (parameter-sharding) axis size.
     mesh.tensor = tensor  # Tensor-parallel axis size (splits heads and MLP columns).
+    mesh.rules = ml_collections.ConfigDict()  # Sharding rules: logical axis -> mesh axes ('a,b' several, '' none).
+    mesh.rules.vocab = "tensor"  # Parameters: vocabulary rows of the embedding and LM head.
+    mesh.rules.embed = "fsdp"  # Parameters: the hidden size of every kernel and of the embedding.
+    mesh.rules.q_heads = "tensor"  # Parameters: query heads (q_proj outputs, o_proj inputs).
+    mesh.rules.kv_heads = "tensor"  # Parameters and KV cache: key/value heads.
+    mesh.rules.mlp = "tensor"  # Parameters: MLP intermediate size (and a reward head's hidden layer).
+    mesh.rules.norm = ""  # Parameters: RMSNorm scales.
+    mesh.rules.head_dim = ""  # KV cache: features per head.
+    mesh.rules.layers = ""  # Parameters: a stacked-layers axis (unused by the per-layer model).
+    mesh.rules.head_out = ""  # Parameters: a reward head's output columns.
+    mesh.rules.batch = "data,fsdp"  # Training batches: rows of a micro-batch.
+    mesh.rules.rollout = "data"  # Rollouts: questions of a decode batch (decode is manual over these axes).
+    mesh.rules.cache_batch = "data"  # KV cache: rows (path slots); usually the rollout axes.
+    mesh.rules.cache_seq = ""  # KV cache: positions.
+    mesh.rules.act_batch = "data,fsdp"  # Activations between decoder layers: rows.
+    mesh.rules.act_seq = ""  # Activations between decoder layers: positions.
+    mesh.rules.act_embed = ""  # Activations between decoder layers: hidden features.
     return mesh
 
 

@@ -149,7 +149,7 @@ def load_tensors_into(
     ckpt: HFCheckpoint,
     name_map: Callable[[str], tuple[str, bool] | None],
     mesh: Mesh | None,
-    rules: Mapping[str, Any] | None = None,
+    rules: parallel.RulesLike = None,
     ignore: Callable[[str], bool] = lambda n: False,
 ) -> nnx.Module:
     """Fill an `nnx.eval_shape`-built model from `ckpt`, checking names and shapes, one tensor at a time."""
@@ -199,7 +199,7 @@ def load_tensors_into(
 
 
 def load_hf_model(directory: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None,
-                  mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None):
+                  mesh: Mesh | None = None, rules: parallel.RulesLike = None):
     """A Qwen2 model from an HF directory (config.json + safetensors), placed on `mesh`."""
     from edu_prm_jax.models.qwen2 import Qwen2
 
@@ -314,7 +314,7 @@ def is_orbax_dir(directory: str | os.PathLike) -> bool:
 
 
 def restore_orbax_into(abstract_model: nnx.Module, directory: str | os.PathLike, mesh: Mesh | None = None,
-                       rules: Mapping[str, Any] | None = None, item: str = "params") -> nnx.Module:
+                       rules: parallel.RulesLike = None, item: str = "params") -> nnx.Module:
     """Restore params into explicit target shardings on `mesh` (a checkpoint saved on one mesh restores onto
     another)."""
     import orbax.checkpoint as ocp
@@ -334,7 +334,7 @@ def restore_orbax_into(abstract_model: nnx.Module, directory: str | os.PathLike,
 
 
 def load_orbax_model(directory: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None,
-                     mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None):
+                     mesh: Mesh | None = None, rules: parallel.RulesLike = None):
     from edu_prm_jax.models.qwen2 import Qwen2
 
     meta = json.loads((pathlib.Path(directory) / ORBAX_CONFIG).read_text())

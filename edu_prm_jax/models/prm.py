@@ -115,10 +115,11 @@ class PRM(nnx.Module):
         separator_id: int | None = None,
         mesh: Mesh | None = None,
         expand_layers: int = 0,
+        rules: parallel.RulesLike = None,
     ) -> PRM:
         """A PRM whose backbone shares the policy's weights (no copy; the LM head is dropped) and whose head
         is freshly initialised. `expand_layers` appends that many identity-initialised decoder blocks
-        (models/expansion.py). With `mesh`, the head (and backbone) are placed by their logical axes."""
+        (models/expansion.py). With `mesh`, the head (and backbone) are placed by their logical axes (`rules`)."""
         if expand_layers < 0:
             raise ValueError(f"expand_layers must be >= 0, got {expand_layers}")
         num_layers = policy.cfg.num_hidden_layers
@@ -145,7 +146,7 @@ class PRM(nnx.Module):
             expanded_layers=expand_layers,
         )
         if mesh is not None:
-            parallel.shard_model(prm, mesh)
+            parallel.shard_model(prm, mesh, rules)
         return prm
 
 
@@ -263,7 +264,7 @@ def load_prm(
     separator_id: int | None = None,
     param_dtype: str | None = None,
     dtype: str | None = None,
-    rules: Mapping[str, Any] | None = None,
+    rules: parallel.RulesLike = None,
 ) -> PRM:
     """Load a PRM from an HF directory (see the module docstring for the layout), streamed onto `mesh`.
 

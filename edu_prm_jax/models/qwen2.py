@@ -2,7 +2,9 @@
 
 Attention takes explicit positions and a boolean mask, so packed training rows (segment ids), right-padded
 prompt batches and branched tree decoding (each slot its own cache row) all run through this one model.
-Parameters carry logical axis names (`out_sharding` metadata) that `parallel.py` maps onto a device mesh.
+Parameters carry logical axis names (`out_sharding` metadata) that `parallel.ShardingRules` maps onto a device
+mesh; so do the KV cache (`CACHE_AXES`) and the residual stream between decoder layers (`ACTIVATION_AXES`), which
+are pinned to their layout inside a `parallel.sharding_context` (the Trainer's step, the decode loop).
 Kernels are stored [in, out]; the HF mapping (transposes included) lives in `checkpoints.py`.
 """
 
@@ -15,9 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from edu_prm_jax import parallel
 from edu_prm_jax.models.config import Qwen2Config
 
 NEG_INF = -1e30  # finite, so fully masked rows give a uniform softmax instead of NaN
+
+CACHE_AXES = ("cache_batch", "cache_seq", "kv_heads", "head_dim")  # logical axes of each layer's K and V arrays
+ACTIVATION_AXES = ("act_batch", "act_seq", "act_embed")  # logical axes of the residual stream [B, T, H]
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any, init: str) -> nnx.Param:
@@ -76,7 +82,8 @@ class KVCache:
     """Keys and values, one [batch, cache_len, kv_heads, head_dim] array per layer.
 
     Per-layer arrays (not one stacked [layers, ...] array) let each layer update its own buffer in place inside
-    a loop; slicing and re-stacking a stacked cache costs a full copy per step."""
+    a loop; slicing and re-stacking a stacked cache costs a full copy per step. Every cache this class builds is
+    pinned to the `CACHE_AXES` layout of the active sharding rules (a no-op outside a sharding context)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -86,7 +93,7 @@ class KVCache:
         shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
         dtype = dtype or cfg.compute_dtype
         return cls(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
-                   tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)))
+                   tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))).constrained()
 
     @property
     def length(self) -> int:
@@ -94,12 +101,15 @@ class KVCache:
 
     def gather_rows(self, rows: jax.Array) -> KVCache:
         """Cache rows `rows` (a fork copies its parent's row into a new slot this way)."""
-        return KVCache(tuple(k[rows] for k in self.k), tuple(v[rows] for v in self.v))
+        return KVCache(tuple(k[rows] for k in self.k), tuple(v[rows] for v in self.v)).constrained()
+
+    def constrained(self) -> KVCache:
+        """This cache pinned to the active sharding rules' `CACHE_AXES` layout (`parallel.constrain`)."""
+        return KVCache(tuple(parallel.constrain(k, CACHE_AXES) for k in self.k),
+                       tuple(parallel.constrain(v, CACHE_AXES) for v in self.v))
 
 
 jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v"], meta_fields=[])
-
-CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")  # of each layer's array
 
 
 def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
@@ -240,20 +250,22 @@ class Qwen2(nnx.Module):
                 positions = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
             if mask is None:
                 mask = causal_mask(segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32))
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+        # the residual stream is pinned to ACTIVATION_AXES at every block boundary (inside a sharding context)
+        x = parallel.constrain(jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype), ACTIVATION_AXES)
         new_k, new_v = [], []
         remat = cache is None and cfg.remat != "none"
         for i, layer in enumerate(self.layers):
             if remat:  # training: recompute the layer's activations in the backward pass instead of storing them
-                x = _remat_layer(cfg.remat)(layer, x, positions, mask)
+                x = parallel.constrain(_remat_layer(cfg.remat)(layer, x, positions, mask), ACTIVATION_AXES)
                 continue
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
             x, layer_cache = layer(x, positions, mask, layer_cache, write_index)
+            x = parallel.constrain(x, ACTIVATION_AXES)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
         hidden = self.final_norm(x)
-        new_cache = KVCache(tuple(new_k), tuple(new_v)) if cache is not None else None
+        new_cache = KVCache(tuple(new_k), tuple(new_v)).constrained() if cache is not None else None
         return hidden, new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

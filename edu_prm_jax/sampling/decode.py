@@ -5,7 +5,7 @@ Both samplers run here. A question owns M slots (rows q*M .. q*M+M-1 of the batc
 - EDU: slot 0 starts; at an anchor (`anchor_qualifies`: H > tau and a non-symbol top-1 token) a path forks: it
   keeps the top-1 token and each of the next K-1 tokens goes to a free slot, whose KV-cache rows and history are
   copied from the parent inside the loop (`fork_plan`). In "budget" mode the highest-entropy candidates get the
-  free slots first (`fork_priority`).
+  free slots first (`fork_priority`). The rule and the plan live in `anchors.py`.
 One loop step runs these phases, in this order (`_decode_loop`'s `body`):
   1. read the next-token distribution of every row (entropy, top-K, the anchor rule) and propose a token;
   2. P-EDU only: at a step boundary, prune a path whose just-finished step scored low (frees its slot);
@@ -15,6 +15,8 @@ One loop step runs these phases, in this order (`_decode_loop`'s `body`):
   6. advance the policy (and the PRM) by the chosen token.
 Per step only scalars leave the logits (entropy, chosen-token logprob); the [B, T, V] history is never built.
 Randomness is keyed by (seed, question id, slot, step), so results do not depend on how questions are sharded.
+On a mesh, questions are split over the sharding rules' `rollout` mesh axes (a `shard_map` manual over those
+axes only); parameters, the KV cache and activations follow the same rules on the remaining axes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from edu_prm_jax import parallel
 from edu_prm_jax.models.qwen2 import KVCache
+from edu_prm_jax.sampling.anchors import anchor_qualifies, branch_candidates, fork_plan, fork_priority
 from edu_prm_jax.sampling.stats import entropy_and_logz, mask_logits, sample_tokens, top_k_small
 from edu_prm_jax.sampling.stopping import StopTables
 
@@ -188,83 +192,6 @@ class NextToken:
     entropy: jax.Array  # [B] float32, nats, at temperature 1
     log_z: jax.Array  # [B] float32, logsumexp(logits), for the chosen token's logprob
     qualifies: jax.Array  # [B] bool, `anchor_qualifies` at this position
-
-
-# ------------------------------------------------------------------------------------------- the anchor rule
-
-
-def anchor_qualifies(entropy: jax.Array, top1_token: jax.Array, tau: float | jax.Array,
-                     symbol_mask: jax.Array) -> jax.Array:
-    """METHOD.md's anchor rule: a position qualifies when H > tau (strictly) and its top-1 token is not a symbol.
-
-    entropy [...] float32 (nats), top1_token [...] int32 (the argmax token), tau a scalar, symbol_mask [V] bool
-    -> [...] bool. One rule for all three uses, so they always agree: where EDU forks, where P-EDU's steps end
-    (and a path's PRM score is checked), and the `high_entropy` flags Best-of-N splits HT samples at."""
-    return (entropy > tau) & ~symbol_mask[top1_token]
-
-
-def branch_candidates(active: jax.Array, qualifies: jax.Array, n_anchors: jax.Array,
-                      max_anchors: int) -> jax.Array:
-    """Paths that may fork now: running, at a qualifying position, and below `max_anchors` forks on their path.
-
-    All [B]: bool, bool, int32 -> bool. Whether a candidate really forks depends on free slots (`fork_plan`)."""
-    return active & qualifies & (n_anchors < max_anchors)
-
-
-def fork_priority(entropy: jax.Array, slot: jax.Array, threshold_mode: str) -> jax.Array:
-    """Who gets the free slots first when candidates outnumber them (higher priority first, ties: lower slot).
-
-    "fixed": the lowest slot (the threshold stays tau); "budget": the highest entropy, so the effective threshold
-    rises as the leaf budget runs out (METHOD.md "Dynamic threshold"). entropy [B] float32, slot [B] int32 (the
-    slot index within its question) -> [B] float32."""
-    if threshold_mode == "budget":
-        return entropy
-    return -slot.astype(jnp.float32)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class ForkPlan:
-    """One step's forks within each question (all [Q, M])."""
-
-    source: jax.Array  # int32, slot each slot copies its row from this step (itself unless it is a new child)
-    child_token: jax.Array  # int32, token a new child emits: its parent's j-th runner-up (0 where not a child)
-    is_child: jax.Array  # bool, a new child takes this (previously free) slot
-    is_anchor: jax.Array  # bool, this path forks here (at least one child got a slot)
-
-
-def fork_plan(candidates: jax.Array, priority: jax.Array, used: jax.Array, topk_tokens: jax.Array,
-              branch_k: int) -> ForkPlan:
-    """Which candidates branch, and into which free slots.
-
-    candidates [Q, M] bool, priority [Q, M] float32 (`fork_priority`), used [Q, M] bool, topk_tokens [Q, M, K]
-    int32 (K >= branch_k). Candidates are ranked by priority; the r-th gets free slots r*(K-1) .. r*(K-1)+K-2
-    (free slots in slot order) for its runner-up tokens 1 .. K-1, as far as free slots last. So with fewer free
-    slots than children, the higher-priority candidates fork and the rest keep going as they are."""
-    q_n, m_n = candidates.shape
-    children = branch_k - 1
-    idx = jnp.arange(m_n)
-    # rank among candidates: higher priority first, ties by slot index
-    better = (priority[:, None, :] > priority[:, :, None]) | ((priority[:, None, :] == priority[:, :, None]) &
-                                                              (idx[None, None, :] < idx[None, :, None]))
-    rank = jnp.sum(better & candidates[:, None, :], axis=-1)
-    free = ~used
-    n_free = jnp.sum(free, axis=-1, keepdims=True)
-    order_key = jnp.where(free, jnp.cumsum(free, axis=-1) - 1, m_n + idx)
-    free_slots = jnp.argsort(order_key, axis=-1)  # free_slots[q, r] = r-th free slot
-    source = jnp.broadcast_to(idx, (q_n, m_n))
-    child_token = jnp.zeros((q_n, m_n), jnp.int32)
-    is_child = jnp.zeros((q_n, m_n), bool)
-    rows = jnp.arange(q_n)[:, None]
-    for j in range(children):
-        target = rank * children + j
-        ok = candidates & (target < n_free)
-        dest = jnp.where(ok, jnp.take_along_axis(free_slots, jnp.minimum(target, m_n - 1), -1), m_n)
-        source = source.at[rows, dest].set(jnp.broadcast_to(idx, (q_n, m_n)), mode="drop")
-        child_token = child_token.at[rows, dest].set(topk_tokens[:, :, j + 1], mode="drop")
-        is_child = is_child.at[rows, dest].set(True, mode="drop")
-    is_anchor = candidates & (rank * children < n_free)
-    return ForkPlan(source, child_token, is_child, is_anchor)
 
 
 # ------------------------------------------------------------------------------------------------ the phases
@@ -507,20 +434,28 @@ def _decode_loop(p: DecodeParams, knobs: dict[str, jax.Array], model: nnx.Module
     return DecodeOutput.of(jax.lax.while_loop(cond, body, state))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _decode_jit(p: DecodeParams, graphdef: Any, prm_graphdef: Any, knobs: dict, state: Any, prm_state: Any,
-                tables: Tables, prompts, prompt_lens, question_ids) -> DecodeOutput:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _decode_jit(p: DecodeParams, graphdef: Any, prm_graphdef: Any, layout: tuple[Mesh, parallel.ShardingRules] | None,
+                knobs: dict, state: Any, prm_state: Any, tables: Tables, prompts, prompt_lens,
+                question_ids) -> DecodeOutput:
+    """The loop on one device, or on a mesh without rollout sharding; `layout` (mesh, rules) pins the KV cache
+    and activations (and keys the compile cache)."""
     prm = nnx.merge(prm_graphdef, prm_state) if prm_graphdef is not None else None
-    return _decode_loop(p, knobs, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids, prm)
+    mesh, rules = layout if layout is not None else (None, None)
+    with parallel.sharding_context(mesh, rules):
+        return _decode_loop(p, knobs, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids, prm)
 
 
 def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarray, prompt_lens: np.ndarray,
-           question_ids: np.ndarray, mesh: Mesh | None = None, prm: nnx.Module | None = None
-           ) -> dict[str, np.ndarray]:
+           question_ids: np.ndarray, mesh: Mesh | None = None, prm: nnx.Module | None = None,
+           rules: parallel.RulesLike = None) -> dict[str, np.ndarray]:
     """Run the rollout loop for a bucket of questions; returns `DecodeOutput`'s fields as host arrays, rows q*M + m.
 
-    With a mesh whose 'data' axis is > 1, questions are sharded over 'data' with `jax.shard_map` (manual over
-    'data' only, so params keep their fsdp/tensor sharding) and each device forks within its own questions.
+    prompts [Q, P] int32 (right-padded), prompt_lens [Q], question_ids [Q] (-1: a padding question). With a
+    mesh, parameters are placed by `rules` (default table; the sampler's layout may differ from training's).
+    When the `rollout` rule splits on the mesh, questions are sharded over those axes with `jax.shard_map`
+    (manual over them only, so parameters keep their other axes' sharding) and each device forks within its own
+    questions; Q must be a multiple of the rollout split.
     """
     graphdef, state = nnx.split(model)
     p, knobs = split_params(p)
@@ -530,34 +465,44 @@ def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarr
     prm_graphdef, prm_state = nnx.split(prm) if prm is not None else (None, None)
     args = (jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32),
             jnp.asarray(question_ids, jnp.int32))
-    if mesh is None or mesh.shape.get("data", 1) == 1:
-        out = _decode_jit(p, graphdef, prm_graphdef, knobs, state, prm_state, tables, *args)
+    if mesh is None:
+        out = _decode_jit(p, graphdef, prm_graphdef, None, knobs, state, prm_state, tables, *args)
+        return out.to_host()
+    rules = parallel.as_rules(rules)
+    state = jax.device_put(state, parallel.state_shardings(state, mesh, rules))  # no-op when already placed
+    if prm_state is not None:
+        prm_state = jax.device_put(prm_state, parallel.state_shardings(prm_state, mesh, rules))
+    tables = jax.device_put(tables, NamedSharding(mesh, PartitionSpec()))
+    split = rules.axis_size("rollout", mesh)
+    if split == 1:
+        out = _decode_jit(p, graphdef, prm_graphdef, (mesh, rules), knobs, state, prm_state, tables, *args)
     else:
-        from edu_prm_jax.parallel import state_shardings
-
-        state = jax.device_put(state, state_shardings(state, mesh))  # no-op when already placed
-        if prm_state is not None:
-            prm_state = jax.device_put(prm_state, state_shardings(prm_state, mesh))
-        tables = jax.device_put(tables, NamedSharding(mesh, PartitionSpec()))
-        out = _sharded_decode(p, graphdef, prm_graphdef, mesh)(knobs, state, prm_state, tables, *args)
+        if args[0].shape[0] % split:
+            raise ValueError(f"{args[0].shape[0]} questions do not divide over the rollout mesh axes "
+                             f"{rules.split_axes('rollout', mesh)} ({split} ways)")
+        out = _sharded_decode(p, graphdef, prm_graphdef, mesh, rules)(knobs, state, prm_state, tables, *args)
     return out.to_host()
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_decode(p: DecodeParams, graphdef: Any, prm_graphdef: Any, mesh: Mesh):
-    data = PartitionSpec("data")
+def _sharded_decode(p: DecodeParams, graphdef: Any, prm_graphdef: Any, mesh: Mesh, rules: parallel.ShardingRules):
+    """The loop under a `shard_map` manual over the rollout mesh axes: each device decodes its own questions."""
+    rollout = rules.split_axes("rollout", mesh)
+    rows = PartitionSpec(rollout[0] if len(rollout) == 1 else rollout)
 
     def local(knobs, state, prm_state, tables, prompts, prompt_lens, question_ids):
         prm = nnx.merge(prm_graphdef, prm_state) if prm_graphdef is not None else None
-        return _decode_loop(p, knobs, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids, prm)
+        with parallel.sharding_context(mesh, rules):
+            return _decode_loop(p, knobs, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids,
+                                prm)
 
     rep = PartitionSpec()
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep, rep, data, data, data), out_specs=data,
-                       axis_names={"data"}, check_vma=False)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep, rep, rows, rows, rows), out_specs=rows,
+                       axis_names=set(rollout), check_vma=False)
     jitted = jax.jit(fn)
 
     def run(knobs, state, prm_state, tables, prompts, prompt_lens, question_ids):
-        put = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))  # noqa: E731
+        put = lambda x: jax.device_put(x, NamedSharding(mesh, rows))  # noqa: E731
         rep_put = lambda x: jax.device_put(x, NamedSharding(mesh, rep))  # noqa: E731
         return jitted(jax.tree.map(rep_put, knobs), state, prm_state, tables, put(prompts), put(prompt_lens),
                       put(question_ids))

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from edu_prm_jax import parallel
 from edu_prm_jax.sampling.decode import STOP_NAMES, DecodeParams, Tables, decode
 from edu_prm_jax.sampling.stopping import build_stop_tables
 from edu_prm_jax.sampling.symbols import symbol_token_mask
@@ -95,11 +96,13 @@ class Sampler:
 
     def __init__(self, model: nnx.Module, tokenizer: Any, params: DecodeParams, *, mesh: Mesh | None = None,
                  batch_questions: int = 8, prompt_bucket: int = 32, stop_strings: Sequence[str] = (),
-                 extra_symbols: str = "", disable_symbols: bool = False, prm: nnx.Module | None = None):
+                 extra_symbols: str = "", disable_symbols: bool = False, prm: nnx.Module | None = None,
+                 rules: parallel.RulesLike = None):
         self.model, self.tokenizer, self.params, self.mesh, self.prm = model, tokenizer, params, mesh, prm
+        self.rules = parallel.as_rules(rules)  # the sampling layout (may differ from training's)
         self.prompt_bucket = prompt_bucket
-        data = mesh.shape.get("data", 1) if mesh is not None else 1
-        self.batch_questions = -(-batch_questions // data) * data
+        split = self.rules.axis_size("rollout", mesh) if mesh is not None else 1  # questions split this many ways
+        self.batch_questions = -(-batch_questions // split) * split
         vocab = model.cfg.vocab_size
         texts = tokenizer.decoded_token_texts()
         stop = build_stop_tables(texts, vocab, list(tokenizer.eos_token_ids),
@@ -130,7 +133,7 @@ class Sampler:
                 arr[i, :len(toks)] = toks
                 lens[i] = len(toks)
                 ids[i] = qids[i]
-            out = decode(p, self.model, self.tables, arr, lens, ids, self.mesh, prm=self.prm)
+            out = decode(p, self.model, self.tables, arr, lens, ids, self.mesh, prm=self.prm, rules=self.rules)
             for i in range(n_real):
                 leaves = slots_to_leaves(out, i * p.num_leaves, p.num_leaves)
                 for leaf in leaves:

@@ -62,7 +62,7 @@ class _TrainState(nnx.Module):
 
 
 def restore_model(checkpointer: Checkpointer, step: int, abstract_model: nnx.Module, mesh: Mesh,
-                  rules: Mapping[str, Any] | None = None) -> nnx.Module:
+                  rules: parallel.RulesLike = None) -> nnx.Module:
     """The model alone from a Trainer checkpoint, placed on `mesh` by its logical axes. `abstract_model` is an
     `nnx.eval_shape`-built model of the trained architecture. The optimizer state (two more model-sized copies
     under AdamW) is never read, and no Trainer is built: what an export needs (benchmarks/export_memory.py)."""
@@ -97,24 +97,25 @@ class Trainer:
         mesh: Mesh | None = None,
         eval_fn: EvalFn | None = None,
         config: Mapping[str, Any] | None = None,
-        rules: Mapping[str, Any] | None = None,
+        rules: parallel.RulesLike = None,
     ):
         self.cfg = train_cfg
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh = mesh or parallel.make_mesh(devices=jax.devices()[:1])
+        self.rules = parallel.as_rules(rules)  # params, batch rows and activations at block boundaries
         self.loss_fn = loss_fn
         self.eval_fn = eval_fn
         self.config = dict(config or {})
         self.schedule = make_schedule(optim) if isinstance(optim, OptimConfig) else None
         self.accum = optim.accum_steps if isinstance(optim, OptimConfig) else 1
         tx = make_optimizer(optim) if isinstance(optim, OptimConfig) else optim
-        parallel.shard_model(model, self.mesh, rules)
+        parallel.shard_model(model, self.mesh, self.rules)
         holder = _TrainState(model, nnx.Optimizer(model, tx, wrt=nnx.Param))
         self.model_cfg = getattr(model, "cfg", None)
         self.has_lm_head = isinstance(model, Qwen2)  # a PRM (backbone + reward head) computes no vocab logits
         self.graphdef, state = nnx.split(holder)
-        self.state_shardings = parallel.state_shardings(state, self.mesh, rules)
+        self.state_shardings = parallel.state_shardings(state, self.mesh, self.rules)
         self.state = jax.device_put(state, self.state_shardings)
         self.step = 0
         self._stop_requested = False
@@ -126,19 +127,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ step
     def _train_step(self, state: nnx.State, batch: Mapping[str, jax.Array]):
         holder = nnx.merge(self.graphdef, state)
-        (loss, aux), grads = nnx.value_and_grad(lambda m: self.loss_fn(m, batch), has_aux=True)(holder.model)
+        with parallel.sharding_context(self.mesh, self.rules):  # traced once per Trainer: mesh and rules are fixed
+            (loss, aux), grads = nnx.value_and_grad(lambda m: self.loss_fn(m, batch), has_aux=True)(holder.model)
         holder.optimizer.update(holder.model, grads)
         return nnx.state(holder), {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
     def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
-        div = parallel.batch_divisor(self.mesh)
+        div = parallel.batch_divisor(self.mesh, self.rules)
         out = {}
         for k, v in batch.items():
             v = np.asarray(v)
             if v.shape[0] % div:
                 raise ValueError(f"batch field {k!r}: {v.shape[0]} rows do not divide over the mesh's batch "
                                  f"axes ({div} ways)")
-            out[k] = jax.device_put(v, parallel.batch_sharding(self.mesh, v.ndim))
+            out[k] = jax.device_put(v, parallel.batch_sharding(self.mesh, v.ndim, self.rules))
         return out
 
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:

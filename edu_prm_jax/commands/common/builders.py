@@ -37,24 +37,17 @@ SAMPLER_FIELDS = {"stop_strings": "", "extra_symbols": "", "disable_symbols": Fa
 
 
 def decode_params(s: ml_collections.ConfigDict, **override: Any) -> DecodeParams:
-    """DecodeParams from a sampling config (fields by name, `num_leaves` -> the leaf budget; greedy decodes one
-    path) and per-run `override`s. A config field that no decode setting or sampler argument reads is an error,
-    never silently dropped."""
-    names = {f.name for f in dataclasses.fields(DecodeParams)}
-    leaves = "num_leaves" if "num_leaves" in names else "num_slots"  # DecodeParams' name for the leaf budget M
-    values: dict[str, Any] = {}
-    for key, value in s.items():
-        if key in SAMPLER_FIELDS:
-            continue
-        field = leaves if key == "num_leaves" else key
-        if field not in names or (field == leaves and key != "num_leaves"):
-            known = sorted({n for n in names if n != leaves} | {"num_leaves"} | set(SAMPLER_FIELDS))
-            raise ValueError(f"sampling.{key}: no sampler setting reads this field (sampling fields: {known})")
-        values[field] = value
-    for key, value in override.items():
-        values[leaves if key in ("num_leaves", "num_slots") else key] = value
-    if values.get("mode") == "greedy" and not ({"num_leaves", "num_slots"} & override.keys()):
-        values[leaves] = 1
+    """DecodeParams from a sampling config (fields by name; greedy decodes one path) and per-run `override`s. A
+    config field that neither a decode setting nor a Sampler argument reads is an error, never silently dropped."""
+    names = [f.name for f in dataclasses.fields(DecodeParams)]
+    for key in s.keys():
+        if key not in names and key not in SAMPLER_FIELDS:
+            raise ValueError(f"sampling.{key}: no sampler setting reads this field (sampling fields: "
+                             f"{sorted([*names, *SAMPLER_FIELDS])})")
+    values = {k: v for k, v in s.items() if k in names}
+    values.update(override)
+    if values.get("mode") == "greedy" and "num_leaves" not in override:
+        values["num_leaves"] = 1
     return DecodeParams(**values)
 
 
@@ -70,10 +63,11 @@ def build_sampler(policy: str, tokenizer_dir: str, s: ml_collections.ConfigDict,
     params = decode_params(s, **override)  # a bad field fails before the model loads
     policy_dir = resolve_policy(policy)
     mesh = parallel.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
-    model = load_model(policy_dir, dtype=dtype, mesh=mesh)
+    rules = parallel.rules_from_config(mesh_cfg.rules)  # the sampling layout: this command's own mesh.rules
+    model = load_model(policy_dir, dtype=dtype, mesh=mesh, rules=rules)
     tokenizer = load_tokenizer(tokenizer_dir or policy_dir)
     return Sampler(model, tokenizer, params, mesh=mesh, batch_questions=batch_questions,
-                   prompt_bucket=prompt_bucket, **sampler_options(s))
+                   prompt_bucket=prompt_bucket, rules=rules, **sampler_options(s))
 
 
 TRAINABLE = ("all", "head", "expanded")
@@ -115,16 +109,16 @@ def trainable_pattern(config: ml_collections.ConfigDict, prm: PRM) -> str | None
     return expanded_layers_pattern(prm.cfg.num_hidden_layers - prm.expanded_layers, prm.expanded_layers)
 
 
-def build_prm(config: ml_collections.ConfigDict, mesh) -> PRM:
+def build_prm(config: ml_collections.ConfigDict, mesh, rules: parallel.RulesLike = None) -> PRM:
     if config.init_prm:
-        prm = load_prm(config.init_prm, mesh, dtype=config.dtype)
+        prm = load_prm(config.init_prm, mesh, dtype=config.dtype, rules=rules)
     else:
         policy_dir = resolve_policy(config.policy)
-        policy = load_model(policy_dir, dtype=config.dtype, mesh=mesh)
+        policy = load_model(policy_dir, dtype=config.dtype, mesh=mesh, rules=rules)
         inserts_separator = get_head(config.head).inserts_separator
         sep = separator_ids(load_tokenizer(policy_dir), config.separator) if inserts_separator else None
         prm = PRM.from_policy(policy, head=config.head, seed=config.seed, separator_id=sep, mesh=mesh,
-                              expand_layers=config.expand_layers)
+                              expand_layers=config.expand_layers, rules=rules)
     prm.cfg = prm.cfg.replace(remat=config.remat)  # a runtime choice, never exported
     prm.backbone.cfg = prm.backbone.cfg.replace(remat=config.remat)
     return prm
@@ -168,7 +162,8 @@ def prm_checkpoints(workdir: pathlib.Path) -> Checkpointer:
                         read_only=True)
 
 
-def make_trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, prm: PRM, eval_fn, mesh) -> Trainer:
+def make_trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, prm: PRM, eval_fn, mesh,
+                 rules: parallel.RulesLike = None) -> Trainer:
     updates = max(1, config.steps // config.accum_steps)
     optim = OptimConfig(learning_rate=config.learning_rate, warmup_steps=min(config.warmup_steps, updates - 1),
                         total_steps=updates, end_lr_fraction=config.end_lr_fraction,
@@ -179,6 +174,6 @@ def make_trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, prm: 
                             best_metric=BEST_METRIC, best_mode=BEST_MODE, peak_flops_per_device=config.peak_flops)
     pos_weight = config.pos_weight
     return Trainer(prm, lambda m, b: prm_loss(m, b, pos_weight), optim, train_cfg, workdir / "prm", mesh=mesh,
-                   eval_fn=eval_fn, config=config.to_dict())
+                   eval_fn=eval_fn, config=config.to_dict(), rules=rules)
 
 
