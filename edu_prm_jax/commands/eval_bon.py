@@ -46,8 +46,21 @@ def _accuracies(cands_per_q: list[list[Any]]) -> dict[str, float]:
     return {s: sum(r[s] for r in per_q) / len(per_q) for s in SELECTORS}
 
 
+def require_gold(questions: list[dict], spec: str) -> None:
+    """Accuracy needs a gold answer for every question: without one every selector would score 0% from nothing,
+    so refuse, naming the questions that lack it (before any model loads)."""
+    if not questions:
+        raise ValueError(f"questions={spec!r}: no questions")
+    missing = [str(q["id"]) for q in questions if q.get("answer") in (None, "")]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"questions={spec!r}: {len(missing)} of {len(questions)} questions have no gold answer "
+                         f"({shown}); Best-of-N accuracy needs one per question")
+
+
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     questions = load_questions(config.questions, limit=config.limit)
+    require_gold(questions, config.questions)
     n_grid, seeds = parse_ints(config.n_grid, "n_grid"), parse_ints(config.seeds, "seeds")
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.rules_from_config(config.mesh.rules)

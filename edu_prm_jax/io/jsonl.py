@@ -176,6 +176,13 @@ def count_records(path: PathLike) -> int:
         return sum(1 for raw in f if not _is_blank(raw))
 
 
+def record_lines(path: PathLike) -> list[int]:
+    """The 1-based line of each record of a JSONL file (its non-blank lines), for messages that name a record
+    found by position, e.g. the first of two duplicates."""
+    with open(path, "rb") as f:
+        return [lineno for lineno, raw in enumerate(f, start=1) if not _is_blank(raw)]
+
+
 def read_jsonl(path: PathLike, validate: Callable[[dict], None] | None = None) -> Iterator[dict]:
     """Yield one dict per non-blank line (`json_lines`); a failed `validate` raises DataError at that line."""
     for lineno, record in json_lines(path):

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from edu_prm_jax.io.jsonl import DataError, ListOf, PathLike, Schema, optional, read_jsonl, require
+from edu_prm_jax.io.jsonl import DataError, ListOf, PathLike, Schema, optional, read_jsonl, record_lines, require
 from edu_prm_jax.io.tfds import MISSING_RATING, write_tfds_dataset
 
 MATH_SCHEMA = Schema({"problem": str, "answer": (str, int, float)}, optional={"solution": str, "unique_id": str})
@@ -93,8 +93,10 @@ def read_generic_jsonl(path: PathLike, source: str | None = None) -> Iterator[di
 
     def validate(r: dict) -> None:
         GENERIC_SCHEMA.validate(r)
-        key = "problem" if "problem" in r else "question"
-        require(r, key, str)
+        if "problem" not in r and "question" not in r:
+            raise DataError("missing required field (the question text; 'question' is accepted too)",
+                            field="problem")
+        require(r, "problem" if "problem" in r else "question", str)
 
     for r in read_jsonl(path, validate):
         out = dict(r)
@@ -111,7 +113,7 @@ def read_generic_jsonl(path: PathLike, source: str | None = None) -> Iterator[di
 
 # -------------------------------------------------------------------------------- step-labelled sources
 def _load_json_document(path: PathLike) -> Any:
-    text = pathlib.Path(path).read_text(encoding="utf-8")
+    text = pathlib.Path(path).read_text(encoding="utf-8-sig")  # a leading BOM is an encoding mark, not content
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -140,7 +142,7 @@ def read_processbench(path: PathLike) -> Iterator[dict]:
 
 def iter_concatenated_json(path: PathLike) -> Iterator[tuple[int, Any]]:
     """Yield (1-based start line, object) for a file of one or more concatenated JSON values."""
-    text = pathlib.Path(path).read_text(encoding="utf-8")
+    text = pathlib.Path(path).read_text(encoding="utf-8-sig")  # a leading BOM is an encoding mark, not content
     decoder = json.JSONDecoder()
     pos = 0
     while True:
@@ -302,7 +304,7 @@ QUESTION_FORMATS = ("math", "gsm8k", "generic")
 
 def _first_value(path: PathLike) -> Any:
     """The first JSON value of the file (first line for JSONL, else the first whole document)."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a leading BOM is an encoding mark, not content
         head = f.read(1)
         while head and head.isspace():
             head = f.read(1)
@@ -351,8 +353,14 @@ def read_questions(path: PathLike, fmt: str | None = None) -> Iterator[dict]:
     fmt = fmt or detect_format(path)
     if fmt not in QUESTION_FORMATS:
         raise DataError(f"holds {fmt} records, not questions ({', '.join(QUESTION_FORMATS)})", path=path)
-    for r in READERS[fmt](path):
+    first_item: dict[str, int] = {}
+    for item, r in enumerate(READERS[fmt](path)):
         QUESTION_SCHEMA.validate(r)
+        earlier = first_item.setdefault(r["id"], item)
+        if earlier != item:  # records would collide downstream (label ids, per-question statistics)
+            lines = record_lines(path)
+            raise DataError(f"duplicate question id {r['id']!r} (also on line {lines[earlier]}); ids must be "
+                            "unique", path=path, line=lines[item], field="id")
         yield r
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import pathlib
 import time
 from typing import Any
@@ -26,13 +28,20 @@ def tree_record(question: dict, index: int, prompt: str, prompt_ids: list[int], 
                       distinct_tokens=tree.cost, pruned_tokens=tree.pruned_tokens)
 
 
+def questions_digest(questions: list[dict]) -> str:
+    """SHA-256 of every question's id, text and gold answer: a rerun trusts finished shards only when the
+    questions they were sampled from are the same in content, not just in ids."""
+    content = json.dumps([[str(q["id"]), q["problem"], q.get("answer")] for q in questions], ensure_ascii=False)
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
 def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.Path, num_shards: int,
                      desc: str = "sample", fingerprint: dict[str, Any] | None = None) -> pathlib.Path:
     """Sample every question and write `trees-*` shards; finished shards from an earlier run are kept (only
     when `fingerprint` — the settings that make the shards — matches the one recorded in out_dir)."""
     num_shards = max(1, min(num_shards, len(questions)))
     check_fingerprint(out_dir, {"params": dataclasses.asdict(sampler.params), "num_shards": num_shards,
-                                "questions": [q["id"] for q in questions], **(fingerprint or {})})
+                                "questions": questions_digest(questions), **(fingerprint or {})})
     writer = ShardedJsonlWriter(out_dir, TREES_PREFIX, num_shards)
     bounds = [round(i * len(questions) / num_shards) for i in range(num_shards + 1)]
     pending = writer.pending()
