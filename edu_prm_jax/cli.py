@@ -175,6 +175,7 @@ def run_command(name: str, args: Sequence[str]) -> int:
         raise UsageError(f"unexpected positional argument(s) {extra}")
     _setup_logging(level.value)
     config = holder.value
+    config_utils.check_ranges(config)  # before any model loads or anything is written
 
     from edu_prm_jax import parallel
 

@@ -287,6 +287,20 @@ def describe_config(config: ml_collections.ConfigDict, comments: dict[str, str])
 
 
 # ------------------------------------------------------------------------------------------- provenance
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigFileError for the first numeric field outside its range (`configs/ranges.py`), naming the field,
+    its value and the range. Called when a config is loaded, before any model loads; bools and unset fields are
+    not numbers here."""
+    from edu_prm_jax.configs.ranges import range_of
+
+    for dotted, value in iter_leaves(config):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        valid = range_of(dotted)
+        if valid is not None and not valid.contains(value):
+            raise ConfigFileError(f"config.{dotted}={value!r}: must be {valid.describe()}")
+
+
 def write_config_json(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
     """The config as JSON, written atomically so a crash never leaves half a file."""
     write_text_atomic(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
