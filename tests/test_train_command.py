@@ -14,6 +14,9 @@ def test_train_command_exports_a_loadable_prm(tmp_path):
     policy = make_tiny_policy(tmp_path / "policy")
     w = tmp_path / "w"
     common = [f"--workdir={w}", f"--config.policy={policy}"]
+    # train before label: refused, and the failed run leaves nothing that would refuse the corrected one below
+    assert cli.main(["train", *common, "--config.steps=6"]) == 1
+    assert not (w / "prm" / "fingerprint.json").exists()
     assert cli.main(["sample", *common, "--config.questions=toy:train:12", "--config.sampling.max_new_tokens=10",
                      "--config.sampling.num_leaves=4", "--config.sampling.tau=0.5", "--config.num_shards=2"]) == 0
     assert cli.main(["label", *common]) == 0

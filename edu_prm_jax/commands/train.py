@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 
@@ -27,13 +28,16 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     rules = parallel.rules_from_config(config.mesh.rules)
     label_files = sorted(labels_dir.glob("steps-*.jsonl"))
     check_trainable(config)
-    check_fingerprint(workdir / "prm", {  # a resumed run must train on the same data and model
-        "labels": str(labels_dir.resolve()), "label_shards": [f"{p.name}:{p.stat().st_size}" for p in label_files],
+    # the input is read and validated before the workdir is bound to it, so a run that fails here (no labels
+    # yet, a bad shard) leaves no fingerprint that would refuse the corrected run
+    records = load_label_records(labels_dir)
+    check_fingerprint(workdir / "prm", {  # a resumed run must train on the same data (by content) and model
+        "labels": str(labels_dir.resolve()),
+        "label_shards": [f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in label_files],
         **{k: config[k] for k in ("policy", "init_prm", "head", "separator", "seq_len", "rows", "seed",
                                   "eval_fraction")},
         **{k: config[k] for k, default in (("supervise", "step_end"), ("expand_layers", 0), ("trainable", "all"))
            if config[k] != default}})  # runs written before these options existed still resume
-    records = load_label_records(labels_dir)
     train_records, held = split_records(records, config.eval_fraction)
     prm = build_prm(config, mesh, rules)
     train_ex = to_examples(train_records, prm, config.seq_len, config.supervise)
