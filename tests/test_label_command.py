@@ -192,3 +192,21 @@ def test_malformed_sample_record_names_file_line_and_field(policy, samples, tmp_
     assert _label(policy, bad, tmp_path / "labels") == 1
     err = capsys.readouterr().err
     assert f"{shard.name}:2" in err and "leaves[0].anchors" in err
+
+
+def test_ht_trees_are_refused_unless_asked_for(policy, samples, tmp_path, capsys):
+    ht = tmp_path / "ht_samples"
+    ht.mkdir()
+    for path in sorted(samples.glob("trees-*.jsonl")):  # the same trees, recorded as HT samples (no anchors)
+        recs = [json.loads(x) for x in path.read_text().splitlines()]
+        for r in recs:
+            r["mode"] = "ht"
+            for leaf in r["leaves"]:
+                leaf["anchors"] = []
+        (ht / path.name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "labels"
+    assert _label(policy, ht, out) == 1
+    assert "5 of 5 trees were sampled in mode ['ht']" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything (a fingerprint included) was written
+    assert _label(policy, ht, out, "--config.allow_ht_trees=True") == 0
+    assert all(len(r["steps"]) == 1 for r in read_shards(out, "steps"))

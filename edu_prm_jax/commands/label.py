@@ -28,10 +28,12 @@ Questions without a gold answer cannot be labelled and are skipped (logged).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import shutil
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -48,7 +50,7 @@ from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint
 from edu_prm_jax.labeling.mc import TARGETS, JudgedTree, PathLabels, apply_target, label_trees
 from edu_prm_jax.labeling.shepherd import label_shepherd
 from edu_prm_jax.records.steps import STEPS_PREFIX, TFDS_FEATURES, TFDS_NAME, Provenance, StepRecord, read_step_shards
-from edu_prm_jax.records.trees import TreeRecord, read_tree_file, tree_shard_paths
+from edu_prm_jax.records.trees import TreeRecord, read_tree_file, read_tree_shards, tree_shard_paths
 from edu_prm_jax.sampling.engine import Leaf
 from edu_prm_jax.toy.audit import ToyLabelAudit
 from edu_prm_jax.toy.defaults import resolve_policy
@@ -191,6 +193,21 @@ def write_tfds(out: pathlib.Path, rebuild: bool) -> pathlib.Path:
 
 
 # ---------------------------------------------------------------------------------------------- run
+def check_tree_modes(samples: pathlib.Path, allow_ht: bool) -> None:
+    """Tree labels cut steps at anchors; an HT or greedy sample has none, so each would become a single
+    outcome-labelled step. Refuse that (before anything is written) unless asked for explicitly."""
+    modes = Counter(tree.mode for tree in read_tree_shards(samples))
+    other = {m: n for m, n in modes.items() if m != "edu"}
+    if other and not allow_ht:
+        raise ValueError(f"config.samples={str(samples)!r}: {sum(other.values())} of {sum(modes.values())} trees were "
+                         f"sampled in mode {sorted(other)}, which has no anchors: each would be one outcome-labelled "
+                         "step. Sample with sampling.mode=edu, use --config.method=shepherd, or pass "
+                         "--config.allow_ht_trees=True")
+    if other:
+        logging.warning("label: %d trees without anchors (mode %s) give one outcome-labelled step each",
+                        sum(other.values()), sorted(other))
+
+
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     from edu_prm_jax.tokenization import load_tokenizer
 
@@ -204,10 +221,13 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     sizes = [count_records(p) for p in shards]
     total = sum(sizes)
     num_shards = max(1, min(config.num_shards or len(shards), total))
+    if config.method == "edu":
+        check_tree_modes(samples, config.allow_ht_trees)
     settings = {k: config[k] for k in ("target", "method", "extra_rollouts_min_leaves", "extra_rollouts_k",
                                        "shepherd_k")}
     check_fingerprint(out, {"samples": str(samples.resolve()), "input_shards": [p.name for p in shards],
-                            "input_bytes": [p.stat().st_size for p in shards], "num_shards": num_shards, **settings})
+                            "input_sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in shards],
+                            "num_shards": num_shards, **settings})
     writer = ShardedJsonlWriter(out, STEPS_PREFIX, num_shards)
     bounds = [round(i * total / num_shards) for i in range(num_shards + 1)]
     pending = writer.pending()

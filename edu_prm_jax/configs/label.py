@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.output = ""  # Output dir for steps-*.jsonl, tfds/ and label_stats.json; empty = <workdir>/labels.
     config.target = "edu"  # Label target: edu (MC value v), hard (Math-Shepherd 1[v > 0]) or soft (v).
     config.method = "edu"  # edu: steps = anchor spans, v from tree leaves; shepherd: line steps + k completions.
+    config.allow_ht_trees = False  # method=edu on HT/greedy samples (no anchors: one outcome step each); else refused.
     config.extra_rollouts_min_leaves = 0  # m: extra HT rollouts for internal nodes with < m leaves; 0 = off.
     config.extra_rollouts_k = 4  # HT continuations per node that gets extra rollouts.
     config.shepherd_k = 8  # method=shepherd: HT completions per step prefix.
