@@ -294,25 +294,22 @@ def sharding_context(mesh: Mesh | None, rules: RulesLike = None) -> Iterator[Non
         _ACTIVE.reset(token)
 
 
-def _manual_axes() -> frozenset[str]:
-    """Mesh axes a surrounding `shard_map` is manual over (none outside one)."""
-    abstract = jax.sharding.get_abstract_mesh()
-    return frozenset(getattr(abstract, "manual_axes", ()) or ())
-
-
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`x` pinned (`with_sharding_constraint`) to the layout the active rules give logical `axes`.
 
     Unchanged outside a `sharding_context`, and where the mesh has one device along every axis not manual
-    here (one device: numerics are untouched). Inside a `shard_map` the manual axes are left out of the spec."""
+    here (one device: numerics are untouched). Inside a `shard_map` the manual axes are left out of the spec,
+    and the sharding names the shard_map's own (partly manual) mesh, as later ops there require."""
     active = _ACTIVE.get()
     if active is None:
         return x
     mesh, rules = active
-    manual = _manual_axes()
+    context_mesh = jax.sharding.get_abstract_mesh()
+    manual = frozenset(() if context_mesh.empty else context_mesh.manual_axes)
     if math.prod(size for axis, size in mesh.shape.items() if axis not in manual) == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules.spec(axes, x.shape, mesh, manual=manual)))
+    spec = rules.spec(axes, x.shape, mesh, manual=manual)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(context_mesh if manual else mesh, spec))
 
 
 def maybe_initialize_distributed() -> bool:

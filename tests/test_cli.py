@@ -19,6 +19,7 @@ import pytest
 from hf_reference import hf_logits, make_hf_qwen2
 
 from edu_prm_jax import api, cli, config_utils, tokenization
+from edu_prm_jax.configs import common
 from edu_prm_jax.models.safetensors_io import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,11 +161,13 @@ def test_bad_override_value_is_a_usage_error(capsys, probe_command, tmp_path):
 def test_valid_overrides_and_config_arg_take_effect(capsys, probe_command, tmp_path):
     work = tmp_path / "run"
     rc, _, err = run_cli(capsys, "probe", f"--config={probe_command}:exp7", "--config.steps=25",
-                         "--config.lr", "0.5", "--config.mesh.fsdp=4", "--config.model.path=/m",
-                         f"--workdir={work}", "--log_level=warning")
+                         "--config.lr", "0.5", "--config.mesh.fsdp=4", "--config.mesh.rules.rollout=data,fsdp",
+                         "--config.model.path=/m", f"--workdir={work}", "--log_level=warning")
     assert rc == 0, err
     seen = json.loads((work / "seen.json").read_text())
-    assert seen == {"name": "exp7", "steps": 25, "lr": 0.5, "mesh": {"data": -1, "fsdp": 4, "tensor": 1},
+    rules = {**common.mesh_config().rules.to_dict(), "rollout": "data,fsdp"}  # the override, the rest defaults
+    mesh = {"data": -1, "fsdp": 4, "tensor": 1, "rules": rules}
+    assert seen == {"name": "exp7", "steps": 25, "lr": 0.5, "mesh": mesh,
                     "model": {"path": "/m", "param_dtype": "float32", "dtype": "float32"}}
     assert json.loads((work / "probe_config.json").read_text()) == seen  # provenance copy
     assert sorted(p.name for p in work.iterdir()) == ["probe_config.json", "seen.json"]  # no temp files left

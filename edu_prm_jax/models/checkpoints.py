@@ -244,24 +244,34 @@ def write_hf_directory(out_dir: str | os.PathLike, config: dict[str, Any],
     """
     with staged_directory(out_dir, overwrite=overwrite, field=field, sources=sources,
                           provenance={"kind": "hf_model"}) as tmp:
-        shards: list[list[tuple[str, np.ndarray]]] = [[]]
-        size = 0
-        total = 0
+        # Streamed: a shard is written as soon as it is full, so the host holds at most one shard of tensors
+        # (not the whole model). Shards get their final `-of-N` names once N is known.
+        written: list[tuple[pathlib.Path, list[str]]] = []
+        pending: list[tuple[str, np.ndarray]] = []
+        size = total = 0
+
+        def flush() -> None:
+            path = tmp / f".shard-{len(written):05d}.safetensors"
+            write_safetensors(path, pending, {"format": "pt"})
+            written.append((path, [name for name, _ in pending]))
+            pending.clear()
+
         for name, arr in tensors:
-            if shards[-1] and size + arr.nbytes > shard_bytes:
-                shards.append([])
+            if pending and size + arr.nbytes > shard_bytes:
+                flush()
                 size = 0
-            shards[-1].append((name, arr))
+            pending.append((name, arr))
             size += arr.nbytes
             total += arr.nbytes
-        if len(shards) == 1:
-            write_safetensors(tmp / "model.safetensors", shards[0], {"format": "pt"})
+        flush()
+        if len(written) == 1:
+            written[0][0].rename(tmp / "model.safetensors")
         else:
             weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors(tmp / fname, shard, {"format": "pt"})
-                weight_map.update({name: fname for name, _ in shard})
+            for i, (path, names) in enumerate(written):
+                fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+                path.rename(tmp / fname)
+                weight_map.update({name: fname for name in names})
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

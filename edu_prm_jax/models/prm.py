@@ -201,7 +201,7 @@ def prm_loss(
 # ---------------------------------------------------------------------------------------------- HF IO
 
 
-def _head_from_config(raw: dict[str, Any], names: list[str], source: pathlib.Path) -> str:
+def head_from_config(raw: dict[str, Any], names: list[str], source: pathlib.Path) -> str:
     """The checkpoint's head name: config.json's field first, then its HF architecture, then its tensor names."""
     if HEAD_CONFIG_KEY in raw:
         head = raw[HEAD_CONFIG_KEY]
@@ -277,7 +277,7 @@ def load_prm(
     cfg = cfg.replace(param_dtype=param_dtype or cfg.param_dtype, dtype=dtype or cfg.dtype)
     raw = json.loads(config_path.read_text())
     ckpt = checkpoints.HFCheckpoint(directory)
-    spec = get_head(head or _head_from_config(raw, ckpt.names(), config_path))
+    spec = get_head(head or head_from_config(raw, ckpt.names(), config_path))
     head = spec.name
     sep = separator_id if separator_id is not None else raw.get(SEPARATOR_CONFIG_KEY)
     expanded = expanded_layers_in(raw, cfg, config_path)

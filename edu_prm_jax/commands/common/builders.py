@@ -19,8 +19,8 @@ from edu_prm_jax.models.heads import get_head
 from edu_prm_jax.models.prm import (
     PRM,
     SEPARATOR_CONFIG_KEY,
-    _head_from_config,
     expanded_layers_in,
+    head_from_config,
     load_prm,
     prm_loss,
 )
@@ -133,7 +133,7 @@ def abstract_prm(config: ml_collections.ConfigDict) -> PRM:
         config_path = directory / "config.json"
         raw = json.loads(config_path.read_text())
         cfg = Qwen2Config.from_hf_dict(raw, str(config_path))
-        head = _head_from_config(raw, HFCheckpoint(directory).names(), config_path)
+        head = head_from_config(raw, HFCheckpoint(directory).names(), config_path)
         sep = raw.get(SEPARATOR_CONFIG_KEY)
         expanded = expanded_layers_in(raw, cfg, config_path)
     else:
