@@ -196,7 +196,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from edu_prm_jax.models.config import ConfigError
     from edu_prm_jax.models.safetensors_io import CheckpointError
 
-    return config_utils.ConfigFileError, ConfigError, CheckpointError, FileNotFoundError, ValueError
+    # FloatingPointError: training stopped at a non-finite loss/gradient (training.loop.NonFiniteError)
+    return (config_utils.ConfigFileError, ConfigError, CheckpointError, FileNotFoundError, ValueError,
+            FloatingPointError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -214,3 +215,30 @@ def test_flops_per_token_hand_worked():
     assert matmul_params(cfg) == 1808 and matmul_params(cfg, lm_head=False) == 1728
     assert train_flops_per_token(cfg, 5) == 6 * 1808 + 1440
     assert train_flops_per_token(cfg, 5, lm_head=False) == 6 * 1728 + 1440
+
+
+def test_a_non_finite_step_stops_training_before_anything_is_saved(tmp_path):
+    """A NaN loss at step 3 (of 6, checkpoints every 2): the error names step 3, the checkpoint of step 2 is the
+    last one, and export refuses the NaN weights the step left in memory."""
+    from edu_prm_jax.models.checkpoints import save_hf_model
+    from edu_prm_jax.models.safetensors_io import CheckpointError
+    from edu_prm_jax.training.loop import NonFiniteError
+
+    rows = _rows(16)
+    batches = [{k: v[2 * i:2 * i + 2] for k, v in rows.items()} for i in range(6)]
+
+    def loss_nan_at_3(model, batch):  # NaN where the batch is marked (token -1 in its first position)
+        loss, aux = lm_loss(model, {**batch, "tokens": jnp.maximum(batch["tokens"], 0)})
+        return loss * jnp.where(batch["tokens"][0, 0] < 0, jnp.nan, 1.0), aux  # NaN loss and NaN gradients
+
+    batches[2] = {**batches[2], "tokens": np.where(np.arange(batches[2]["tokens"].shape[1]) == 0, -1,
+                                                   batches[2]["tokens"])}
+    tcfg = TrainConfig(steps=6, log_every=1, checkpoint_every=2, tensorboard=False, **QUIET)
+    trainer = Trainer(Qwen2(CFG, nnx.Rngs(0)), loss_nan_at_3, OptimConfig(learning_rate=1e-2, warmup_steps=0,
+                      total_steps=6), tcfg, tmp_path / "run", mesh=_single_mesh())
+    with pytest.raises(NonFiniteError, match=r"step 3: non-finite loss or gradient norm.*step 2\) is intact"):
+        trainer.train(iter(batches))
+    assert trainer.checkpointer.latest_step() == 2
+    with pytest.raises(CheckpointError, match="not finite; refusing to export"):
+        save_hf_model(trainer.model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -226,6 +226,11 @@ def iter_hf_tensors(model: nnx.Module, to_hf: Callable[[str], tuple[str, bool]],
     for path, var in flat_params(nnx.state(model)).items():
         name, transpose = to_hf(path)
         arr = _host_array(var[...])
+        if "float" in arr.dtype.name:  # never export NaN/inf weights (bfloat16 included)
+            finite = np.isfinite(arr.astype(np.float32, copy=False))
+            if not finite.all():
+                raise CheckpointError(f"parameter {path} ({name}): {int((~finite).sum())} of {arr.size} values are "
+                                      "not finite; refusing to export")
         arr = arr.T if transpose else arr
         yield name, np.ascontiguousarray(arr.astype(dtype))
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -75,6 +76,18 @@ def restore_model(checkpointer: Checkpointer, step: int, abstract_model: nnx.Mod
     return nnx.merge(graphdef, restored["model"])
 
 
+class NonFiniteError(FloatingPointError):
+    """A training step produced a non-finite loss or gradient; the message names the step."""
+
+
+@jax.jit
+def _track_nonfinite(first: jax.Array, step: int, loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
+    """`first` (int32 scalar, -1 = none yet), set to `step` at the first step whose loss or gradient norm is
+    not finite."""
+    bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    return jnp.where((first < 0) & bad, jnp.asarray(step, jnp.int32), first)
+
+
 def _seq_len(batch: Mapping[str, Any]) -> int:
     return int(np.shape(batch["tokens"])[1])
 
@@ -121,6 +134,7 @@ class Trainer:
         self._stop_requested = False
         self.checkpointer = Checkpointer(self.workdir / CHECKPOINT_SUBDIR, train_cfg.keep_checkpoints,
                                          train_cfg.best_metric, train_cfg.best_mode, train_cfg.async_checkpointing)
+        self._first_nonfinite = jnp.asarray(-1, jnp.int32)  # first step with a non-finite loss/gradient; -1 none
         self._step_fn = jax.jit(self._train_step, donate_argnums=0,
                                 out_shardings=(self.state_shardings, None))
 
@@ -147,7 +161,20 @@ class Trainer:
         """One micro-batch step on the sharded state (metrics stay on device)."""
         self.state, metrics = self._step_fn(self.state, self.shard_batch(batch))
         self.step += 1
+        self._first_nonfinite = _track_nonfinite(self._first_nonfinite, self.step, metrics["loss"],
+                                                 metrics["grad_norm"])
         return metrics
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteError if any step so far had a non-finite loss or gradient norm. Called before every
+        save and log, so a checkpoint or export never holds what such a step produced (the flag stays on device
+        between checks: no host sync per step)."""
+        first = int(self._first_nonfinite)
+        if first >= 0:
+            last = self.checkpointer.latest_step()
+            kept = f"the last checkpoint (step {last}) is intact" if last is not None else "no checkpoint was saved"
+            raise NonFiniteError(f"step {first}: non-finite loss or gradient norm; training stopped and nothing "
+                                 f"after it was saved ({kept}). Lower the learning rate or check the data.")
 
     @property
     def model(self) -> nnx.Module:
@@ -167,6 +194,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- checkpoints
     def save(self, data: Any, metrics: Mapping[str, float] | None = None) -> None:
+        self.check_finite()
         data_state = data.get_state() if hasattr(data, "get_state") else {}
         self.checkpointer.save(self.step, self.state, data_state, {"config": self.config, "step": self.step},
                                metrics)
@@ -224,6 +252,7 @@ class Trainer:
                 since += 1
                 writer.advance()
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.check_finite()
                     fetched = {k: float(v) for k, v in jax.device_get(pending).items()}
                     dt = time.perf_counter() - t0
                     tps = tokens / dt
