@@ -25,44 +25,27 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Every logical axis and what it names. The KV cache shares `kv_heads` and `head_dim` with the parameters.
-LOGICAL_AXES: dict[str, str] = {
-    "vocab": "parameters: vocabulary rows of the embedding and the LM head",
-    "embed": "parameters: the hidden size (d_model) of every kernel and the embedding",
-    "q_heads": "parameters: query heads x head_dim (q_proj outputs, o_proj inputs)",
-    "kv_heads": "parameters and KV cache: key/value heads (k/v_proj outputs; the cache's head axis)",
-    "mlp": "parameters: the MLP's intermediate size (and a reward head's hidden layer)",
-    "norm": "parameters: RMSNorm scales",
-    "head_dim": "KV cache: features per head",
-    "layers": "parameters: a stacked-layers axis (the per-layer model has none; kept for scanned variants)",
-    "head_out": "parameters: a reward head's outputs (1 or 2 columns)",
-    "batch": "training batches: rows of a micro-batch",
-    "rollout": "rollouts: questions of a decode batch; decode's shard_map is manual over these mesh axes",
-    "cache_batch": "KV cache: rows (one per path slot); inside decode's shard_map the manual axes drop out",
-    "cache_seq": "KV cache: positions (prompt + generated)",
-    "act_batch": "activations: rows of the residual stream between decoder layers",
-    "act_seq": "activations: positions of the residual stream between decoder layers",
-    "act_embed": "activations: hidden features of the residual stream between decoder layers",
+# Every logical axis: (its default mesh axes, what it names). The KV cache shares `kv_heads` with the parameters.
+_AXES: dict[str, tuple[tuple[str, ...], str]] = {
+    "vocab": (("tensor",), "parameters: vocabulary rows of the embedding and the LM head"),
+    "embed": (("fsdp",), "parameters: the hidden size (d_model) of every kernel and of the embedding"),
+    "q_heads": (("tensor",), "parameters: query heads x head_dim (q_proj outputs, o_proj inputs)"),
+    "kv_heads": (("tensor",), "parameters and KV cache: key/value heads (k/v_proj outputs; the cache's heads)"),
+    "mlp": (("tensor",), "parameters: the MLP's intermediate size (and a reward head's hidden layer)"),
+    "norm": ((), "parameters: RMSNorm scales"),
+    "head_dim": ((), "KV cache: features per head"),
+    "layers": ((), "parameters: a stacked-layers axis (the per-layer model has none; kept for scanned variants)"),
+    "head_out": ((), "parameters: a reward head's output columns (1 or 2)"),
+    "batch": (("data", "fsdp"), "training batches: rows of a micro-batch"),
+    "rollout": (("data",), "rollouts: questions of a decode batch; decode's shard_map is manual over these mesh "
+                           "axes (parameters split over them are gathered for decoding)"),
+    "cache_batch": (("data",), "KV cache: rows (path slots); inside decode's shard_map the manual axes drop out"),
+    "cache_seq": ((), "KV cache: positions (prompt + generated)"),
+    "act_batch": (("data", "fsdp"), "activations: rows of the residual stream between decoder layers"),
+    "act_seq": ((), "activations: positions of the residual stream between decoder layers"),
+    "act_embed": ((), "activations: hidden features of the residual stream between decoder layers"),
 }
-
-_DEFAULT_TABLE: dict[str, tuple[str, ...]] = {
-    "vocab": ("tensor",),
-    "embed": ("fsdp",),
-    "q_heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),
-    "norm": (),
-    "head_dim": (),
-    "layers": (),
-    "head_out": (),
-    "batch": ("data", "fsdp"),
-    "rollout": ("data",),
-    "cache_batch": ("data",),
-    "cache_seq": (),
-    "act_batch": ("data", "fsdp"),
-    "act_seq": (),
-    "act_embed": (),
-}
+LOGICAL_AXES: dict[str, str] = {name: meaning for name, (_, meaning) in _AXES.items()}
 
 # One rule's target: a mesh axis, several ('data,fsdp' or a tuple), or replicated (None, '' or ()).
 MeshAxes = str | Sequence[str] | None
@@ -89,7 +72,8 @@ class ShardingRules:
 
     `table` is ((logical axis, (mesh axis, ...)), ...); an empty tuple means replicated. Frozen and hashable, so
     it can be a static `jit` argument or an `lru_cache` key. A dimension the mesh axes do not divide (an odd
-    vocabulary) is replicated, and a mesh axis is used at most once per array (the first dimension wins)."""
+    vocabulary) is replicated, and a mesh axis is used at most once per array (the first dimension wins). The
+    logical axes and what each names: `LOGICAL_AXES`."""
 
     table: tuple[tuple[str, tuple[str, ...]], ...]
 
@@ -167,7 +151,7 @@ class ShardingRules:
         return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
 
 
-_DEFAULT_RULES = ShardingRules(tuple(_DEFAULT_TABLE.items()))
+_DEFAULT_RULES = ShardingRules(tuple((name, axes) for name, (axes, _) in _AXES.items()))
 
 # What every function taking `rules` accepts: a ShardingRules, a plain {logical axis: mesh axes} mapping, or
 # None for the default table.
@@ -175,6 +159,8 @@ RulesLike = ShardingRules | Mapping[str, MeshAxes] | None
 
 
 def as_rules(rules: RulesLike) -> ShardingRules:
+    """None -> the default table; a mapping -> a complete table of its own (a logical axis it lacks is an error
+    when asked for, never silently replicated)."""
     if rules is None:
         return _DEFAULT_RULES
     if isinstance(rules, ShardingRules):
