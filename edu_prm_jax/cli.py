@@ -191,6 +191,18 @@ def run_command(name: str, args: Sequence[str]) -> int:
     return 0
 
 
+def _preempted() -> type[BaseException]:
+    from edu_prm_jax.training.loop import PreemptedError
+
+    return PreemptedError
+
+
+def _exit_preempted() -> int:
+    from edu_prm_jax.training.loop import EXIT_PREEMPTED
+
+    return EXIT_PREEMPTED
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (a message is enough); anything else keeps its traceback."""
     from edu_prm_jax.models.config import ConfigError
@@ -202,7 +214,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit status (0 ok, 1 failed run, 2 bad command line)."""
+    """Console entry point; returns the exit status (0 ok, 1 failed run, 2 bad command line, 75 preempted:
+    SIGTERM during training, checkpoint saved, rerun to resume)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in HELP_FLAGS or args[0] == "help":
         print(main_help(), file=sys.stdout if args else sys.stderr)
@@ -218,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, config_utils.ConfigFileError) as e:
         print(f"{PROG} {name}: error: {e}", file=sys.stderr)
         return 2
+    except _preempted() as e:
+        print(f"{PROG} {name}: preempted: {e}", file=sys.stderr)
+        return _exit_preempted()
     except _user_errors() as e:
         logging.debug("traceback", exc_info=True)
         print(f"{PROG} {name}: error: {e} (--log_level=debug shows the traceback)", file=sys.stderr)

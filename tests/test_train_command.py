@@ -56,3 +56,28 @@ def test_selection_metrics_hand_worked():
     got = selection_metrics(scores, finals, groups)
     assert got["pair_accuracy"] == 1.5 / 3 and got["select_accuracy"] == 0.5
     assert np.isnan(selection_metrics([[0.1]], [0.0], ["c"])["pair_accuracy"])
+
+
+def test_a_preempted_train_exits_75_and_stops_the_pipeline(tmp_path, monkeypatch, capsys):
+    """SIGTERM during training (simulated: the Trainer reports a preempted run) is not success: `train` exits
+    with 75 (EX_TEMPFAIL) and a pipeline does not go on to a stage that would read a half-trained PRM."""
+    from edu_prm_jax.commands import registry
+    from edu_prm_jax.training.loop import EXIT_PREEMPTED, Trainer
+
+    policy = make_tiny_policy(tmp_path / "policy")
+    w = tmp_path / "w"
+    common = [f"--workdir={w}", f"--config.policy={policy}"]
+    assert cli.main(["sample", *common, "--config.questions=toy:train:6", "--config.sampling.max_new_tokens=8",
+                     "--config.sampling.num_leaves=2", "--config.sampling.tau=0.5"]) == 0
+    assert cli.main(["label", *common]) == 0
+    monkeypatch.setattr(Trainer, "train", lambda self, data: {"preempted": 1.0, "step": 3})
+    assert EXIT_PREEMPTED == 75
+    assert cli.main(["train", *common, "--config.steps=6", "--config.rows=8", "--config.seq_len=64"]) == 75
+    assert "preempted: stopped by SIGTERM at step" in capsys.readouterr().err
+    assert not (w / "prm" / "hf").exists() and not (w / "prm" / "train_summary.json").exists()
+    ran = []
+    real_load = registry.load
+    monkeypatch.setattr(registry, "load", lambda name: ran.append(name) or real_load(name))
+    rc = cli.main(["pipeline", f"--workdir={w}", f"--config.policy={policy}", "--config.stages=train,eval_bon",
+                   "--config.train.steps=6", "--config.train.rows=8", "--config.train.seq_len=64"])
+    assert rc == 75 and ran == ["train"]  # eval_bon never started

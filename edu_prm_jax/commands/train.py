@@ -16,6 +16,7 @@ from edu_prm_jax.io.atomic import write_json_atomic
 from edu_prm_jax.io.shards import check_fingerprint
 from edu_prm_jax.models.checkpoints import tokenizer_files
 from edu_prm_jax.models.prm import save_prm
+from edu_prm_jax.training.loop import PreemptedError
 from edu_prm_jax.training.prm_train import PackedStream, load_label_records, make_eval_fn, split_records, to_examples
 
 DESCRIPTION = "Train a PRM (policy backbone + reward head) on MC-labelled steps; Orbax checkpoints, resume."
@@ -55,9 +56,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         metrics = trainer.train(stream)
     finally:
         trainer.close()
-    if metrics.get("preempted"):
-        logging.warning("stopped by SIGTERM at step %d; rerun with the same workdir to resume", trainer.step)
-        return
+    if metrics.get("preempted"):  # stops a pipeline too: no later stage may read a half-trained PRM
+        raise PreemptedError(f"stopped by SIGTERM at step {trainer.step} of {config.steps}, checkpoint saved; "
+                             "rerun with the same --workdir to resume")
     # the run's own export (replaced on rerun); scoring needs the policy's tokenizer beside it
     save_prm(trainer.model, export_dir, overwrite=True, copy_files=tokenizer_files(tokenizer_source(config)))
     summary = {"train_solutions": len(train_ex), "eval_solutions": len(eval_ex), "dropped_too_long": dropped,

@@ -76,6 +76,14 @@ def restore_model(checkpointer: Checkpointer, step: int, abstract_model: nnx.Mod
     return nnx.merge(graphdef, restored["model"])
 
 
+class PreemptedError(Exception):
+    """Training stopped on SIGTERM after saving a checkpoint; rerunning with the same workdir resumes. The CLI
+    exits with `EXIT_PREEMPTED` so a scheduler does not read the run as finished."""
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, try again
+
+
 class NonFiniteError(FloatingPointError):
     """A training step produced a non-finite loss or gradient; the message names the step."""
 
