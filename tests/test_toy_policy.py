@@ -156,8 +156,9 @@ def test_build_is_bit_for_bit_reproducible(tmp_path):
 
 
 def test_build_toy_refuses_a_misread_rate_outside_0_1(tmp_path, capsys):
+    """Refused when the config is loaded (configs/ranges.py), before anything is trained or written."""
     from edu_prm_jax import cli
 
     rc = cli.main(["build-toy", f"--workdir={tmp_path}", "--config.misread_rate=1.5"])
-    assert rc == 1 and "config.misread_rate=1.5" in capsys.readouterr().err
+    assert rc == 2 and "config.misread_rate=1.5" in capsys.readouterr().err
     assert not (tmp_path / "toy_policy").exists()
