@@ -71,6 +71,9 @@ def load_config_module(path: pathlib.Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+    except SyntaxError as e:  # file:line: message, not an importlib traceback
+        raise ConfigFileError(f"{e.filename or path}:{e.lineno}: {e.msg}"
+                              + (f"\n    {e.text.rstrip()}" if e.text else "")) from None
     except ImportError as e:  # e.g. `from configs import common`, the layout before configs moved
         if e.name == SHIPPED_PREFIX or (e.name or "").startswith(SHIPPED_PREFIX + "."):
             raise ConfigFileError(f"{path}: {e}; the shipped configs are the package edu_prm_jax.configs "

@@ -65,3 +65,22 @@ def test_eval_bon_refuses_questions_without_gold():
     with pytest.raises(ValueError, match=r"2 of 3 questions have no gold answer \(b, c\)"):
         require_gold([{"id": "a", "answer": "1"}, {"id": "b", "answer": None}, {"id": "c"}], "q.jsonl")
     require_gold([{"id": "a", "answer": "1"}], "q.jsonl")
+
+
+def test_a_question_longer_than_the_context_is_refused_or_skipped(tmp_path, capsys):
+    """The toy policy's context is 256 tokens: a 600-token question is refused naming its id and both lengths,
+    or, with too_long=skip, left out with a counted warning while the others are sampled."""
+    long_problem = "Start with 3. " + "Add 1. " * 200 + "What is the result?"
+    questions = write_lines(tmp_path / "q.jsonl", [
+        {"id": "short", "problem": "Start with 3. Add 4. What is the result?", "answer": "7"},
+        {"id": "long", "problem": long_problem, "answer": "203"}])
+    argv = ["sample", f"--workdir={tmp_path / 'w'}", f"--config.questions={questions}",
+            "--config.sampling.num_leaves=2", "--config.sampling.max_new_tokens=8"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "question 'long': its prompt is" in err and "context of 256 tokens" in err
+    assert not (tmp_path / "w" / "samples_edu").exists()  # refused before anything was written
+    assert cli.main([*argv, "--config.too_long=skip"]) == 0
+    trees = [json.loads(line) for p in sorted((tmp_path / "w" / "samples_edu").glob("trees-*.jsonl"))
+             for line in p.read_text().splitlines()]
+    assert [t["id"] for t in trees] == ["short"]

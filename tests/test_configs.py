@@ -243,3 +243,13 @@ def test_a_finished_stage_with_other_settings_stops_the_pipeline(tmp_path):
     config.train.learning_rate = 1e-4
     with pytest.raises(ValueError, match=r"learning_rate: 0\.0003 -> 0\.0001, steps: 400 -> 800"):
         pipeline.check_unchanged("train", pipeline.stage_config(config, "train"), tmp_path / "train_config.json")
+
+
+def test_a_config_file_with_a_syntax_error_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import ml_collections\n\ndef get_config():\n    c = ml_collections.ConfigDict()\n"
+                   "    c.steps = (3\n    return c\n")
+    rc = cli.main(["train", f"--config={bad}", f"--workdir={tmp_path / 'w'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{bad}:5:" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3

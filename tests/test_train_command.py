@@ -33,10 +33,14 @@ def test_train_command_exports_a_loadable_prm(tmp_path):
     prm = load_prm(w / "prm" / "hf")
     assert prm.head_spec.name == "scalar"
     # a rerun finds the finished checkpoint and does not train again: no checkpoint is written or rewritten
+    # (nor its summary or export: a finished run is left as it is, training metrics included)
     checkpoints = {p.name: p.stat().st_mtime_ns for p in (w / "prm" / "checkpoints").iterdir()}
+    kept = {p: p.read_bytes() for p in [w / "prm" / "train_summary.json", w / "prm" / "hf" / "model.safetensors"]}
     assert cli.main(["train", *common, "--config.steps=6", "--config.rows=8", "--config.seq_len=64",
                      "--config.eval_fraction=0.3"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (w / "prm" / "checkpoints").iterdir()} == checkpoints
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    assert "loss" in json.loads((w / "prm" / "train_summary.json").read_text())
     # export the latest checkpoint: identical to the PRM the training run exported
     assert cli.main(["export", f"--workdir={w}", "--config.which=latest"]) == 0
     again = load_prm(w / "prm" / "hf_latest")

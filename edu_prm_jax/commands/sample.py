@@ -24,5 +24,6 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     sample_to_shards(sampler, questions, out, config.num_shards, desc=f"sample[{config.sampling.mode}]",
                      fingerprint={"policy": str(resolve_policy(config.policy).resolve()), "dtype": config.dtype,
                                   "stop_strings": config.sampling.stop_strings,
-                                  "symbols": [config.sampling.extra_symbols, config.sampling.disable_symbols]})
+                                  "symbols": [config.sampling.extra_symbols, config.sampling.disable_symbols]},
+                     too_long=config.too_long)
     logging.info("wrote %s", out)

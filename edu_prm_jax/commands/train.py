@@ -39,6 +39,12 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                                   "eval_fraction")},
         **{k: config[k] for k, default in (("supervise", "step_end"), ("expand_layers", 0), ("trainable", "all"))
            if config[k] != default}})  # runs written before these options existed still resume
+    summary_path = workdir / "prm" / "train_summary.json"
+    if summary_path.is_file() and (export_dir / "config.json").is_file():
+        done = json.loads(summary_path.read_text())
+        if done.get("step", 0) >= config.steps:  # finished: redoing eval and export would only lose its metrics
+            logging.info("train: finished earlier at step %d (%s); nothing to do", done["step"], summary_path)
+            return
     train_records, held = split_records(records, config.eval_fraction)
     prm = build_prm(config, mesh, rules)
     train_ex = to_examples(train_records, prm, config.seq_len, config.supervise)

@@ -23,6 +23,7 @@ def get_config(mode: str | None = None) -> ml_collections.ConfigDict:
     config.sampling = common.sampling_config(mode or "edu")  # Sampler settings.
     config.output = ""  # Output dir for the shards; empty = <workdir>/samples_<mode>.
     config.num_shards = 4  # Output shards (a rerun skips finished ones).
+    config.too_long = "error"  # Prompt + max_new_tokens beyond the policy's context: error (naming it) or skip.
     config.batch_questions = 8  # Questions decoded together (padded to a multiple of the data axis).
     config.prompt_bucket = 32  # Prompt lengths are padded to a multiple of this (one compile per bucket).
     config.dtype = "float32"  # Compute dtype of the policy.

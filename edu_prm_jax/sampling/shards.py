@@ -35,10 +35,45 @@ def questions_digest(questions: list[dict]) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
+TOO_LONG = ("error", "skip")
+
+
+def fit_to_context(questions: list[dict], tokenizer: Any, context: int, max_new_tokens: int,
+                   too_long: str = "error") -> list[dict]:
+    """The questions whose chat prompt plus `max_new_tokens` fits the policy's `context` (its
+    max_position_embeddings): positions beyond it were never trained, so what the policy writes there is noise.
+    `too_long="error"` raises ValueError naming the first question that does not fit and both lengths; "skip"
+    drops such questions with one counted warning. Checked before anything is sampled."""
+    if too_long not in TOO_LONG:
+        raise ValueError(f"too_long={too_long!r}: expected one of {TOO_LONG}")
+    kept, dropped = [], []
+    for q in questions:
+        n = len(tokenizer.encode(tokenizer.apply_chat_template(q["problem"])))
+        if n + max_new_tokens <= context:
+            kept.append(q)
+            continue
+        if too_long == "error":
+            raise ValueError(f"question {q['id']!r}: its prompt is {n} tokens, which with max_new_tokens="
+                             f"{max_new_tokens} exceeds the policy's context of {context} tokens; shorten it, lower "
+                             "max_new_tokens, or pass --config.too_long=skip")
+        dropped.append(str(q["id"]))
+    if dropped:
+        logging.warning("skipped %d of %d questions longer than the policy's context (%d tokens with "
+                        "max_new_tokens=%d): %s%s", len(dropped), len(questions), context, max_new_tokens,
+                        ", ".join(dropped[:5]), " ..." if len(dropped) > 5 else "")
+    return kept
+
+
 def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.Path, num_shards: int,
-                     desc: str = "sample", fingerprint: dict[str, Any] | None = None) -> pathlib.Path:
+                     desc: str = "sample", fingerprint: dict[str, Any] | None = None,
+                     too_long: str = "error") -> pathlib.Path:
     """Sample every question and write `trees-*` shards; finished shards from an earlier run are kept (only
-    when `fingerprint` — the settings that make the shards — matches the one recorded in out_dir)."""
+    when `fingerprint` — the settings that make the shards — matches the one recorded in out_dir). Questions
+    that do not fit the policy's context are refused or skipped first (`fit_to_context`)."""
+    questions = fit_to_context(questions, sampler.tokenizer, sampler.model.cfg.max_position_embeddings,
+                               sampler.params.max_new_tokens, too_long)
+    if not questions:
+        raise ValueError("no question fits the policy's context")
     num_shards = max(1, min(num_shards, len(questions)))
     check_fingerprint(out_dir, {"params": dataclasses.asdict(sampler.params), "num_shards": num_shards,
                                 "questions": questions_digest(questions), **(fingerprint or {})})
