@@ -207,10 +207,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (a message is enough); anything else keeps its traceback."""
     from edu_prm_jax.models.config import ConfigError
     from edu_prm_jax.models.safetensors_io import CheckpointError
+    from edu_prm_jax.training.checkpointing import DamagedCheckpointError
 
     # FloatingPointError: training stopped at a non-finite loss/gradient (training.loop.NonFiniteError)
     return (config_utils.ConfigFileError, ConfigError, CheckpointError, FileNotFoundError, ValueError,
-            FloatingPointError)
+            FloatingPointError, DamagedCheckpointError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

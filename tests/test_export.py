@@ -105,3 +105,24 @@ def test_abstract_prm_matches_build_prm(trained, source):
         return {path_str(path): (tuple(v.shape), str(v.dtype)) for path, v in leaves}
 
     assert layout(shapes) == layout(built)
+
+
+def test_export_skips_a_damaged_latest_checkpoint(trained, tmp_path, caplog):
+    """The latest checkpoint with its data files removed: export warns naming step 2 and writes step 1, bitwise;
+    the damaged checkpoint is left untouched (export only reads)."""
+    import shutil
+
+    workdir, _ = trained
+    copy = tmp_path / "w"
+    shutil.copytree(workdir, copy)
+    step1 = _checkpoint_params(copy, 1)
+    data = [p for p in (copy / "prm" / "checkpoints" / "2" / "state").rglob("*") if p.is_file() and
+            "d" in p.parent.name]
+    for p in data:
+        p.unlink()
+    with caplog.at_level("WARNING"):
+        assert cli.main(["export", f"--workdir={copy}", "--config.which=latest"]) == 0
+    assert "checkpoint step 2" in caplog.text and "exported step 1 instead" in caplog.text
+    got = _exported_params(copy / "prm" / "hf_latest")
+    assert all(np.array_equal(got[name], step1[name]) for name in step1)
+    assert (copy / "prm" / "checkpoints" / "2").is_dir()

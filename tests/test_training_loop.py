@@ -242,3 +242,33 @@ def test_a_non_finite_step_stops_training_before_anything_is_saved(tmp_path):
     with pytest.raises(CheckpointError, match="not finite; refusing to export"):
         save_hf_model(trainer.model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+    """One data file of the newest checkpoint removed (a crash or full disk mid-copy): the run resumes from the
+    previous intact checkpoint, warns naming the damaged step, keeps it aside (renamed, not deleted), and ends
+    bitwise equal to an uninterrupted run."""
+    rows = _rows(24)
+    optim = OptimConfig(learning_rate=5e-3, warmup_steps=1, total_steps=6)
+
+    def run(workdir, steps, loader_rows):
+        tcfg = TrainConfig(steps=steps, log_every=2, checkpoint_every=2, **QUIET)
+        trainer = Trainer(Qwen2(CFG, nnx.Rngs(0)), lm_loss, optim, tcfg, workdir, mesh=_single_mesh())
+        trainer.train(PackedRowLoader(loader_rows, 2, seed=0))
+        return trainer
+
+    full = run(tmp_path / "full", 6, rows).params()
+    part = run(tmp_path / "part", 4, rows)
+    part.close()
+    ckpt = tmp_path / "part" / "checkpoints"
+    data_files = [p for p in (ckpt / "4" / "state").rglob("*") if p.is_file() and "d" in p.parent.name]
+    assert data_files
+    for p in data_files:
+        p.unlink()
+    with caplog.at_level("WARNING"):
+        resumed = run(tmp_path / "part", 6, rows)
+    assert "checkpoint step 4" in caplog.text and "cannot be read" in caplog.text
+    assert [p.name.split(".")[0] for p in ckpt.iterdir() if ".damaged-" in p.name] == ["4"]  # kept aside
+    got = resumed.params()
+    for k in full:
+        np.testing.assert_array_equal(got[k], full[k], err_msg=k)

@@ -34,12 +34,18 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     check_destination(out, overwrite=config.overwrite, field="output")  # before any model is built
     checkpoints = prm_checkpoints(workdir)
     try:
-        step = checkpoints.best_step() if config.which == "best" else checkpoints.latest_step()
-        if step is None:
+        wanted = checkpoints.best_step() if config.which == "best" else checkpoints.latest_step()
+        if wanted is None:
             raise FileNotFoundError(f"{checkpoints.directory}: no {config.which} checkpoint")
         mesh = parallel.make_mesh(train_cfg.mesh.data, train_cfg.mesh.fsdp, train_cfg.mesh.tensor)
         rules = parallel.rules_from_config(train_cfg.mesh.get("rules"))  # runs saved before rules: the defaults
-        prm = restore_model(checkpoints, step, abstract_prm(train_cfg), mesh, rules)
+        abstract = abstract_prm(train_cfg)
+        # the wanted step first, then the others newest first: a damaged one is skipped with a warning naming it
+        order = [wanted, *sorted((s for s in checkpoints.all_steps() if s != wanted), reverse=True)]
+        step, prm = checkpoints.first_intact(order, lambda s: restore_model(checkpoints, s, abstract, mesh, rules))
+        if step != wanted:
+            logging.warning("export: the %s checkpoint (step %d) is damaged; exported step %d instead",
+                            config.which, wanted, step)
     finally:
         checkpoints.close()
     save_prm(prm, out, dtype=config.dtype, overwrite=config.overwrite,

@@ -283,7 +283,3 @@ class Qwen2(nnx.Module):
         hidden, cache = self.backbone(tokens, positions, **kw)
         logits = self.logits(hidden)
         return (logits, cache) if kw.get("cache") is not None else logits
-
-
-def init_model(cfg: Qwen2Config, seed: int = 0) -> Qwen2:
-    return Qwen2(cfg, nnx.Rngs(seed))

@@ -11,13 +11,21 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from edu_prm_jax.io.atomic import write_text_atomic
+
+T = TypeVar("T")
+
+
+class DamagedCheckpointError(RuntimeError):
+    """No checkpoint of a run could be read; the message names every step tried and why it failed."""
 
 
 def _abstract(state: Any) -> Any:
@@ -105,6 +113,29 @@ class Checkpointer:
         restored = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
         return restored["state"]
+
+    def first_intact(self, steps: Sequence[int], restore: Callable[[int], T],
+                     set_aside: bool = False) -> tuple[int, T]:
+        """`(step, restore(step))` for the first of `steps` that reads back. A step that fails (a data file
+        missing or truncated: a crash, a full disk, a bad copy) is skipped with a warning naming it, so a run
+        resumes from, or exports, the newest intact checkpoint. With `set_aside` (a resuming run) each damaged
+        step directory is renamed to `<step>.damaged-<unix time>` (kept, never deleted), so later saves can reuse
+        the step number. Raises DamagedCheckpointError when none of `steps` reads."""
+        failures = []
+        for step in steps:
+            try:
+                return step, restore(step)
+            except Exception as e:  # noqa: BLE001 - any read failure means "this step is damaged", reported below
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                failures.append(f"step {step} ({reason})")
+                logging.warning("checkpoint step %d in %s cannot be read (%s); trying the previous one", step,
+                                self.directory, reason)
+                if set_aside:
+                    damaged = self.directory / str(step)
+                    if damaged.is_dir():
+                        damaged.rename(damaged.with_name(f"{step}.damaged-{int(time.time())}"))
+                    self._mgr.reload()
+        raise DamagedCheckpointError(f"{self.directory}: no checkpoint could be read: {'; '.join(failures)}")
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()

@@ -209,13 +209,15 @@ class Trainer:
 
     def maybe_restore(self, data: Any) -> bool:
         """Resume from the latest checkpoint in workdir, if any; returns whether it did."""
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+        steps = sorted(self.checkpointer.all_steps(), reverse=True)
+        if not steps:
             return False
-        self.state, data_state, _ = self.checkpointer.restore(latest, self.state)
+        like = self.state
+        step, (self.state, data_state, _) = self.checkpointer.first_intact(
+            steps, lambda s: self.checkpointer.restore(s, like), set_aside=jax.process_index() == 0)
         if hasattr(data, "set_state"):
             data.set_state(data_state)
-        self.step = latest
+        self.step = step
         return True
 
     def _stop_everywhere(self, check: bool) -> bool:
