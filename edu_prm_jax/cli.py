@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import errno
 import importlib
 import importlib.util
 import logging as std_logging
@@ -238,6 +239,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as e:
         logging.debug("traceback", exc_info=True)
         print(f"{PROG} {name}: error: {e} (--log_level=debug shows the traceback)", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f" writing {e.filename}" if e.filename and str(e.filename) not in str(e) else ""
+        print(f"{PROG} {name}: error: disk full: {e}{where}; free space and rerun (finished work is kept)",
+              file=sys.stderr)
         return 1
 
 

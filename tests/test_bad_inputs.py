@@ -84,3 +84,62 @@ def test_a_question_longer_than_the_context_is_refused_or_skipped(tmp_path, caps
     trees = [json.loads(line) for p in sorted((tmp_path / "w" / "samples_edu").glob("trees-*.jsonl"))
              for line in p.read_text().splitlines()]
     assert [t["id"] for t in trees] == ["short"]
+
+
+def test_disk_full_while_writing_a_shard_is_one_line_and_leaves_nothing_partial(tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of a tree shard (simulated after 100 bytes of a shard): exit 1 with one line naming the shard,
+    no temp file left; after space is freed the rerun writes every shard."""
+    import errno
+
+    from edu_prm_jax.io import atomic
+
+    questions = write_lines(tmp_path / "q.jsonl", [{"id": str(i), "problem": f"Start with {i}. Add 4. What is the "
+                                                    "result?", "answer": str(i + 4)} for i in range(3)])
+    argv = ["sample", f"--workdir={tmp_path / 'w'}", f"--config.questions={questions}", "--config.num_shards=3",
+            "--config.sampling.num_leaves=2", "--config.sampling.max_new_tokens=8"]
+    real_fdopen = atomic.os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, data):
+            self.n += len(data)
+            if self.n > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    real_mkstemp, names = atomic.tempfile.mkstemp, {}
+
+    def mkstemp(*a, **k):
+        fd, name = real_mkstemp(*a, **k)
+        names[fd] = name
+        return fd, name
+
+    def fdopen(fd, *a, **k):
+        f = real_fdopen(fd, *a, **k)
+        return FullDisk(f) if ".trees-" in names.get(fd, "") else f  # only tree shards hit the full disk
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(atomic.os, "fdopen", fdopen)
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err and "disk full: no space left on device writing" in err
+    assert "trees-00000-of-00003.jsonl" in err
+    out = tmp_path / "w" / "samples_edu"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left behind
+    assert not list(out.glob("trees-*.jsonl"))
+    monkeypatch.setattr(atomic.os, "fdopen", real_fdopen)
+    assert cli.main(argv) == 0
+    assert len(list(out.glob("trees-*.jsonl"))) == 3

@@ -8,6 +8,7 @@ rename and hide exports from other users).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
@@ -45,11 +46,28 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = Fa
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise DiskFullError(path, written) from None
         raise
     return path
+
+
+class DiskFullError(OSError):
+    """No space left while writing `path`; the partial temp file was removed, so a rerun finds nothing to
+    trust. `written` is how many bytes had been written when the disk filled (a lower bound on the need)."""
+
+    def __init__(self, path: PathLike, written: int):
+        super().__init__(errno.ENOSPC, f"no space left on device writing {path} (the disk filled after "
+                                       f"{written:,} bytes of it; at least that much more must be free); "
+                                       "nothing partial was left", str(path))
+        self.path, self.written = path, written
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def write_text_atomic(path: PathLike, text: str) -> pathlib.Path:
