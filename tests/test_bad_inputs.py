@@ -87,8 +87,8 @@ def test_a_question_longer_than_the_context_is_refused_or_skipped(tmp_path, caps
 
 
 def test_disk_full_while_writing_a_shard_is_one_line_and_leaves_nothing_partial(tmp_path, capsys, monkeypatch):
-    """ENOSPC in the middle of a tree shard (simulated after 100 bytes of a shard): exit 1 with one line naming the shard,
-    no temp file left; after space is freed the rerun writes every shard."""
+    """ENOSPC in the middle of a tree shard (simulated after 100 bytes of it): exit 1 with one line naming the
+    shard, no temp file left; after space is freed the rerun writes every shard."""
     import errno
 
     from edu_prm_jax.io import atomic
