@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edu_prm_jax import cli
 from edu_prm_jax.commands.eval_bon import require_gold
@@ -143,3 +145,21 @@ def test_disk_full_while_writing_a_shard_is_one_line_and_leaves_nothing_partial(
     monkeypatch.setattr(atomic.os, "fdopen", real_fdopen)
     assert cli.main(argv) == 0
     assert len(list(out.glob("trees-*.jsonl"))) == 3
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=300),
+                 st.builds(lambda t: t.encode()[: len(t) // 2], st.just(json.dumps({"id": "a", "problem": "1+1"}))),
+                 st.builds(lambda v: json.dumps({"id": v, "problem": "x"}).encode(),
+                           st.one_of(st.booleans(), st.lists(st.integers(), max_size=3), st.none())),
+                 st.builds(lambda v: json.dumps({"id": "a", "problem": v}).encode(),
+                           st.one_of(st.integers(), st.lists(st.text(max_size=3), max_size=3)))))
+def test_malformed_question_lines_end_in_a_data_error_naming_file_and_line(tmp_path, line):
+    """Whatever the second line holds (random bytes, a truncated record, wrong types), reading the questions
+    either succeeds or raises DataError naming the file and line 2, never another exception."""
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(json.dumps({"id": "first", "problem": "Start with 1. Add 1."}).encode() + b"\n" + line + b"\n")
+    try:
+        list(read_questions(path))
+    except DataError as e:
+        assert str(path) in str(e) and (":2" in str(e) or ":1" in str(e)), str(e)

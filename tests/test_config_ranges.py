@@ -64,3 +64,11 @@ def test_hand_worked_ranges():
     assert Range(1, also=(-1,)).contains(-1) and not Range(1, also=(-1,)).contains(0)
     assert not Range().contains(math.nan) and not Range().contains(math.inf)
     assert Range(0, 1, high_open=True).describe() == ">= 0 and < 1"
+
+
+@pytest.mark.parametrize("name,dotted,value", FIELDS[::7], ids=[f"{n}:{d}" for n, d, _ in FIELDS[::7]])
+def test_a_value_of_the_wrong_type_is_refused_naming_the_field(name, dotted, value, tmp_path, capsys):
+    rc = cli.main([name, f"--workdir={tmp_path}", f"--config.{dotted}=abc"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"config.{dotted}" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())

@@ -113,7 +113,7 @@ def read_generic_jsonl(path: PathLike, source: str | None = None) -> Iterator[di
 
 # -------------------------------------------------------------------------------- step-labelled sources
 def _load_json_document(path: PathLike) -> Any:
-    text = pathlib.Path(path).read_text(encoding="utf-8-sig")  # a leading BOM is an encoding mark, not content
+    text = _read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -142,7 +142,7 @@ def read_processbench(path: PathLike) -> Iterator[dict]:
 
 def iter_concatenated_json(path: PathLike) -> Iterator[tuple[int, Any]]:
     """Yield (1-based start line, object) for a file of one or more concatenated JSON values."""
-    text = pathlib.Path(path).read_text(encoding="utf-8-sig")  # a leading BOM is an encoding mark, not content
+    text = _read_text(path)
     decoder = json.JSONDecoder()
     pos = 0
     while True:
@@ -302,12 +302,22 @@ READERS: dict[str, Callable[[PathLike], Iterator[dict]]] = {
 QUESTION_FORMATS = ("math", "gsm8k", "generic")
 
 
+def _read_text(path: PathLike) -> str:
+    """The whole file as text; a leading BOM is dropped (an encoding mark, not content) and bytes that are not
+    UTF-8 are a DataError naming their line."""
+    raw = pathlib.Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"not UTF-8 (byte {e.start + 1} of the file)", path=path, line=line) from None
+
+
 def _first_value(path: PathLike) -> Any:
     """The first JSON value of the file (first line for JSONL, else the first whole document)."""
-    with open(path, encoding="utf-8-sig") as f:  # a leading BOM is an encoding mark, not content
-        head = f.read(1)
-        while head and head.isspace():
-            head = f.read(1)
+    text = _read_text(path)
+    stripped = text.lstrip()
+    head = stripped[:1]
     if head == "[":
         data = _load_json_document(path)
         return data[0] if isinstance(data, list) and data else data
