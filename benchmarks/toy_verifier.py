@@ -23,11 +23,10 @@ import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from edu_prm_jax.data import toy  # noqa: E402
-
 from edu_prm_jax import cli  # noqa: E402
 from edu_prm_jax.io.shards import ShardedJsonlWriter  # noqa: E402
 from edu_prm_jax.tokenization import load_tokenizer  # noqa: E402
+from edu_prm_jax.toy import world as toy  # noqa: E402
 from edu_prm_jax.toy.defaults import resolve_policy, toy_config_of  # noqa: E402
 
 SLIPS = (-10, -2, -1, 1, 2, 10)

@@ -240,12 +240,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.debug("traceback", exc_info=True)
         print(f"{PROG} {name}: error: {e} (--log_level=debug shows the traceback)", file=sys.stderr)
         return 1
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        where = f" writing {e.filename}" if e.filename and str(e.filename) not in str(e) else ""
-        print(f"{PROG} {name}: error: disk full: {e}{where}; free space and rerun (finished work is kept)",
-              file=sys.stderr)
+    except OSError as e:  # the file system said no: one line naming the path, not a traceback
+        logging.debug("traceback", exc_info=True)
+        where = f" ({e.filename})" if e.filename and str(e.filename) not in str(e) else ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"{PROG} {name}: error: disk full: {e}{where}; free space and rerun (finished work is kept)",
+                  file=sys.stderr)
+        else:
+            print(f"{PROG} {name}: error: {e}{where} (--log_level=debug shows the traceback)", file=sys.stderr)
         return 1
 
 

@@ -86,6 +86,13 @@ def test_a_question_longer_than_the_context_is_refused_or_skipped(tmp_path, caps
     trees = [json.loads(line) for p in sorted((tmp_path / "w" / "samples_edu").glob("trees-*.jsonl"))
              for line in p.read_text().splitlines()]
     assert [t["id"] for t in trees] == ["short"]
+    # skipping keeps every other question's position (its record index and sampling key)
+    write_lines(questions, [{"id": "long", "problem": long_problem, "answer": "203"},
+                            {"id": "short", "problem": "Start with 3. Add 4. What is the result?", "answer": "7"}])
+    assert cli.main([*argv[:1], f"--workdir={tmp_path / 'w2'}", *argv[2:], "--config.too_long=skip"]) == 0
+    (tree,) = [json.loads(line) for p in sorted((tmp_path / "w2" / "samples_edu").glob("trees-*.jsonl"))
+               for line in p.read_text().splitlines()]
+    assert tree["id"] == "short" and tree["index"] == 1
 
 
 def test_disk_full_while_writing_a_shard_is_one_line_and_leaves_nothing_partial(tmp_path, capsys, monkeypatch):

@@ -149,3 +149,16 @@ def test_export_refuses_before_building_anything(tmp_path, user_dir, capsys):
     assert "not a directory" in capsys.readouterr().err
     assert not staging_path(tmp_path / "afile").exists()
 
+
+
+def test_a_model_directory_written_by_another_tool_is_never_replaced(tmp_path):
+    """A `save_pretrained`-style directory holds only standard HF names, but nothing only this tool writes."""
+    other = tmp_path / "hf_model"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    (other / "model.safetensors").write_bytes(b"weights")
+    (other / "tokenizer.json").write_text("{}")
+    before = tree(other)
+    with pytest.raises(DestinationError, match="not written by edu_prm_jax"):
+        save_prm(tiny_prm(), other, overwrite=True)
+    assert tree(other) == before

@@ -75,7 +75,8 @@ def test_sharded_forward_matches_single_device(ckpt_dir, batch, single_device_lo
     tokens = jax.device_put(jnp.asarray(batch[0]), parallel.batch_sharding(mesh, 2))
     seg = jax.device_put(jnp.asarray(batch[1]), parallel.batch_sharding(mesh, 2))
     assert len(tokens.addressable_shards) == 8
-    assert tokens.addressable_shards[0].data.shape[0] == BATCH // parallel.batch_divisor(mesh)
+    # batch rows split over data x fsdp (the default rules), counted from the mesh shape, not by the code under test
+    assert tokens.addressable_shards[0].data.shape[0] == BATCH // (mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1))
     logits = jitted_forward(model)(tokens, seg)
     assert logits.shape == (BATCH, SEQ, VOCAB)
     assert len(logits.sharding.device_set) == 8

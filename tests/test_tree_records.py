@@ -80,7 +80,7 @@ def test_tree_and_step_shards_are_byte_identical_to_the_previous_dicts(tmp_path,
     read_new = next(read_tree_shards(tmp_path / "new"))
     leaves = [Leaf.from_json(d) for d in read_old["leaves"]]
     paths = label_paths(leaves, [True, False, False])
-    rollout_params = {"mode": "ht", "num_slots": 2, "temperature": 0.7}
+    rollout_params = {"mode": "ht", "num_leaves": 2, "temperature": 0.7}
     old_steps, new_steps = [], []
     for leaf, path, params in zip(leaves, paths, [None, rollout_params, None]):
         for target in ("edu", "hard"):

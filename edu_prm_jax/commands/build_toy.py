@@ -16,8 +16,6 @@ DESCRIPTION = "Re-create the embedded toy policy and tokenizer from a seed (bit 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     out = pathlib.Path(config.output) if config.output else workdir / "toy_policy"
-    if not 0.0 <= config.misread_rate <= 1.0:
-        raise ValueError(f"config.misread_rate={config.misread_rate}: expected a probability in [0, 1]")
     cfg = dataclasses.replace(ToyPolicyConfig(), misread_rate=float(config.misread_rate))
     report = build_toy_policy(out, config.seed, config.steps, cfg=cfg, workdir=workdir / "toy_policy_work",
                               overwrite=config.overwrite)

@@ -19,6 +19,7 @@ from edu_prm_jax.models.checkpoints import tokenizer_files
 from edu_prm_jax.models.prm import save_prm
 from edu_prm_jax.training.loop import restore_model
 
+WHICH = ("latest", "best")
 DESCRIPTION = "Export a trained PRM (latest or best checkpoint) to Hugging Face format."
 
 
@@ -26,6 +27,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     from edu_prm_jax.commands.common.builders import abstract_prm, prm_checkpoints
     from edu_prm_jax.commands.common.paths import tokenizer_source
 
+    if config.which not in WHICH:
+        raise ValueError(f"config.which={config.which!r}: expected one of {list(WHICH)}")
     saved = workdir / "train_config.json"
     if not saved.is_file():
         raise FileNotFoundError(f"{saved}: not found; export reads the config of an `edu-prm train` run")
@@ -37,8 +40,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         wanted = checkpoints.best_step() if config.which == "best" else checkpoints.latest_step()
         if wanted is None:
             raise FileNotFoundError(f"{checkpoints.directory}: no {config.which} checkpoint")
-        mesh = parallel.make_mesh(train_cfg.mesh.data, train_cfg.mesh.fsdp, train_cfg.mesh.tensor)
-        rules = parallel.rules_from_config(train_cfg.mesh.get("rules"))  # runs saved before rules: the defaults
+        # onto this process's devices (export's own mesh), not the training slice's: a run trained with fsdp=16
+        # exports on a smaller host; the logical-axis rules are export's own too
+        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        rules = parallel.rules_from_config(config.mesh.rules)
         abstract = abstract_prm(train_cfg)
         # the wanted step first, then the others newest first: a damaged one is skipped with a warning naming it
         order = [wanted, *sorted((s for s in checkpoints.all_steps() if s != wanted), reverse=True)]

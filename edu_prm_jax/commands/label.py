@@ -9,7 +9,7 @@ one stops the run with a DataError naming the file, line and field. Output under
   'soft'), `target`, `final_correct`, `provenance` (`method`, `source_shard`, `mode` and `sampler` params of the
   tree, `slot`, per step `values` (v before the target), `node_leaves`, `node_correct`, `node_rollouts`, and
   `rollout_params` when rollouts were sampled). `prompt_ids`/`step_ids`/`labels` are what
-  `training.prm_data.build_examples` reads.
+  `scoring.examples.build_example` reads.
 - `tfds/labels/1.0.0`: the same records for training as TFDS array_record, features: `id`, `question_id`
   (string), `prompt_ids`, `step_ids_flat` (int32[], the steps concatenated), `step_lengths` (int32[], tokens
   per step: split `step_ids_flat` with them), `labels` (float32[]), `label_kind` (string[]),
@@ -28,7 +28,6 @@ Questions without a gold answer cannot be labelled and are skipped (logged).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pathlib
 import shutil
@@ -46,7 +45,7 @@ from edu_prm_jax.grading import answers
 from edu_prm_jax.io import tfds as tfds_io
 from edu_prm_jax.io.atomic import write_json_atomic
 from edu_prm_jax.io.jsonl import count_records
-from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint
+from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint, content_digest
 from edu_prm_jax.labeling.mc import TARGETS, JudgedTree, PathLabels, apply_target, label_trees
 from edu_prm_jax.labeling.shepherd import label_shepherd
 from edu_prm_jax.records.steps import STEPS_PREFIX, TFDS_FEATURES, TFDS_NAME, Provenance, StepRecord, read_step_shards
@@ -158,7 +157,7 @@ def label_records(items: Sequence[tuple[TreeRecord, str]], config: ml_collection
 # ------------------------------------------------------------------------------------- stats, TFDS
 def label_stats(records: Iterator[dict]) -> dict[str, Any]:
     """Summary of labelled-step records (the paper reports 52% hard labels); for toy questions also how the MC
-    values compare with exact step correctness (labeling/toy_audit.py)."""
+    values compare with exact step correctness (toy/audit.py)."""
     steps = hard = value_hard = positive = solutions = correct = 0
     questions: set[str] = set()
     solved: set[str] = set()
@@ -225,9 +224,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         check_tree_modes(samples, config.allow_ht_trees)
     settings = {k: config[k] for k in ("target", "method", "extra_rollouts_min_leaves", "extra_rollouts_k",
                                        "shepherd_k")}
-    check_fingerprint(out, {"samples": str(samples.resolve()), "input_shards": [p.name for p in shards],
-                            "input_sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in shards],
-                            "num_shards": num_shards, **settings})
+    shaping = {"policy": str(resolve_policy(config.policy)), "tokenizer": config.tokenizer,
+               "sampling": config.sampling.to_dict()}  # the rollouts and the decoded step texts depend on these
+    check_fingerprint(out, {"samples": str(samples.resolve()), "input_shards": content_digest(shards),
+                            "num_shards": num_shards, **settings, **shaping})
     writer = ShardedJsonlWriter(out, STEPS_PREFIX, num_shards)
     bounds = [round(i * total / num_shards) for i in range(num_shards + 1)]
     pending = writer.pending()

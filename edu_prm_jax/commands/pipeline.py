@@ -22,7 +22,7 @@ from absl import logging
 
 from edu_prm_jax import config_utils
 from edu_prm_jax.commands import registry
-from edu_prm_jax.commands.common.paths import prm_dir
+from edu_prm_jax.commands.common.paths import train_finished
 from edu_prm_jax.configs.pipeline import SHARED
 from edu_prm_jax.io.atomic import write_text_atomic
 
@@ -171,8 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         if name in skipped:
             logging.warning("pipeline stage %s skipped: %s", name, skipped[name])
             continue
-        if name == "train" and (workdir / "prm" / "train_summary.json").is_file() and \
-                (prm_dir(workdir) / "config.json").is_file():
+        if name == "train" and train_finished(workdir) is not None:
             check_unchanged(name, sub, workdir / f"{name}_config.json")
             logging.info("train: finished earlier (%s), skipped", workdir / "prm" / "train_summary.json")
             continue

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pathlib
 
@@ -11,9 +10,9 @@ from absl import logging
 
 from edu_prm_jax import parallel
 from edu_prm_jax.commands.common.builders import build_prm, check_trainable, make_trainer
-from edu_prm_jax.commands.common.paths import prm_dir, tokenizer_source
+from edu_prm_jax.commands.common.paths import prm_dir, tokenizer_source, train_finished, train_started
 from edu_prm_jax.io.atomic import write_json_atomic
-from edu_prm_jax.io.shards import check_fingerprint
+from edu_prm_jax.io.shards import check_fingerprint, content_digest
 from edu_prm_jax.models.checkpoints import tokenizer_files
 from edu_prm_jax.models.prm import save_prm
 from edu_prm_jax.training.loop import PreemptedError
@@ -33,18 +32,17 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     # yet, a bad shard) leaves no fingerprint that would refuse the corrected run
     records = load_label_records(labels_dir)
     check_fingerprint(workdir / "prm", {  # a resumed run must train on the same data (by content) and model
-        "labels": str(labels_dir.resolve()),
-        "label_shards": [f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in label_files],
+        "labels": str(labels_dir.resolve()), "label_shards": content_digest(label_files),
         **{k: config[k] for k in ("policy", "init_prm", "head", "separator", "seq_len", "rows", "seed",
                                   "eval_fraction")},
-        **{k: config[k] for k, default in (("supervise", "step_end"), ("expand_layers", 0), ("trainable", "all"))
-           if config[k] != default}})  # runs written before these options existed still resume
-    summary_path = workdir / "prm" / "train_summary.json"
-    if summary_path.is_file() and (export_dir / "config.json").is_file():
-        done = json.loads(summary_path.read_text())
-        if done.get("step", 0) >= config.steps:  # finished: redoing eval and export would only lose its metrics
-            logging.info("train: finished earlier at step %d (%s); nothing to do", done["step"], summary_path)
-            return
+        **{k: config[k] for k, default in (("supervise", "step_end"), ("expand_layers", 0), ("trainable", "all"),
+                                           ("accum_steps", 1), ("clip_norm", 1.0))
+           if config[k] != default}},  # runs written before these options existed still resume
+        has_outputs=lambda: train_started(workdir))
+    if (done := train_finished(workdir)) is not None and done >= config.steps:
+        # finished: redoing eval and export would only lose its training metrics
+        logging.info("train: finished earlier at step %d (%s); nothing to do", done, workdir / "prm")
+        return
     train_records, held = split_records(records, config.eval_fraction)
     prm = build_prm(config, mesh, rules)
     train_ex = to_examples(train_records, prm, config.seq_len, config.supervise)

@@ -377,8 +377,12 @@ def _symbolic_equal(pred: str, gold: str, timeout_s: float) -> bool:
         _bump("timeouts")  # pebble killed the worker at the bound and starts a replacement
         logger.warning("answers_equal timed out after %.1fs: pred=%.80r gold=%.80r", timeout_s, pred, gold)
         return False
-    except (pebble.ProcessExpired, concurrent.futures.process.BrokenProcessPool) as e:
-        raise RuntimeError(f"math-verify worker exited ({e})") from e
+    except pebble.ProcessExpired as e:  # the worker died on this pair (OOM, a crash in the parser): judged like
+        _bump("timeouts")               # an overrun check, counted, and the pool starts a replacement worker
+        logger.warning("answers_equal: the checking worker died (%s): pred=%.80r gold=%.80r", e, pred, gold)
+        return False
+    except concurrent.futures.process.BrokenProcessPool as e:
+        raise RuntimeError(f"math-verify worker pool is broken ({e})") from e
     except BaseException:
         future.cancel()  # e.g. KeyboardInterrupt: pebble stops the worker still running the check
         raise

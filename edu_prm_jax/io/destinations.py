@@ -32,6 +32,9 @@ OWNED_NAMES = re.compile(
     r"|training_report\.json|" + re.escape(OWNER_MARKER) + r")$")
 
 
+OUR_CONFIG_KEY = "edu_prm_head"  # every PRM export of this tool writes it into config.json
+
+
 class DestinationError(ValueError):
     """A destination the tool refuses to write (the message names the config field and the path)."""
 
@@ -42,12 +45,22 @@ def staging_path(dst: PathLike) -> pathlib.Path:
 
 
 def is_tool_output(directory: PathLike) -> bool:
-    """True when `directory` carries the ownership marker, or holds only names this tool writes."""
+    """True when `directory` carries the ownership marker, or is an export made before the marker existed: only
+    names this tool writes, plus a file only this tool writes (`edu_prm_config.json` of an Orbax export,
+    `training_report.json` of a toy build, or a config.json with our PRM head key). A model directory written by
+    anything else (e.g. `save_pretrained`) has none of those and is never replaced."""
     directory = pathlib.Path(directory)
     if (directory / OWNER_MARKER).is_file():
         return True
     names = [p.name for p in directory.iterdir()]
-    return bool(names) and all(OWNED_NAMES.match(n) for n in names)
+    if not names or not all(OWNED_NAMES.match(n) for n in names):
+        return False
+    if (directory / "edu_prm_config.json").is_file() or (directory / "training_report.json").is_file():
+        return True
+    try:
+        return OUR_CONFIG_KEY in json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _overlaps(a: pathlib.Path, b: pathlib.Path) -> bool:

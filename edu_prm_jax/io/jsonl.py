@@ -67,8 +67,9 @@ def _type_names(types: tuple[type, ...]) -> str:
     return " | ".join("None" if t is type(None) else t.__name__ for t in types)
 
 
-def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
-    # bool is a subclass of int in Python; a JSON `true` where a count is expected is still a data error.
+def is_json_instance(value: Any, types: tuple[type, ...]) -> bool:
+    """isinstance with JSON's rules: a `true` is not a count (bool is an int in Python); an int is a fine float
+    (JSON writes 1.0 as 1)."""
     if isinstance(value, bool) and bool not in types:
         return False
     if isinstance(value, int) and not isinstance(value, bool) and float in types and int not in types:
@@ -83,13 +84,13 @@ def check_type(value: Any, field: str, types: TypeSpec, where: str = "") -> None
         if not isinstance(value, list):
             raise DataError(f"{prefix}expected {types!r}, got {type(value).__name__}", field=field)
         for i, element in enumerate(value):
-            if not _is_instance(element, types.types):
+            if not is_json_instance(element, types.types):
                 raise DataError(
                     f"{prefix}expected {types!r}, element {i} is {type(element).__name__}", field=field
                 )
         return
     tup = types if isinstance(types, tuple) else (types,)
-    if not _is_instance(value, tup):
+    if not is_json_instance(value, tup):
         raise DataError(f"{prefix}expected {_type_names(tup)}, got {type(value).__name__}", field=field)
 
 

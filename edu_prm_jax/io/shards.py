@@ -7,6 +7,7 @@ binds an output directory to the settings that made it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import re
@@ -157,19 +158,38 @@ def read_shards(
 FINGERPRINT = "fingerprint.json"
 
 
-def check_fingerprint(out_dir: PathLike, fingerprint: Mapping[str, Any]) -> None:
+def check_fingerprint(out_dir: PathLike, fingerprint: Mapping[str, Any],
+                      has_outputs: Callable[[], bool] | None = None) -> None:
     """Bind an output directory to the settings that produce it.
 
     The first run writes `fingerprint.json`; a rerun with different settings would otherwise skip "finished"
-    shards made under the old ones and mix results, so it is an error naming the fields that changed."""
+    shards made under the old ones and mix results, so it is an error naming the fields that changed. While the
+    directory holds no outputs yet (`has_outputs`, by default: any file besides the fingerprint and hidden temp
+    files), a different fingerprint is simply replaced: a run that failed before writing anything (a typo in a
+    path, a model that did not load) must not refuse the corrected one."""
     out_dir = pathlib.Path(out_dir)
     path = out_dir / FINGERPRINT
     wanted = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
     if path.is_file():
         found = json.loads(path.read_text())
-        if found != wanted:
+        if found == wanted:
+            return
+        outputs = has_outputs() if has_outputs is not None else any(
+            p.is_file() and p.name != FINGERPRINT and not p.name.startswith(".") for p in out_dir.rglob("*"))
+        if outputs:
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
             raise DataError(f"holds outputs made with other settings (changed: {changed}); use a fresh "
                             "directory or delete it to recompute", path=out_dir)
-        return
     write_json_atomic(path, wanted)
+
+
+def content_digest(paths: Iterable[PathLike]) -> list[str]:
+    """`name:sha256` of each file, read in 1 MiB blocks (fingerprints bind outputs to their inputs' content)."""
+    out = []
+    for p in map(pathlib.Path, paths):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out.append(f"{p.name}:{h.hexdigest()}")
+    return out

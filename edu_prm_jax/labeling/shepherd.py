@@ -2,7 +2,7 @@
 
 Why token spans: a step is a run of the solution's *generated* token ids that ends after a token whose decoded
 text contains "\\n". Re-tokenizing joined line texts would move step ends whenever a merge spans two lines (the
-PRM label shift `training/prm_data.py` warns about), so text is never re-encoded here.
+PRM label shift `scoring/examples.py` warns about), so text is never re-encoded here.
 
 Labels: for every step but the last, `k` HT completions are sampled from prompt + the leaf's ids up to the
 step's end; a completion is judged on ``decode(prefix) + completion`` against the tree's gold answer. v = share

@@ -100,11 +100,6 @@ class PRM(nnx.Module):
         """The head's registry entry (models/heads.py): its name, HF layout and step layout."""
         return get_head(self._head_name)
 
-    @property
-    def uses_separator(self) -> bool:
-        """`head_spec.inserts_separator`, under the name sampling.decode asks for."""
-        return self.head_spec.inserts_separator
-
     @classmethod
     def from_policy(
         cls,
@@ -192,7 +187,7 @@ def prm_loss(
     prm: PRM, batch: Mapping[str, jax.Array], pos_weight: float | jax.Array = 1.0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss on a packed batch {tokens, positions, segment_ids, step_end_mask, targets[, loss_mask]} (see
-    prm_data): BCE over `loss_mask` (every supervised token) when present, else over step ends."""
+    scoring.examples): BCE over `loss_mask` (every supervised token) when present, else over step ends."""
     logits = prm(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
     mask = batch["loss_mask"] if "loss_mask" in batch else batch["step_end_mask"]
     return masked_bce(logits, batch["targets"], mask, pos_weight)

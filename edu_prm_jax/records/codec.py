@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PlainValidator, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from edu_prm_jax.io.jsonl import DataError, PathLike, json_lines
+from edu_prm_jax.io.jsonl import DataError, PathLike, is_json_instance, json_lines
 from edu_prm_jax.io.shards import shard_paths
 
 TokenId = NonNegativeInt
@@ -28,21 +28,13 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _is_json_instance(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool):  # bool is an int in Python; a JSON true where a count is expected is an error
-        return bool in types
-    if isinstance(value, int) and float in types:
-        return True  # JSON writes 1.0 as 1: an int is a fine float
-    return isinstance(value, types)
-
-
 def one_of(*types: type) -> PlainValidator:
     """A validator for a field that may hold any of `types` (e.g. an id that is a str or an int), passed through
     unchanged so that what is written is exactly what was given."""
     expected = " | ".join("null" if t is type(None) else t.__name__ for t in types)
 
     def check(value: Any) -> Any:
-        if not _is_json_instance(value, types):
+        if not is_json_instance(value, types):
             raise PydanticCustomError("json_type", "expected {expected}, got {got}",
                                       {"expected": expected, "got": _type_name(value)})
         return value

@@ -459,7 +459,7 @@ def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarr
     """
     graphdef, state = nnx.split(model)
     p, knobs = split_params(p)
-    if prm is not None and getattr(prm, "uses_separator", False):
+    if prm is not None and prm.head_spec.inserts_separator:
         raise ValueError("P-EDU needs a scalar-head PRM (scores at a step's last token); this PRM reads an "
                          "inserted separator token")
     prm_graphdef, prm_state = nnx.split(prm) if prm is not None else (None, None)

@@ -39,18 +39,18 @@ TOO_LONG = ("error", "skip")
 
 
 def fit_to_context(questions: list[dict], tokenizer: Any, context: int, max_new_tokens: int,
-                   too_long: str = "error") -> list[dict]:
-    """The questions whose chat prompt plus `max_new_tokens` fits the policy's `context` (its
+                   too_long: str = "error") -> list[int]:
+    """The positions of the questions whose chat prompt plus `max_new_tokens` fits the policy's `context` (its
     max_position_embeddings): positions beyond it were never trained, so what the policy writes there is noise.
     `too_long="error"` raises ValueError naming the first question that does not fit and both lengths; "skip"
     drops such questions with one counted warning. Checked before anything is sampled."""
     if too_long not in TOO_LONG:
         raise ValueError(f"too_long={too_long!r}: expected one of {TOO_LONG}")
     kept, dropped = [], []
-    for q in questions:
+    for position, q in enumerate(questions):
         n = len(tokenizer.encode(tokenizer.apply_chat_template(q["problem"])))
         if n + max_new_tokens <= context:
-            kept.append(q)
+            kept.append(position)
             continue
         if too_long == "error":
             raise ValueError(f"question {q['id']!r}: its prompt is {n} tokens, which with max_new_tokens="
@@ -70,10 +70,13 @@ def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.P
     """Sample every question and write `trees-*` shards; finished shards from an earlier run are kept (only
     when `fingerprint` — the settings that make the shards — matches the one recorded in out_dir). Questions
     that do not fit the policy's context are refused or skipped first (`fit_to_context`)."""
-    questions = fit_to_context(questions, sampler.tokenizer, sampler.model.cfg.max_position_embeddings,
+    positions = fit_to_context(questions, sampler.tokenizer, sampler.model.cfg.max_position_embeddings,
                                sampler.params.max_new_tokens, too_long)
-    if not questions:
+    if not positions:
         raise ValueError("no question fits the policy's context")
+    # a skipped question leaves a gap: every other question keeps its position in the input, which is both its
+    # record `index` and its sampling key, so skipping one never changes another's tree
+    questions = [questions[i] for i in positions]
     num_shards = max(1, min(num_shards, len(questions)))
     check_fingerprint(out_dir, {"params": dataclasses.asdict(sampler.params), "num_shards": num_shards,
                                 "questions": questions_digest(questions), **(fingerprint or {})})
@@ -93,8 +96,9 @@ def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.P
             prompts = [tok.apply_chat_template(q["problem"]) for q in chunk]
             prompt_ids = [tok.encode(p) for p in prompts]
             records = []
-            for i, tree in enumerate(sampler.sample_trees(prompt_ids, list(range(lo, hi)))):
-                records.append(tree_record(chunk[i], lo + i, prompts[i], prompt_ids[i], sampler.params, tree))
+            for i, tree in enumerate(sampler.sample_trees(prompt_ids, positions[lo:hi])):
+                records.append(tree_record(chunk[i], positions[lo + i], prompts[i], prompt_ids[i], sampler.params,
+                                           tree))
                 n_tokens += records[-1].distinct_tokens
                 bar.update(1)
                 bar.set_postfix(tok_per_s=f"{n_tokens / max(time.time() - start, 1e-9):.0f}")

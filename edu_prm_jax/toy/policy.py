@@ -2,7 +2,7 @@
 
     python -m edu_prm_jax.toy.policy --out edu_prm_jax/assets/toy_policy --seed 0
 
-Everything is a function of the seed: problems (data/toy.py), tokenizer (single-threaded SentencePiece),
+Everything is a function of the seed: problems (toy/world.py), tokenizer (single-threaded SentencePiece),
 init (nnx.Rngs(seed)), batch order (PackedRowLoader) and the XLA CPU computation, so two builds on the same
 machine and device count give byte-identical safetensors.
 

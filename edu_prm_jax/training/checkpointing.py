@@ -118,24 +118,29 @@ class Checkpointer:
                      set_aside: bool = False) -> tuple[int, T]:
         """`(step, restore(step))` for the first of `steps` that reads back. A step that fails (a data file
         missing or truncated: a crash, a full disk, a bad copy) is skipped with a warning naming it, so a run
-        resumes from, or exports, the newest intact checkpoint. With `set_aside` (a resuming run) each damaged
-        step directory is renamed to `<step>.damaged-<unix time>` (kept, never deleted), so later saves can reuse
-        the step number. Raises DamagedCheckpointError when none of `steps` reads."""
-        failures = []
+        resumes from, or exports, the newest intact checkpoint. With `set_aside` (a resuming run), once an older
+        step has restored, each newer step that failed is renamed to `<step>.damaged-<unix time>` (kept, never
+        deleted) so later saves can reuse its number; when no step restores (e.g. the train state's structure
+        changed, which fails every step alike) nothing is renamed. Raises DamagedCheckpointError then."""
+        failures: list[tuple[int, str]] = []
         for step in steps:
             try:
-                return step, restore(step)
-            except Exception as e:  # noqa: BLE001 - any read failure means "this step is damaged", reported below
+                restored = restore(step)
+            except Exception as e:  # noqa: BLE001 - any read failure means "not usable", reported below
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                failures.append(f"step {step} ({reason})")
+                failures.append((step, reason))
                 logging.warning("checkpoint step %d in %s cannot be read (%s); trying the previous one", step,
                                 self.directory, reason)
-                if set_aside:
-                    damaged = self.directory / str(step)
+                continue
+            if set_aside and failures:
+                for bad, _ in failures:
+                    damaged = self.directory / str(bad)
                     if damaged.is_dir():
-                        damaged.rename(damaged.with_name(f"{step}.damaged-{int(time.time())}"))
-                    self._mgr.reload()
-        raise DamagedCheckpointError(f"{self.directory}: no checkpoint could be read: {'; '.join(failures)}")
+                        damaged.rename(damaged.with_name(f"{bad}.damaged-{int(time.time())}"))
+                self._mgr.reload()
+            return step, restored
+        listed = "; ".join(f"step {step} ({reason})" for step, reason in failures)
+        raise DamagedCheckpointError(f"{self.directory}: no checkpoint could be read: {listed}")
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()

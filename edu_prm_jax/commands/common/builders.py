@@ -77,8 +77,6 @@ def check_trainable(config: ml_collections.ConfigDict) -> None:
     """Reject inconsistent `trainable` / `expand_layers` / `init_prm` settings before anything is written."""
     if config.trainable not in TRAINABLE:
         raise ValueError(f"train.trainable must be one of {TRAINABLE}, got {config.trainable!r}")
-    if config.expand_layers < 0:
-        raise ValueError(f"train.expand_layers must be >= 0, got {config.expand_layers}")
     if config.expand_layers and config.init_prm:
         raise ValueError("train.expand_layers applies to a PRM started from train.policy, not train.init_prm")
     if config.trainable == "expanded" and not config.expand_layers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import ml_collections
@@ -33,3 +34,18 @@ def find_tokenizer_dir(prm_dir: pathlib.Path, override: str) -> pathlib.Path:
                             "--config.tokenizer=DIR (the policy's tokenizer)")
 
 
+def train_finished(workdir: pathlib.Path) -> int | None:
+    """The step a finished `edu-prm train` run in `workdir` ended at (its summary and export both exist), or
+    None. One definition for the train command and the pipeline."""
+    summary = workdir / "prm" / "train_summary.json"
+    if summary.is_file() and (prm_dir(workdir) / "config.json").is_file():
+        return int(json.loads(summary.read_text()).get("step", 0))
+    return None
+
+
+def train_started(workdir: pathlib.Path) -> bool:
+    """Whether a train run in `workdir` has produced anything (a checkpoint or an export) that a fingerprint
+    must protect."""
+    checkpoints = workdir / "prm" / "checkpoints"
+    saved = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    return saved or (prm_dir(workdir) / "config.json").is_file()
