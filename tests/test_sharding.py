@@ -76,7 +76,8 @@ def test_sharded_forward_matches_single_device(ckpt_dir, batch, single_device_lo
     seg = jax.device_put(jnp.asarray(batch[1]), parallel.batch_sharding(mesh, 2))
     assert len(tokens.addressable_shards) == 8
     # batch rows split over data x fsdp (the default rules), counted from the mesh shape, not by the code under test
-    assert tokens.addressable_shards[0].data.shape[0] == BATCH // (mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1))
+    rows_split = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+    assert tokens.addressable_shards[0].data.shape[0] == BATCH // rows_split
     logits = jitted_forward(model)(tokens, seg)
     assert logits.shape == (BATCH, SEQ, VOCAB)
     assert len(logits.sharding.device_set) == 8
