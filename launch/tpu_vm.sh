@@ -48,7 +48,7 @@ Options:
 Example:
   $PROG launch --name prm --zone us-west4-a --accelerator-type v5litepod-8 \\
       --version v2-alpha-tpuv5-lite --spot --delete-after -- \\
-      train --config=configs/train.py --config.rows=64 --workdir=gs://my-bucket/runs/prm
+      train --config=configs/train.py --config.rows=64 --workdir=/mnt/shared/runs/prm
 EOF
 }
 

@@ -5,7 +5,7 @@ Examples:
   edu-prm pipeline --workdir=runs/toy                                   # laptop CPU, minutes
   edu-prm pipeline --workdir=runs/toy --config.stages=eval_bon          # re-run one stage
   edu-prm pipeline --workdir=runs/toy --config.processbench.data=/data/processbench  # with ProcessBench
-  edu-prm pipeline --config=configs/qwen25_math_7b.py --workdir=gs://... # real models (see that file)
+  edu-prm pipeline --config=configs/qwen25_math_7b.py --workdir=/mnt/shared/runs/7b  # real models (see that file)
 Every sub-config is reachable by override, e.g. --config.train.steps=600 --config.eval_bon.n_grid=1,4,16.
 `policy` and `dtype` are set once here for every stage (the stages have no copies of their own), and
 eval_bon samples with sample's settings except the eval_bon.sampling fields you set.
