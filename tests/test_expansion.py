@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_prm import jit_logits, tiny_cfg
-from tiny_policy import make_tiny_policy
+from tiny_policy import make_tiny_policy, sample_and_label
 
 from edu_prm_jax import cli
 from edu_prm_jax.api import load_model
@@ -69,9 +69,7 @@ def test_train_expanded_moves_only_new_blocks_and_head(tmp_path, capsys):
     policy_dir = make_tiny_policy(tmp_path / "policy")
     w = tmp_path / "w"
     common = [f"--workdir={w}", f"--config.policy={policy_dir}"]
-    assert cli.main(["sample", *common, "--config.questions=toy:train:8", "--config.sampling.max_new_tokens=10",
-                     "--config.sampling.num_leaves=4", "--config.sampling.tau=0.5"]) == 0
-    assert cli.main(["label", *common]) == 0
+    sample_and_label(common, questions=8, max_new_tokens=10, num_leaves=4)
     assert cli.main(["train", *common, "--config.steps=3", "--config.rows=8", "--config.seq_len=64",
                      "--config.expand_layers=1", "--config.trainable=expanded", "--config.learning_rate=1e-2"]) == 0
     before = checkpoints.flat_params(nnx.state(load_model(policy_dir)))

@@ -3,7 +3,7 @@
 import json
 
 import numpy as np
-from tiny_policy import make_tiny_policy
+from tiny_policy import make_tiny_policy, sample_and_label
 
 from edu_prm_jax import cli
 from edu_prm_jax.models.prm import load_prm
@@ -17,9 +17,7 @@ def test_train_command_exports_a_loadable_prm(tmp_path):
     # train before label: refused, and the failed run leaves nothing that would refuse the corrected one below
     assert cli.main(["train", *common, "--config.steps=6"]) == 1
     assert not (w / "prm" / "fingerprint.json").exists()
-    assert cli.main(["sample", *common, "--config.questions=toy:train:12", "--config.sampling.max_new_tokens=10",
-                     "--config.sampling.num_leaves=4", "--config.sampling.tau=0.5", "--config.num_shards=2"]) == 0
-    assert cli.main(["label", *common]) == 0
+    sample_and_label(common, 12, 10, 4, "--config.num_shards=2")
     records = load_label_records(w / "labels")
     train, held = split_records(records, 0.3)
     assert {r["question_id"] for r in train}.isdisjoint({r["question_id"] for r in held})
@@ -71,9 +69,7 @@ def test_a_preempted_train_exits_75_and_stops_the_pipeline(tmp_path, monkeypatch
     policy = make_tiny_policy(tmp_path / "policy")
     w = tmp_path / "w"
     common = [f"--workdir={w}", f"--config.policy={policy}"]
-    assert cli.main(["sample", *common, "--config.questions=toy:train:6", "--config.sampling.max_new_tokens=8",
-                     "--config.sampling.num_leaves=2", "--config.sampling.tau=0.5"]) == 0
-    assert cli.main(["label", *common]) == 0
+    sample_and_label(common, questions=6, max_new_tokens=8, num_leaves=2)
     monkeypatch.setattr(Trainer, "train", lambda self, data: {"preempted": 1.0, "step": 3})
     assert EXIT_PREEMPTED == 75
     assert cli.main(["train", *common, "--config.steps=6", "--config.rows=8", "--config.seq_len=64"]) == 75

@@ -16,7 +16,7 @@ from absl import logging
 
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_model, load_tokenizer
-from edu_prm_jax.commands.common.builders import decode_params
+from edu_prm_jax.commands.common.builders import decode_params, sampler_options, sampling_fingerprint
 from edu_prm_jax.commands.common.paths import prm_dir
 from edu_prm_jax.evaluation.bon import SELECTORS, select_all
 from edu_prm_jax.evaluation.candidates import score_records
@@ -78,16 +78,13 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                                                 for w in weights]
     out = workdir / "eval_bon"
     s = config.sampling
-    stops = [x for x in s.stop_strings.split("|") if x]
 
     def sampled(name: str, seed: int, prm_model: Any = None, **override: Any) -> list[dict]:
         params = decode_params(s, seed=seed, **override)
         sampler = Sampler(model, tokenizer, params, mesh=mesh, batch_questions=config.batch_questions,
-                          prompt_bucket=config.prompt_bucket, stop_strings=stops, extra_symbols=s.extra_symbols,
-                          disable_symbols=s.disable_symbols, prm=prm_model, rules=rules)
+                          prompt_bucket=config.prompt_bucket, prm=prm_model, rules=rules, **sampler_options(s))
         run_dir = out / "runs" / name
-        fingerprint = {"policy": str(policy_dir.resolve()), "dtype": config.dtype, "stop_strings": s.stop_strings,
-                       "symbols": [s.extra_symbols, s.disable_symbols],
+        fingerprint = {**sampling_fingerprint(policy_dir, config.dtype, s),
                        "prm": prm_identity if prm_model is not None else None}
         sample_to_shards(sampler, questions, run_dir, config.num_shards, desc=name, fingerprint=fingerprint)
         return [tree.to_json() for tree in read_tree_shards(run_dir)]

@@ -49,7 +49,7 @@ from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint, content
 from edu_prm_jax.labeling.mc import TARGETS, JudgedTree, PathLabels, apply_target, label_trees
 from edu_prm_jax.labeling.shepherd import label_shepherd
 from edu_prm_jax.records.steps import STEPS_PREFIX, TFDS_FEATURES, TFDS_NAME, Provenance, StepRecord, read_step_shards
-from edu_prm_jax.records.trees import TreeRecord, read_tree_file, read_tree_shards, tree_shard_paths
+from edu_prm_jax.records.trees import TreeRecord, read_tree_file, tree_shard_paths
 from edu_prm_jax.sampling.engine import Leaf
 from edu_prm_jax.toy.audit import ToyLabelAudit
 from edu_prm_jax.toy.defaults import resolve_policy
@@ -192,10 +192,17 @@ def write_tfds(out: pathlib.Path, rebuild: bool) -> pathlib.Path:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def check_tree_modes(samples: pathlib.Path, allow_ht: bool) -> None:
+def check_tree_modes(shards: list[pathlib.Path], sizes: list[int], samples: pathlib.Path, allow_ht: bool) -> None:
     """Tree labels cut steps at anchors; an HT or greedy sample has none, so each would become a single
-    outcome-labelled step. Refuse that (before anything is written) unless asked for explicitly."""
-    modes = Counter(tree.mode for tree in read_tree_shards(samples))
+    outcome-labelled step. Refuse that (before anything is written) unless asked for explicitly.
+
+    One `sample` run writes every tree of its output in one mode, so the first tree of each shard tells the
+    mode of the whole shard (`sizes`: trees per shard): the shards are not read twice."""
+    modes: Counter = Counter()
+    for path, size in zip(shards, sizes):
+        first = next(read_tree_file(path), None)
+        if first is not None:
+            modes[first.mode] += size
     other = {m: n for m, n in modes.items() if m != "edu"}
     if other and not allow_ht:
         raise ValueError(f"config.samples={str(samples)!r}: {sum(other.values())} of {sum(modes.values())} trees were "
@@ -221,7 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     total = sum(sizes)
     num_shards = max(1, min(config.num_shards or len(shards), total))
     if config.method == "edu":
-        check_tree_modes(samples, config.allow_ht_trees)
+        check_tree_modes(shards, sizes, samples, config.allow_ht_trees)
     settings = {k: config[k] for k in ("target", "method", "extra_rollouts_min_leaves", "extra_rollouts_k",
                                        "shepherd_k")}
     shaping = {"policy": str(resolve_policy(config.policy)), "tokenizer": config.tokenizer,

@@ -7,7 +7,7 @@ import pathlib
 import ml_collections
 from absl import logging
 
-from edu_prm_jax.commands.common.builders import build_sampler
+from edu_prm_jax.commands.common.builders import build_sampler, sampling_fingerprint
 from edu_prm_jax.sampling.shards import sample_to_shards
 from edu_prm_jax.toy.defaults import load_questions, resolve_policy
 
@@ -22,8 +22,6 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                             config.batch_questions, config.prompt_bucket)
     out = pathlib.Path(config.output) if config.output else workdir / f"samples_{config.sampling.mode}"
     sample_to_shards(sampler, questions, out, config.num_shards, desc=f"sample[{config.sampling.mode}]",
-                     fingerprint={"policy": str(resolve_policy(config.policy).resolve()), "dtype": config.dtype,
-                                  "stop_strings": config.sampling.stop_strings,
-                                  "symbols": [config.sampling.extra_symbols, config.sampling.disable_symbols]},
+                     fingerprint=sampling_fingerprint(resolve_policy(config.policy), config.dtype, config.sampling),
                      too_long=config.too_long)
     logging.info("wrote %s", out)

@@ -465,7 +465,7 @@ def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarr
     prm_graphdef, prm_state = nnx.split(prm) if prm is not None else (None, None)
     args = (jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32),
             jnp.asarray(question_ids, jnp.int32))
-    if mesh is None:
+    if mesh is None or mesh.devices.size == 1:  # one device: no placement to do, the constraints are no-ops
         out = _decode_jit(p, graphdef, prm_graphdef, None, knobs, state, prm_state, tables, *args)
         return out.to_host()
     rules = parallel.as_rules(rules)

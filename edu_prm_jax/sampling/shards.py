@@ -38,17 +38,17 @@ def questions_digest(questions: list[dict]) -> str:
 TOO_LONG = ("error", "skip")
 
 
-def fit_to_context(questions: list[dict], tokenizer: Any, context: int, max_new_tokens: int,
+def fit_to_context(questions: list[dict], prompt_lengths: list[int], context: int, max_new_tokens: int,
                    too_long: str = "error") -> list[int]:
-    """The positions of the questions whose chat prompt plus `max_new_tokens` fits the policy's `context` (its
-    max_position_embeddings): positions beyond it were never trained, so what the policy writes there is noise.
-    `too_long="error"` raises ValueError naming the first question that does not fit and both lengths; "skip"
-    drops such questions with one counted warning. Checked before anything is sampled."""
+    """The positions of the questions whose chat prompt (`prompt_lengths`, tokens) plus `max_new_tokens` fits
+    the policy's `context` (its max_position_embeddings): positions beyond it were never trained, so what the
+    policy writes there is noise. `too_long="error"` raises ValueError naming the first question that does not
+    fit and both lengths; "skip" drops such questions with one counted warning. Checked before anything is
+    sampled."""
     if too_long not in TOO_LONG:
         raise ValueError(f"too_long={too_long!r}: expected one of {TOO_LONG}")
     kept, dropped = [], []
-    for position, q in enumerate(questions):
-        n = len(tokenizer.encode(tokenizer.apply_chat_template(q["problem"])))
+    for position, (q, n) in enumerate(zip(questions, prompt_lengths)):
         if n + max_new_tokens <= context:
             kept.append(position)
             continue
@@ -70,35 +70,35 @@ def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.P
     """Sample every question and write `trees-*` shards; finished shards from an earlier run are kept (only
     when `fingerprint` — the settings that make the shards — matches the one recorded in out_dir). Questions
     that do not fit the policy's context are refused or skipped first (`fit_to_context`)."""
-    positions = fit_to_context(questions, sampler.tokenizer, sampler.model.cfg.max_position_embeddings,
+    tok = sampler.tokenizer
+    prompts = [tok.apply_chat_template(q["problem"]) for q in questions]  # encoded once: checked, then sampled
+    prompt_ids = [tok.encode(p) for p in prompts]
+    positions = fit_to_context(questions, [len(ids) for ids in prompt_ids], sampler.model.cfg.max_position_embeddings,
                                sampler.params.max_new_tokens, too_long)
     if not positions:
         raise ValueError("no question fits the policy's context")
     # a skipped question leaves a gap: every other question keeps its position in the input, which is both its
     # record `index` and its sampling key, so skipping one never changes another's tree
-    questions = [questions[i] for i in positions]
-    num_shards = max(1, min(num_shards, len(questions)))
+    num_shards = max(1, min(num_shards, len(positions)))
     check_fingerprint(out_dir, {"params": dataclasses.asdict(sampler.params), "num_shards": num_shards,
-                                "questions": questions_digest(questions), **(fingerprint or {})})
+                                "questions": questions_digest([questions[i] for i in positions]),
+                                **(fingerprint or {})})
     writer = ShardedJsonlWriter(out_dir, TREES_PREFIX, num_shards)
-    bounds = [round(i * len(questions) / num_shards) for i in range(num_shards + 1)]
+    bounds = [round(i * len(positions) / num_shards) for i in range(num_shards + 1)]
     pending = writer.pending()
     todo = sum(bounds[i + 1] - bounds[i] for i in pending)
     if not pending:
         logging.info("%s: all %d shards already complete in %s", desc, num_shards, out_dir)
         return out_dir
-    tok = sampler.tokenizer
     start, n_tokens = time.time(), 0
     with tqdm(total=todo, desc=desc, unit="q") as bar:
         for shard in pending:
             lo, hi = bounds[shard], bounds[shard + 1]
-            chunk = questions[lo:hi]
-            prompts = [tok.apply_chat_template(q["problem"]) for q in chunk]
-            prompt_ids = [tok.encode(p) for p in prompts]
+            chunk = positions[lo:hi]  # positions in the input, of the questions that fit
             records = []
-            for i, tree in enumerate(sampler.sample_trees(prompt_ids, positions[lo:hi])):
-                records.append(tree_record(chunk[i], positions[lo + i], prompts[i], prompt_ids[i], sampler.params,
-                                           tree))
+            for position, tree in zip(chunk, sampler.sample_trees([prompt_ids[i] for i in chunk], chunk)):
+                records.append(tree_record(questions[position], position, prompts[position], prompt_ids[position],
+                                           sampler.params, tree))
                 n_tokens += records[-1].distinct_tokens
                 bar.update(1)
                 bar.set_postfix(tok_per_s=f"{n_tokens / max(time.time() - start, 1e-9):.0f}")

@@ -58,6 +58,13 @@ def sampler_options(s: ml_collections.ConfigDict) -> dict[str, Any]:
             "extra_symbols": opts["extra_symbols"], "disable_symbols": opts["disable_symbols"]}
 
 
+def sampling_fingerprint(policy_dir: pathlib.Path, dtype: str, s: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What shapes tree shards besides DecodeParams and the questions (which `sample_to_shards` adds itself):
+    the policy, its dtype, stop strings and the anchor symbol set. The layout written is unchanged."""
+    return {"policy": str(pathlib.Path(policy_dir).resolve()), "dtype": dtype, "stop_strings": s.stop_strings,
+            "symbols": [s.extra_symbols, s.disable_symbols]}
+
+
 def build_sampler(policy: str, tokenizer_dir: str, s: ml_collections.ConfigDict, mesh_cfg: Any, dtype: str,
                   batch_questions: int = 8, prompt_bucket: int = 32, **override: Any) -> Sampler:
     params = decode_params(s, **override)  # a bad field fails before the model loads
