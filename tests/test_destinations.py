@@ -162,3 +162,19 @@ def test_a_model_directory_written_by_another_tool_is_never_replaced(tmp_path):
     with pytest.raises(DestinationError, match="not written by edu_prm_jax"):
         save_prm(tiny_prm(), other, overwrite=True)
     assert tree(other) == before
+
+
+def test_a_file_dropped_into_the_destination_during_the_write_is_never_deleted(tmp_path):
+    """The destination held our earlier export when checked; while the new one is written a user file lands in
+    it. The rename must then be refused: the user's file and the old export stay, no `.partial` is left."""
+    out = tmp_path / "hf"
+    save_prm(tiny_prm(), out)
+
+    def tensors():
+        (out / "notes.txt").write_text("mine")  # arrives mid-write
+        yield "a", np.zeros(3, np.float32)
+
+    with pytest.raises(DestinationError, match="changed while it was being written"):
+        write_hf_directory(out, {}, tensors(), overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
+    assert not staging_path(out).exists()

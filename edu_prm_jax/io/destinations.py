@@ -45,16 +45,16 @@ def staging_path(dst: PathLike) -> pathlib.Path:
 
 
 def is_tool_output(directory: PathLike) -> bool:
-    """True when `directory` carries the ownership marker, or is an export made before the marker existed: only
-    names this tool writes, plus a file only this tool writes (`edu_prm_config.json` of an Orbax export,
+    """True when `directory` holds only names this tool writes and either carries the ownership marker or is an
+    export made before the marker existed, with a file only this tool writes (`edu_prm_config.json` of an Orbax export,
     `training_report.json` of a toy build, or a config.json with our PRM head key). A model directory written by
     anything else (e.g. `save_pretrained`) has none of those and is never replaced."""
     directory = pathlib.Path(directory)
-    if (directory / OWNER_MARKER).is_file():
-        return True
     names = [p.name for p in directory.iterdir()]
     if not names or not all(OWNED_NAMES.match(n) for n in names):
-        return False
+        return False  # a file this tool never writes (a user's notes.txt) makes it someone else's, marker or not
+    if (directory / OWNER_MARKER).is_file():
+        return True
     if (directory / "edu_prm_config.json").is_file() or (directory / "training_report.json").is_file():
         return True
     try:
@@ -118,7 +118,10 @@ def staged_directory(dst: PathLike, *, overwrite: bool, field: str = "output", s
         yield staging
         if dst.is_dir():
             if any(dst.iterdir()):
-                shutil.rmtree(dst)  # ours: is_tool_output was checked before anything was written
+                if not is_tool_output(dst):  # checked again: something else may have landed there meanwhile
+                    raise DestinationError(f"config.{field}={str(dst)!r} changed while it was being written and "
+                                           "now holds files edu_prm_jax did not write; refusing to replace it")
+                shutil.rmtree(dst)
             else:
                 dst.rmdir()
         os.replace(staging, dst)
