@@ -18,7 +18,7 @@ RUNTIME = [
     "numpy>=1.26",
     "tqdm>=4.66",
     "absl-py>=2.1.0",
-    "math-verify[antlr4_13_2]>=0.7.0",
+    "latex2sympy2_extended[antlr4_13_2]>=1.11,<2",  # LaTeX -> sympy parser of the answer checker (grading)
     "sympy>=1.13",
     "matplotlib>=3.8",
     "tensorboardX>=2.6",
@@ -35,7 +35,12 @@ TEST = [
     "transformers>=4.46",
     "ruff>=0.6",
     "import-linter>=2.0",  # the layer contracts in .importlinter
+    "jax[tpu]",  # the [plan] extra: libtpu, so CI compiles tests/test_plan.py's programs for a TPU (no TPU needed)
 ]
+
+# `edu-prm plan`: the compilers of the targets it plans for, used on a CPU host; never needed to run anything.
+PLAN = ["jax[tpu]"]  # libtpu (~700 MB), the TPU compiler
+PLAN_CUDA = ["jax[cuda12-local]"]  # jax-cuda12-plugin + jax-cuda12-pjrt at jax's version, without CUDA wheels
 
 setup(
     name="edu_prm_jax",
@@ -56,6 +61,8 @@ setup(
         "cuda12": ["jax[cuda12]"],
         "cuda13": ["jax[cuda13]"],
         "tpu": ["jax[tpu]"],
+        "plan": PLAN,
+        "plan-cuda": PLAN_CUDA,
     },
     entry_points={"console_scripts": ["edu-prm=edu_prm_jax.cli:main"]},
 )

@@ -6,21 +6,29 @@ import os
 import pathlib
 
 from jax.sharding import Mesh
+from jax.typing import DTypeLike
 
 from edu_prm_jax import parallel
 from edu_prm_jax.models import checkpoints
+from edu_prm_jax.models.config import dtype_name
 from edu_prm_jax.models.safetensors_io import CheckpointError
 from edu_prm_jax.tokenization import load_tokenizer
 
 __all__ = ["load_model", "load_tokenizer"]
 
 
-def load_model(path: str | os.PathLike, dtype: str | None = None, param_dtype: str | None = None,
+def load_model(path: str | os.PathLike, dtype: DTypeLike | None = None, param_dtype: DTypeLike | None = None,
                mesh: Mesh | None = None, rules: parallel.RulesLike = None):
     """The Qwen2 model stored at `path`: an HF directory (config.json + safetensors) or an Orbax checkpoint
     written by this project. `dtype` is the compute dtype, `param_dtype` the in-memory parameter dtype; both
-    default to the checkpoint's own (float32). `mesh` places the weights (default: the first device) by their
-    logical axes under `rules` (default: `parallel.ShardingRules.default()`)."""
+    default to float32 and take any spelling (`jnp.bfloat16`, `np.float32`, `jnp.dtype("bfloat16")`,
+    "bfloat16", "bf16", ...; see `models.config.dtype_name`). `mesh` places the weights (default: the first
+    device) by their logical axes under `rules` (default: `parallel.ShardingRules.default()`).
+
+    Raises CheckpointError for a missing path or unreadable checkpoint and ConfigError (naming the value) for an
+    unknown dtype, before any weight is read."""
+    dtype = None if dtype is None else dtype_name(dtype, "dtype")
+    param_dtype = None if param_dtype is None else dtype_name(param_dtype, "param_dtype")
     path = pathlib.Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such model directory")

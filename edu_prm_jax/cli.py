@@ -208,17 +208,41 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (a message is enough); anything else keeps its traceback."""
     from edu_prm_jax.models.config import ConfigError
     from edu_prm_jax.models.safetensors_io import CheckpointError
+    from edu_prm_jax.planning.devices import PlannerUnavailableError
     from edu_prm_jax.training.checkpointing import DamagedCheckpointError
 
     # FloatingPointError: training stopped at a non-finite loss/gradient (training.loop.NonFiniteError)
     return (config_utils.ConfigFileError, ConfigError, CheckpointError, FileNotFoundError, ValueError,
-            FloatingPointError, DamagedCheckpointError)
+            FloatingPointError, DamagedCheckpointError, PlannerUnavailableError)
+
+
+STACK_RAISED = "EDU_PRM_STACK_RAISED"  # set once `plan` has re-executed itself with the stack limit raised
+
+
+def _raise_stack_limit_and_reexec(args: Sequence[str]) -> None:
+    """For `plan` from the console: libtpu's compiler recurses deeply on large programs and overflows an 8 MiB
+    stack, killing the process (measured with libtpu 0.0.42.1: a 2048-token attention at 384+ rows on a v5e,
+    larger ones on a v4; `ulimit -s unlimited` compiles them). glibc fixes thread stack sizes from the limit at
+    process start, so the limit is raised to the hard one and the command re-executed, once."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    if os.environ.get(STACK_RAISED) or soft == resource.RLIM_INFINITY or (hard != resource.RLIM_INFINITY
+                                                                          and hard <= soft):
+        return
+    resource.setrlimit(resource.RLIMIT_STACK, (hard, hard))
+    os.environ[STACK_RAISED] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "edu_prm_jax.cli", *args])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 1 failed run, 2 bad command line, 75 preempted:
     SIGTERM during training, checkpoint saved, rerun to resume)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None and args and args[0] == "plan" and not set(args) & set(HELP_FLAGS):
+        _raise_stack_limit_and_reexec(args)
     if not args or args[0] in HELP_FLAGS or args[0] == "help":
         print(main_help(), file=sys.stdout if args else sys.stderr)
         return 0 if args else 2

@@ -34,7 +34,8 @@ _AXES: dict[str, tuple[tuple[str, ...], str]] = {
     "mlp": (("tensor",), "parameters: the MLP's intermediate size (and a reward head's hidden layer)"),
     "norm": ((), "parameters: RMSNorm scales"),
     "head_dim": ((), "KV cache: features per head"),
-    "layers": ((), "parameters: a stacked-layers axis (the per-layer model has none; kept for scanned variants)"),
+    "layers": ((), "parameters and KV cache: the stacked-layers axis of a scanned model (`scan_layers`); keep it "
+                   "replicated: the scan slices one layer per iteration"),
     "head_out": ((), "parameters: a reward head's output columns (1 or 2)"),
     "batch": (("data", "fsdp"), "training batches: rows of a micro-batch"),
     "rollout": (("data",), "rollouts: questions of a decode batch; decode's shard_map is manual over these mesh "
@@ -296,6 +297,50 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = rules.spec(axes, x.shape, mesh, manual=manual)
     return jax.lax.with_sharding_constraint(x, NamedSharding(context_mesh if manual else mesh, spec))
+
+
+def active_platform() -> str | None:
+    """The platform ('tpu', 'gpu', 'cuda', 'cpu') of the devices of the active `sharding_context`'s mesh (what a
+    program traced there is compiled for, also compile-only devices of another chip), None outside one."""
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    return str(active[0].devices.flat[0].platform)
+
+
+def layout_spec(axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
+    """The PartitionSpec the active sharding context gives an array with logical `axes` and `shape` (axes a
+    surrounding `shard_map` is manual over left out), None outside a sharding context."""
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    mesh, rules = active
+    context_mesh = jax.sharding.get_abstract_mesh()
+    manual = frozenset(() if context_mesh.empty else context_mesh.manual_axes)
+    return rules.spec(axes, shape, mesh, manual=manual)
+
+
+def blockwise(fn: Any, args: Sequence[jax.Array], in_axes: Sequence[Sequence[str | None]],
+              out_axes: Sequence[str | None], out_shape: Sequence[int]) -> jax.Array:
+    """`fn(*args)` run on each device's block (`jax.shard_map` manual over every axis of the active mesh that is
+    not manual already), each argument blocked by the layout the active rules give its logical `in_axes`, the
+    result (global shape `out_shape`) by `out_axes`. For kernels the XLA partitioner cannot split (Pallas/Mosaic
+    calls such as splash attention, which must sit where every mesh axis is manual). Outside a
+    `sharding_context`, or on a one-device mesh, it is just `fn(*args)`. `fn` must compute each block
+    independently (e.g. over rows and heads)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return fn(*args)
+    mesh, rules = active
+    context_mesh = jax.sharding.get_abstract_mesh()
+    manual = frozenset(() if context_mesh.empty else context_mesh.manual_axes)
+    split = frozenset(a for a in mesh.axis_names if a not in manual)
+    if not split or (not manual and mesh.size == 1):
+        return fn(*args)
+    in_specs = tuple(rules.spec(axes, x.shape, mesh, manual=manual) for x, axes in zip(args, in_axes))
+    out_spec = rules.spec(out_axes, out_shape, mesh, manual=manual)
+    return jax.shard_map(fn, mesh=context_mesh if manual else mesh, in_specs=in_specs, out_specs=out_spec,
+                         axis_names=split, check_vma=False)(*args)
 
 
 def maybe_initialize_distributed() -> bool:

@@ -1,9 +1,11 @@
-"""The math-verify worker pool: an overrunning check is bounded and reported as before; start-up is not timed;
-forked children and daemonic processes are handled."""
+"""The answer-checking worker pool: a check is bounded by CPU time, not wall time; one that overruns is retried
+once with a larger bound and then reported undecided (never False); start-up is not timed; forked children and
+daemonic processes are handled."""
 
 import concurrent.futures
 import logging
 import multiprocessing
+import signal
 import subprocess
 import sys
 import textwrap
@@ -11,36 +13,80 @@ import time
 
 import pytest
 
-from edu_prm_jax.grading.answers import answers_equal, verification_stats
+from edu_prm_jax.grading import answers
+from edu_prm_jax.grading.answers import answers_equal, answers_verdict, run_cpu_bounded, verification_stats
 
-PATHOLOGICAL = "9^{9^{9^{9}}}"  # sympy evaluates the power tower in C: only killing the worker stops it
+PATHOLOGICAL = "9^{9^{9^{9}}}"  # sympy evaluates the power tower in C: only ending the worker stops it
 
 
-def test_overrunning_check_is_false_counted_and_logged(caplog):
+def test_overrunning_check_is_retried_then_undecided_counted_and_logged(caplog):
     assert answers_equal(r"\sqrt{9}", "3")  # a warm worker, so start-up is not part of what is timed
     before = verification_stats()
-    timeout_s = 1.0
+    timeout_s = 0.5
     with caplog.at_level(logging.WARNING, logger="edu_prm_jax.grading.answers"):
         start = time.monotonic()
-        result = answers_equal(PATHOLOGICAL, "1", timeout_s=timeout_s)
+        result = answers_verdict(PATHOLOGICAL, "1", timeout_s=timeout_s)
         elapsed = time.monotonic() - start
-    assert result is False
-    assert timeout_s <= elapsed < timeout_s + 1.0  # killed at the bound, not after a grace period
+    assert result is None
+    # the worker burned its CPU bound, then the retry's: at least that much wall time passed
+    assert elapsed >= timeout_s * (1 + answers._RETRY_FACTOR)
     after = verification_stats()
-    assert after["timeouts"] == before["timeouts"] + 1 and after["symbolic"] == before["symbolic"] + 1
+    assert after["symbolic"] == before["symbolic"] + 1 and after["retries"] == before["retries"] + 1
+    assert after["cpu_timeouts"] == before["cpu_timeouts"] + 2 and after["wall_timeouts"] == before["wall_timeouts"]
+    assert after["undecided"] == before["undecided"] + 1 and after["crashes"] == before["crashes"]
     assert [r.getMessage() for r in caplog.records] == [
-        f"answers_equal timed out after 1.0s: pred={PATHOLOGICAL!r} gold='1'"]
+        f"answer check undecided (cpu; CPU bound 0.5s, retried with 2s): '1' vs {PATHOLOGICAL!r}"]
+    # the same pair again (either order) is answered from the cache: no second round of timeouts
+    start = time.monotonic()
+    assert answers_verdict("1", PATHOLOGICAL, timeout_s=timeout_s) is None
+    assert time.monotonic() - start < 1.0
+    again = verification_stats()
+    assert again["cpu_timeouts"] == after["cpu_timeouts"] and again["cached"] == after["cached"] + 1
+    assert again["undecided"] == after["undecided"] + 1
     assert answers_equal(r"\sqrt{16}", "4")  # a fresh worker takes over
     assert not answers_equal(r"\sqrt{16}", "5")
 
 
-def _first_check_with_a_short_bound() -> tuple[bool, dict]:
-    return answers_equal(r"\sqrt{8}", r"2\sqrt{2}", timeout_s=0.5), verification_stats()
+def _sleep_then_return(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+def _spin(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def _bounded(cpu_s: float, fn, arg) -> None:
+    print(run_cpu_bounded(cpu_s, fn, arg), flush=True)
+
+
+@pytest.mark.skipif(not hasattr(signal, "ITIMER_PROF"), reason="needs ITIMER_PROF")
+def test_the_bound_is_cpu_time_not_wall_time():
+    ctx = multiprocessing.get_context("spawn")
+    # 1.5 s of wall time that uses no CPU: a 0.3 s CPU bound does not end it (a wall-time bound would)
+    waiting = ctx.Process(target=_bounded, args=(0.3, _sleep_then_return, 1.5))
+    waiting.start()
+    waiting.join(60)
+    assert waiting.exitcode == 0
+    # 5 s of CPU: the kernel ends the process at the 0.3 s bound, with SIGPROF
+    start = time.monotonic()
+    spinning = ctx.Process(target=_bounded, args=(0.3, _spin, 5.0))
+    spinning.start()
+    spinning.join(60)
+    assert spinning.exitcode == -signal.SIGPROF
+    assert time.monotonic() - start < 30
+    assert answers._wall_bound(2.0) >= 10 * 2.0  # the wall-clock net is far above the CPU bound
+
+
+def _first_check_with_a_short_bound() -> tuple[bool | None, dict]:
+    return answers_verdict(r"\sqrt{8}", r"2\sqrt{2}", timeout_s=0.5), verification_stats()
 
 
 def test_worker_start_up_is_not_part_of_the_bound():
-    # a fresh process: its worker still has to import math-verify and sympy (longer than the bound) when the
-    # first check is sent, and the check is still decided
+    # a fresh process: its worker still has to import sympy and latex2sympy2_extended (longer than the bound) when
+    # the first check is sent, and the check is still decided
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
         result, stats = ex.submit(_first_check_with_a_short_bound).result(timeout=120)
     assert result is True and stats["timeouts"] == 0

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from edu_prm_jax import parallel
 from edu_prm_jax.models.checkpoints import (
+    HFCheckpoint,
     flat_params,
     load_hf_model,
     load_orbax_model,
@@ -351,6 +352,133 @@ def test_untied_checkpoint_without_lm_head_fails(ckpt):
     rewrite(ckpt / "model.safetensors", tensors)
     with pytest.raises(CheckpointError, match=r"lm_head\.weight"):
         load_hf_model(ckpt)
+
+
+def test_tied_checkpoint_saved_by_safetensors_save_model_stores_lm_head_only(tmp_path):
+    """`safetensors.torch.save_model` keeps the alphabetically first name of a shared tensor, so a tied Qwen2
+    saved that way holds `lm_head.weight` and no `model.embed_tokens.weight`. It loads, with the logits of the
+    canonical spelling (save_pretrained's) and of transformers."""
+    from safetensors.torch import save_model
+
+    hf = make_hf_qwen2(tmp_path / "canonical", tied=True, vocab=151, seed=2)
+    alt = tmp_path / "lm_head_only"
+    shutil.copytree(tmp_path / "canonical", alt)
+    (alt / "model.safetensors").unlink()
+    save_model(hf, str(alt / "model.safetensors"), metadata={"format": "pt"})
+    stored = set(SafetensorsFile(alt / "model.safetensors").keys())
+    assert "lm_head.weight" in stored and "model.embed_tokens.weight" not in stored
+    assert "model.embed_tokens.weight" in SafetensorsFile(tmp_path / "canonical" / "model.safetensors").keys()
+
+    toks = tokens_for(151, seed=6)
+    want = hf_logits(hf, toks)
+    np.testing.assert_allclose(hf_logits(transformers_load(alt), toks), want, atol=1e-5, rtol=0)  # the reference
+    canonical, aliased = load_hf_model(tmp_path / "canonical"), load_hf_model(alt)
+    assert aliased.lm_head is None
+    got = np.asarray(aliased(jnp.asarray(toks)))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(got, np.asarray(canonical(jnp.asarray(toks))))
+    # exported again, it takes the canonical spelling
+    save_hf_model(aliased, tmp_path / "again")
+    names = set(SafetensorsFile(tmp_path / "again" / "model.safetensors").keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+
+
+def test_tied_aliases_resolve_either_way(tmp_path):
+    """In a tied checkpoint either name of the shared tensor reads it, whichever one is stored; an untied
+    checkpoint has no aliases (a missing lm_head stays missing)."""
+    make_hf_qwen2(tmp_path / "tied", tied=True, vocab=97)
+    embed = read_all(tmp_path / "tied" / "model.safetensors")["model.embed_tokens.weight"]
+    ckpt = HFCheckpoint(tmp_path / "tied")
+    assert "lm_head.weight" in ckpt.names()
+    np.testing.assert_array_equal(ckpt.array("lm_head.weight"), embed)
+    assert ckpt.file_of("lm_head.weight") == tmp_path / "tied" / "model.safetensors"
+
+    tensors = read_all(tmp_path / "tied" / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    rewrite(tmp_path / "tied" / "model.safetensors", tensors)
+    ckpt = HFCheckpoint(tmp_path / "tied")
+    np.testing.assert_array_equal(ckpt.array("model.embed_tokens.weight"), embed)
+    assert "model.embed_tokens.weight" in ckpt.names()
+    assert HFCheckpoint(tmp_path / "tied", tied_embeddings=False).names().count("model.embed_tokens.weight") == 0
+
+    make_hf_qwen2(tmp_path / "untied", tied=False, vocab=97)
+    untied = HFCheckpoint(tmp_path / "untied")
+    assert sorted(untied.names()) == sorted(read_all(tmp_path / "untied" / "model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------ directory view
+
+
+def test_stale_model_old_beside_model_safetensors_is_ignored(tmp_path, good_dir):
+    """model.safetensors + a stale model_old.safetensors (same names, other values, no index): the canonical
+    file is the model, as in transformers; before, the stale file won by name order."""
+    d = tmp_path / "m"
+    shutil.copytree(good_dir, d)
+    make_hf_qwen2(tmp_path / "older", layers=LAYERS, tied=False, seed=9)
+    shutil.copyfile(tmp_path / "older" / "model.safetensors", d / "model_old.safetensors")
+    toks = tokens_for(103, seed=2)
+    want = hf_logits(transformers_load(d), toks)
+    got = np.asarray(load_hf_model(d)(jnp.asarray(toks)))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    stale = np.asarray(load_hf_model(tmp_path / "older")(jnp.asarray(toks)))
+    assert np.abs(stale - want).max() > 0.1  # the stale weights would have been visible
+
+
+def test_index_wins_over_stray_safetensors_files(tmp_path):
+    """With an index, exactly its shards are read: a stray file redefining its tensors is ignored."""
+    model = jax_native_model(tied=False, seed=3)
+    out = tmp_path / "sharded"
+    save_hf_model(model, out, shard_bytes=20_000)
+    stray = {k: v + 1.0 for k, v in read_all(sorted(out.glob("model-*.safetensors"))[0]).items()}
+    rewrite(out / "consolidated.safetensors", stray)
+    toks = tokens_for(101, seed=1)
+    np.testing.assert_array_equal(np.asarray(load_hf_model(out)(jnp.asarray(toks))),
+                                  np.asarray(model(jnp.asarray(toks))))
+
+
+def test_index_beside_an_unlisted_model_safetensors_is_ambiguous(tmp_path, good_dir):
+    out = tmp_path / "sharded"
+    save_hf_model(jax_native_model(tied=False, seed=3), out, shard_bytes=20_000)
+    shutil.copyfile(good_dir / "model.safetensors", out / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json and a model.safetensors") as e:
+        load_hf_model(out)
+    assert str(out) in str(e.value)
+
+
+def _split_files(d: pathlib.Path, names_a: set[str]) -> None:
+    """Replace d/model.safetensors by part-a.safetensors (names_a) and part-b.safetensors (the rest)."""
+    tensors = read_all(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    rewrite(d / "part-a.safetensors", {k: v for k, v in tensors.items() if k in names_a})
+    rewrite(d / "part-b.safetensors", {k: v for k, v in tensors.items() if k not in names_a})
+
+
+def test_unindexed_disjoint_files_load_as_one_set(ckpt, good_dir):
+    """No index and no model.safetensors: several files load together when no tensor is defined twice."""
+    names = set(read_all(ckpt / "model.safetensors"))
+    _split_files(ckpt, {n for n in names if ".layers.0." in n})
+    toks = tokens_for(103, seed=3)
+    np.testing.assert_allclose(np.asarray(load_hf_model(ckpt)(jnp.asarray(toks))),
+                               hf_logits(transformers_load(good_dir), toks), atol=1e-5, rtol=0)
+
+
+def test_unindexed_files_defining_one_tensor_twice_are_refused(ckpt):
+    tensors = read_all(ckpt / "model.safetensors")
+    _split_files(ckpt, {n for n in tensors if ".layers.0." in n})
+    part_b = read_all(ckpt / "part-b.safetensors")
+    part_b["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"] * 2
+    rewrite(ckpt / "part-b.safetensors", part_b)
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight' is defined in both "
+                       r"part-a\.safetensors and part-b\.safetensors") as e:
+        load_hf_model(ckpt)
+    assert str(ckpt) in str(e.value)
+
+
+def test_directory_without_safetensors(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors, no model.safetensors.index.json") as e:
+        load_hf_model(ckpt)
+    assert str(ckpt) in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------ sharded load

@@ -7,6 +7,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -16,7 +17,7 @@ from edu_prm_jax.models.qwen2 import Qwen2
 from edu_prm_jax.training.lm import lm_example, lm_loss
 from edu_prm_jax.training.loop import TrainConfig, Trainer
 from edu_prm_jax.training.metrics import matmul_params, train_flops_per_token
-from edu_prm_jax.training.optim import OptimConfig, make_schedule
+from edu_prm_jax.training.optim import OptimConfig, accumulate_by_count, make_schedule
 from edu_prm_jax.training.packing import PackedRowLoader, pack_examples
 
 CFG = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -103,30 +104,159 @@ def test_frozen_params_do_not_move(tmp_path):
     assert moved == ["final_norm.scale"]
 
 
-def test_grad_accumulation_equals_mean_loss_step(tmp_path):
+# ------------------------------------------------------------------------------------- gradient accumulation
+def test_accumulate_by_count_hand_worked():
+    """Summed-loss gradients (2, -1) over 1 position and (8, 16) over 8 positions: the update is SGD(lr=1) on
+    their sum over 9 positions, -(10, 15) / 9, not on the mean of the two micro-batch means, -(6, 0.5)."""
+    tx = accumulate_by_count(optax.sgd(1.0), every_k=2)
+    state = tx.init(jnp.zeros(2))
+    upd, state = tx.update(jnp.asarray([2.0, -1.0]), state, count=1.0)
+    np.testing.assert_array_equal(upd, [0.0, 0.0])  # mid-accumulation: no update yet
+    upd, state = tx.update(jnp.asarray([8.0, 16.0]), state, count=8.0)
+    np.testing.assert_allclose(upd, [-10.0 / 9.0, -15.0 / 9.0], rtol=1e-6)
+    assert int(state.mini_step) == 0 and float(state.count) == 0.0  # reset for the next update
+    np.testing.assert_array_equal(state.grad_sum, [0.0, 0.0])
+    upd, state = tx.update(jnp.asarray([4.5, 9.0]), state, count=0.5)  # fractional weights count as given
+    upd, state = tx.update(jnp.asarray([0.0, 0.0]), state, count=0.0)  # a micro-batch with nothing supervised
+    np.testing.assert_allclose(upd, [-9.0, -18.0], rtol=1e-6)
+    upd, state = tx.update(jnp.zeros(2), state, count=0.0)
+    upd, state = tx.update(jnp.zeros(2), state, count=0.0)  # nothing supervised in a whole update: no NaN
+    np.testing.assert_array_equal(upd, [0.0, 0.0])
+
+
+def test_accumulating_without_a_count_key_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="accum_steps=2 needs count_key"):
+        Trainer(Qwen2(CFG, nnx.Rngs(0)), lm_loss, OptimConfig(accum_steps=2), TrainConfig(**QUIET), tmp_path,
+                mesh=_single_mesh())
+
+
+# Adam's first step with b2 = 0 and no clipping or decay is -lr * g / (|g| + eps) element-wise (m and v are
+# bias-corrected to g and g^2): a known, nearly linear function of the gradient the optimizer received, so a
+# parameter delta can be checked against a reference gradient.
+LINEAR_ADAM = dict(learning_rate=10.0, warmup_steps=0, total_steps=10, b2=0.0, eps=1.0, weight_decay=0.0,
+                   clip_norm=0.0)
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    from edu_prm_jax.models.checkpoints import flat_params
+
+    return {k: np.asarray(jax.device_get(v[...]), np.float64) for k, v in flat_params(tree).items()}
+
+
+def _rel_l2(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+    assert sorted(got) == sorted(want)
+    diff = np.sqrt(sum(((got[k] - want[k]) ** 2).sum() for k in want))
+    return float(diff / np.sqrt(sum((want[k] ** 2).sum() for k in want)))
+
+
+def _adam_first_delta(grads: dict[str, np.ndarray], lr: float) -> dict[str, np.ndarray]:
+    eps = LINEAR_ADAM["eps"]
+    return {k: -lr * g / (np.abs(g) + eps) for k, g in grads.items()}
+
+
+def _sparse_and_dense_prm_batches():
+    """The issue's case: micro-batch A holds 1 supervised step end (target 0), B holds 8 (target 1)."""
+    rng = np.random.default_rng(5)
+    t = 16
+
+    def row(ends, target):
+        mask = np.zeros((1, t), bool)
+        mask[0, ends] = True
+        return {"tokens": rng.integers(1, 64, (1, t)).astype(np.int32),
+                "positions": np.arange(t, dtype=np.int32)[None], "segment_ids": np.ones((1, t), np.int32),
+                "step_end_mask": mask, "loss_mask": mask.copy(),
+                "targets": np.where(mask, target, 0.0).astype(np.float32)}
+
+    a, b = row([7], 0.0), row(list(range(1, t, 2)), 1.0)
+    assert a["step_end_mask"].sum() == 1 and b["step_end_mask"].sum() == 8
+    return a, b, {k: np.concatenate([a[k], b[k]]) for k in a}
+
+
+def test_accumulated_update_equals_one_batch_sparse_and_dense_micro_batches(tmp_path):
+    """accum_steps=2 over A (1 step end) and B (8 step ends) gives the update of the one batch holding both:
+    checked against a plain jax.grad of that batch's mean BCE (optax's formula, not the project's loss), to a
+    relative L2 below 1e-5. The old normalisation (mean of the two micro-batch means) is ~100% off."""
+    from edu_prm_jax.models.prm import PRM, prm_loss
+
+    a, b, both = _sparse_and_dense_prm_batches()
+
+    def mean_bce(prm, batch):  # the reference objective: mean over every step end of the batch
+        z = prm(jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]), jnp.asarray(batch["segment_ids"]))
+        m = jnp.asarray(batch["step_end_mask"], jnp.float32)
+        return jnp.sum(optax.sigmoid_binary_cross_entropy(z, jnp.asarray(batch["targets"])) * m) / jnp.sum(m)
+
+    g_ref = _flat(nnx.grad(mean_bce)(PRM(CFG, "scalar", rngs=nnx.Rngs(0)), both))
+    g_a = _flat(nnx.grad(mean_bce)(PRM(CFG, "scalar", rngs=nnx.Rngs(0)), a))
+    g_b = _flat(nnx.grad(mean_bce)(PRM(CFG, "scalar", rngs=nnx.Rngs(0)), b))
+    assert _rel_l2({k: (g_a[k] + g_b[k]) / 2 for k in g_ref}, g_ref) > 0.5  # the case separates the two rules
+
+    before = _flat(nnx.state(PRM(CFG, "scalar", rngs=nnx.Rngs(0))))
+    tcfg = TrainConfig(steps=2, log_every=1, tensorboard=False, **QUIET)
+    acc = Trainer(PRM(CFG, "scalar", rngs=nnx.Rngs(0)), prm_loss, OptimConfig(accum_steps=2, **LINEAR_ADAM),
+                  tcfg, tmp_path / "acc", mesh=_single_mesh(), count_key="num_steps")
+    lr = acc.learning_rate(0)
+    assert lr == pytest.approx(LINEAR_ADAM["learning_rate"])
+    m_a = jax.device_get(acc.train_step(a))
+    mid = _flat(nnx.state(acc.model))
+    assert all(np.array_equal(mid[k], before[k]) for k in before)  # no update mid-accumulation
+    m_b = jax.device_get(acc.train_step(b))
+    want = _adam_first_delta(g_ref, lr)
+    got = {k: v - before[k] for k, v in _flat(nnx.state(acc.model)).items()}
+    assert _rel_l2(got, want) < 1e-5
+
+    # the same update as one step on the combined batch (no accumulation)
+    one = Trainer(PRM(CFG, "scalar", rngs=nnx.Rngs(0)), prm_loss, OptimConfig(**LINEAR_ADAM), tcfg,
+                  tmp_path / "one", mesh=_single_mesh())
+    one.train_step(both)
+    assert _rel_l2({k: v - before[k] for k, v in _flat(nnx.state(one.model)).items()}, want) < 1e-5
+
+    # logged metrics stay per micro-batch means: A's loss is -log(1 - sigmoid(z)) at its one step end
+    z_a = np.asarray(PRM(CFG, "scalar", rngs=nnx.Rngs(0))(a["tokens"], a["positions"], a["segment_ids"]),
+                     np.float64)[a["step_end_mask"]]
+    np.testing.assert_allclose(m_a["loss"], np.log1p(np.exp(z_a)).mean(), rtol=1e-5)
+    assert (m_a["num_steps"], m_b["num_steps"]) == (1.0, 8.0)
+    np.testing.assert_allclose(m_a["grad_norm"], np.sqrt(sum((g ** 2).sum() for g in g_a.values())), rtol=1e-4)
+
+
+def test_accumulated_lm_update_equals_one_batch(tmp_path):
+    """The same for the LM objective (weights as counts) over two micro-batches of packed rows with different
+    numbers of weighted tokens: against jax.grad of the combined batch's weighted mean NLL (optax's cross
+    entropy), and with the default optimizer (clipping, decay) against one step on the combined batch."""
     rows = _rows(16)
     a, b = ({k: v[:2] for k, v in rows.items()}, {k: v[2:4] for k, v in rows.items()})
-    optim = dict(learning_rate=1e-2, warmup_steps=0, total_steps=10)
+    assert a["weights"].sum() != b["weights"].sum()
+    both = {k: np.concatenate([a[k], b[k]]) for k in a}
+
+    def mean_nll(model, batch):
+        logits = model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]),
+                       segment_ids=jnp.asarray(batch["segment_ids"]))
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(batch["targets"]))
+        w = jnp.asarray(batch["weights"]) * (jnp.asarray(batch["segment_ids"]) > 0)
+        return jnp.sum(nll * w) / jnp.sum(w)
+
+    g_ref = _flat(nnx.grad(mean_nll)(Qwen2(CFG, nnx.Rngs(0)), both))
+    before = _flat(nnx.state(Qwen2(CFG, nnx.Rngs(0))))
     tcfg = TrainConfig(steps=2, log_every=1, tensorboard=False, **QUIET)
-    acc = Trainer(Qwen2(CFG, nnx.Rngs(0)), lm_loss, OptimConfig(accum_steps=2, **optim), tcfg, tmp_path / "a",
-                  mesh=_single_mesh())
+    acc = Trainer(Qwen2(CFG, nnx.Rngs(0)), lm_loss, OptimConfig(accum_steps=2, **LINEAR_ADAM), tcfg,
+                  tmp_path / "lin", mesh=_single_mesh(), count_key="weighted_tokens")
     acc.train(iter([a, b]))
+    got = {k: v - before[k] for k, v in _flat(nnx.state(acc.model)).items()}
+    assert _rel_l2(got, _adam_first_delta(g_ref, acc.learning_rate(0))) < 1e-5
 
-    def mean_loss(model, batch):  # one step on (L_a + L_b) / 2: what accumulating two micro-batches means
-        la, _ = lm_loss(model, {k: v[:2] for k, v in batch.items()})
-        lb, _ = lm_loss(model, {k: v[2:] for k, v in batch.items()})
-        return (la + lb) / 2, {}
-
-    one = Trainer(Qwen2(CFG, nnx.Rngs(0)), mean_loss, OptimConfig(**optim),
+    optim = dict(learning_rate=1e-2, warmup_steps=0, total_steps=10)  # clip_norm 1.0, weight decay 0.01
+    acc = Trainer(Qwen2(CFG, nnx.Rngs(0)), lm_loss, OptimConfig(accum_steps=2, **optim), tcfg, tmp_path / "a",
+                  mesh=_single_mesh(), count_key="weighted_tokens")
+    acc.train(iter([a, b]))
+    one = Trainer(Qwen2(CFG, nnx.Rngs(0)), lm_loss, OptimConfig(**optim),
                   TrainConfig(steps=1, log_every=1, tensorboard=False, **QUIET), tmp_path / "b", mesh=_single_mesh())
-    one.train(iter([{k: np.concatenate([a[k], b[k]]) for k in a}]))
+    one.train(iter([both]))
     pa, pb = acc.params(), one.params()
     # AdamW's first update is lr * g / (|g| + eps): where |g| is near eps, float32 summation order (two
-    # micro-batches vs one batch) moves it by up to ~1e-4 of lr = 1e-2. A wrong accumulation (one micro-batch
-    # only, or no averaging of the second) flips whole updates of size ~lr, far outside this bound.
+    # micro-batches vs one batch) moves it by up to ~1e-4 of lr = 1e-2. Another normalisation flips whole
+    # updates of size ~lr where the two gradients differ in sign, far outside this bound.
     for k in pa:
         np.testing.assert_allclose(pa[k], pb[k], rtol=1e-5, atol=1e-4, err_msg=k)
-    assert any(not np.allclose(pa[k], Qwen2(CFG, nnx.Rngs(0)).embed[...]) for k in ["embed"])
+    assert not np.allclose(pa["embed"], np.asarray(Qwen2(CFG, nnx.Rngs(0)).embed[...]))
 
 
 class _SigtermAt(PackedRowLoader):
@@ -146,17 +276,19 @@ def test_sigterm_resume_is_bitwise_identical(tmp_path):
     rows, n = _rows(40), 6
     optim = OptimConfig(learning_rate=5e-3, warmup_steps=2, total_steps=n, accum_steps=2)
     tcfg = TrainConfig(steps=n, log_every=2, checkpoint_every=4, **QUIET)
-    full = Trainer(Qwen2(CFG, nnx.Rngs(0)), lm_loss, optim, tcfg, tmp_path / "full", mesh=_single_mesh())
+    lm = dict(mesh=_single_mesh(), count_key="weighted_tokens")
+    full = Trainer(Qwen2(CFG, nnx.Rngs(0)), lm_loss, optim, tcfg, tmp_path / "full", **lm)
     full.train(PackedRowLoader(rows, 4, seed=7))
     want = full.params()
 
-    # Interrupted at step 3: mid-accumulation (accum_steps=2), so the MultiSteps buffer must be restored too.
-    first = Trainer(Qwen2(CFG, nnx.Rngs(0)), lm_loss, optim, tcfg, tmp_path / "run", mesh=_single_mesh())
+    # Interrupted at step 3: mid-accumulation (accum_steps=2), so the partial gradient sum and position count
+    # of the accumulator must be restored too.
+    first = Trainer(Qwen2(CFG, nnx.Rngs(0)), lm_loss, optim, tcfg, tmp_path / "run", **lm)
     out = first.train(_SigtermAt(rows, 4, seed=7, at=2))
     assert out["preempted"] == 1.0 and first.step == 3
     first.close()
     assert signal.getsignal(signal.SIGTERM) is not first.request_stop
-    resumed = Trainer(Qwen2(CFG, nnx.Rngs(42)), lm_loss, optim, tcfg, tmp_path / "run", mesh=_single_mesh())
+    resumed = Trainer(Qwen2(CFG, nnx.Rngs(42)), lm_loss, optim, tcfg, tmp_path / "run", **lm)
     loader = PackedRowLoader(rows, 4, seed=7)
     resumed.train(loader)
     assert loader.step == n and resumed.step == n

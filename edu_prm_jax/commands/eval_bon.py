@@ -16,12 +16,12 @@ from absl import logging
 
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_model, load_tokenizer
-from edu_prm_jax.commands.common.builders import decode_params, sampler_options, sampling_fingerprint
+from edu_prm_jax.commands.common.builders import checkpoint_dtype, decode_params, sampler_options, sampling_fingerprint
 from edu_prm_jax.commands.common.paths import prm_dir
 from edu_prm_jax.evaluation.bon import SELECTORS, select_all
-from edu_prm_jax.evaluation.candidates import score_records
+from edu_prm_jax.evaluation.candidates import count_undecided, score_records
 from edu_prm_jax.evaluation.report import write_bon_report
-from edu_prm_jax.grading.answers import is_correct
+from edu_prm_jax.grading.answers import solution_verdict
 from edu_prm_jax.models.prm import load_prm
 from edu_prm_jax.records.trees import read_tree_shards
 from edu_prm_jax.sampling.engine import Sampler
@@ -65,10 +65,11 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.rules_from_config(config.mesh.rules)
     policy_dir = resolve_policy(config.policy)
-    model = load_model(policy_dir, dtype=config.dtype, mesh=mesh, rules=rules)
+    model = load_model(policy_dir, dtype=config.dtype, param_dtype=checkpoint_dtype(policy_dir), mesh=mesh,
+                       rules=rules)  # weights in their saved dtype (wider would change no number)
     tokenizer = load_tokenizer(config.tokenizer or policy_dir)
     prm_path = prm_dir(workdir, config.prm)
-    prm = load_prm(prm_path, mesh, dtype=config.dtype, rules=rules)
+    prm = load_prm(prm_path, mesh, param_dtype=checkpoint_dtype(prm_path), dtype=config.dtype, rules=rules)
     if config.p_edu and prm.head_spec.inserts_separator:
         raise ValueError("config.p_edu=True needs a PRM that scores each step at its last token (P-EDU reads the "
                          f"policy's tokens as generated); {prm_path} has the {prm.head_spec.name} head, which "
@@ -90,7 +91,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         return [tree.to_json() for tree in read_tree_shards(run_dir)]
 
     greedy = sampled("greedy", 0, mode="greedy", num_leaves=1)
-    greedy_acc = sum(is_correct(r["leaves"][0]["text"], r["answer"]) for r in greedy if r["leaves"]) / len(greedy)
+    greedy_verdicts = [solution_verdict(r["leaves"][0]["text"], r["answer"]) for r in greedy if r["leaves"]]
+    greedy_acc = sum(v is True for v in greedy_verdicts) / len(greedy)  # undecided: not correct, reported below
+    undecided = {"greedy": greedy_verdicts.count(None)}
     scored: dict[str, dict[str, float]] = {}  # run name -> accuracies (greedy EDU trees are shared by seeds)
     runs: list[dict[str, Any]] = []
     edu_seeds = seeds[:1] if s.edu_greedy else seeds
@@ -103,7 +106,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
             acc = _accuracies([c[:n] for c in ht_cands])
             tokens = sum(sum(len(leaf["token_ids"]) for leaf in r["leaves"][:n]) for r in ht) / len(ht)
             candidates = sum(len(r["leaves"][:n]) for r in ht) / len(ht)
-            runs.append({"sampler": "ht", "n": n, "seed": seed, "tokens": tokens, "candidates": candidates, **acc})
+            runs.append({"sampler": "ht", "n": n, "seed": seed, "tokens": tokens, "candidates": candidates, **acc,
+                         "undecided": count_undecided([c[:n] for c in ht_cands])})
         for name in samplers:
             for n in n_grid:
                 tree_seed = seed if seed in edu_seeds else edu_seeds[0]
@@ -111,7 +115,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                 trees = sampled(run_name, tree_seed, prm_model=prm if name == "p-edu" else None,
                                 mode="edu", num_leaves=n, prune_below=config.prune_below)
                 if run_name not in scored:
-                    scored[run_name] = _accuracies(score_records(prm, trees, "anchors"))
+                    cands = score_records(prm, trees, "anchors")
+                    scored[run_name] = {**_accuracies(cands), "undecided": count_undecided(cands)}
                 acc = scored[run_name]
                 tokens = sum(r["distinct_tokens"] for r in trees) / len(trees)
                 candidates = sum(len(r["leaves"]) for r in trees) / len(trees)  # a tree may not fill its budget
@@ -122,6 +127,11 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
              "fewer when too few positions exceed tau: compare its token cost with HT at the same number of "
              "candidates (column 'candidates / question'), not only at the same N. ")
     if s.edu_greedy:
-        notes += "EDU/P-EDU trees are greedy between anchors, hence identical across seeds (std 0)."
+        notes += "EDU/P-EDU trees are greedy between anchors, hence identical across seeds (std 0). "
+    sampled_once = [r["undecided"] for r in runs if r["sampler"] == "ht" and r["n"] == max(n_grid)]
+    undecided["candidates"] = sum(sampled_once) + sum(int(v["undecided"]) for v in scored.values())
+    notes += (f"Answer checks left undecided (out of their CPU bound; counted as not correct): {undecided['greedy']} "
+              f"greedy solutions and {undecided['candidates']} distinct sampled candidates (per run: field "
+              "'undecided' of results.json).")
     text = write_bon_report(runs, out, SELECTORS, f"prm_{config.aggregator}", greedy_acc, notes)
     logging.info("Best-of-N report: %s\n%s", out / "report.md", text)

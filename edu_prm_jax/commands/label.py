@@ -8,8 +8,14 @@ one stops the run with a DataError naming the file, line and field. Output under
   concatenation is the leaf's token ids), `labels` (float per step), `label_kind` ('hard' for a 0/1 label, else
   'soft'), `target`, `final_correct`, `provenance` (`method`, `source_shard`, `mode` and `sampler` params of the
   tree, `slot`, per step `values` (v before the target), `node_leaves`, `node_correct`, `node_rollouts`, and
-  `rollout_params` when rollouts were sampled). `prompt_ids`/`step_ids`/`labels` are what
+  `rollout_params` when rollouts were sampled, and `node_undecided` when an answer check below a step stayed
+  undecided: per step, the undecided verdicts left out of its counts). `prompt_ids`/`step_ids`/`labels` are what
   `scoring.examples.build_example` reads.
+- `undecided-0000i-of-0000n.jsonl`: one line per shard: `undecided_leaves` (ids `<question id>/<slot>` of leaves
+  whose answer check stayed undecided, `grading.answers.answers_verdict` None: out of its CPU bound twice),
+  `rollouts` and `undecided_rollouts` (extra / Math-Shepherd rollouts judged, and how many were undecided),
+  `unlabelled_paths` (ids of paths with no record: a step of theirs had only undecided verdicts below it, so it
+  has no label). Undecided verdicts are left out of the MC counts, never counted as wrong.
 - `tfds/labels/1.0.0`: the same records for training as TFDS array_record, features: `id`, `question_id`
   (string), `prompt_ids`, `step_ids_flat` (int32[], the steps concatenated), `step_lengths` (int32[], tokens
   per step: split `step_ids_flat` with them), `labels` (float32[]), `label_kind` (string[]),
@@ -19,7 +25,9 @@ one stops the run with a DataError naming the file, line and field. Output under
   per solution, share of correct leaves, questions with at least one correct leaf; for toy questions
   `toy_audited_solutions`, `toy_step_agreement` (share of steps where "a right answer is reachable below" (v > 0)
   matches exact step correctness) and `toy_right_answers_through_a_wrong_step` (share of right answers whose path
-  has a wrong line). Records written before labels carried `problem` are not audited.
+  has a wrong line). Records written before labels carried `problem` are not audited. `undecided` (undecided
+  verdicts: leaves + rollouts), `undecided_leaves`, `undecided_rollouts`, `unlabelled_paths` come from the
+  `undecided-*` shards (null for an output made before they were written).
 
 Output shard j holds input records [j*N/n, (j+1)*N/n) in input order; finished shards are skipped on rerun.
 Questions without a gold answer cannot be labelled and are skipped (logged).
@@ -45,7 +53,7 @@ from edu_prm_jax.grading import answers
 from edu_prm_jax.io import tfds as tfds_io
 from edu_prm_jax.io.atomic import write_json_atomic
 from edu_prm_jax.io.jsonl import count_records
-from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint, content_digest
+from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint, content_digest, read_shards
 from edu_prm_jax.labeling.mc import TARGETS, JudgedTree, PathLabels, apply_target, label_trees
 from edu_prm_jax.labeling.shepherd import label_shepherd
 from edu_prm_jax.records.steps import STEPS_PREFIX, TFDS_FEATURES, TFDS_NAME, Provenance, StepRecord, read_step_shards
@@ -57,6 +65,7 @@ from edu_prm_jax.toy.defaults import resolve_policy
 DESCRIPTION = "Monte Carlo step labels (EDU tree or Math-Shepherd) of sample shards, as JSONL + TFDS."
 
 METHODS = ("edu", "shepherd")
+UNDECIDED_PREFIX = "undecided"  # per-shard summary of undecided answer checks (module docstring)
 
 
 # ------------------------------------------------------------------------------------------- input
@@ -123,41 +132,66 @@ def path_record(rec: TreeRecord, source: str, leaf: Leaf, path: PathLabels, targ
         target=target, final_correct=path.correct,
         provenance=Provenance(method=method, source_shard=source, mode=rec.mode, sampler=rec.params, slot=leaf.slot,
                               values=path.values, node_leaves=path.node_leaves, node_correct=path.node_correct,
-                              node_rollouts=path.node_rollouts, rollout_params=rollout_params),
+                              node_rollouts=path.node_rollouts, rollout_params=rollout_params,
+                              **({"node_undecided": path.node_undecided} if any(path.node_undecided) else {})),
     )
 
 
 def label_records(items: Sequence[tuple[TreeRecord, str]], config: ml_collections.ConfigDict, tokenizer: Any,
-                  rollout: SamplerRollout | None) -> list[StepRecord]:
-    """Label every leaf path of the given tree records (one batched rollout call for all of them)."""
+                  rollout: SamplerRollout | None) -> tuple[list[StepRecord], dict[str, Any]]:
+    """Label every leaf path of the given tree records (one batched rollout call for all of them).
+
+    Returns the records of the labelled paths and the summary of undecided answer checks (the line of the
+    `undecided-*` shard: module docstring). A path with a step whose verdicts were all undecided gets no record.
+    """
     trees, kept = [], []
+    undecided_leaves: list[str] = []
     for rec, source in items:
         gold = rec.answer
         if gold is None:
             logging.warning("%s: question %s has no gold answer; not labelled", source, rec.id)
             continue
         leaves = [Leaf.from_json(d.to_json()) for d in rec.leaves if d.token_ids]
-        correct = [answers.is_correct(leaf.text, str(gold)) for leaf in leaves]
+        correct = [answers.solution_verdict(leaf.text, str(gold)) for leaf in leaves]
+        undecided_leaves += [f"{rec.question_id}/{leaf.slot}" for leaf, ok in zip(leaves, correct) if ok is None]
         trees.append(JudgedTree(leaves, correct, rec.prompt_ids, str(gold)))
         kept.append((rec, source))
+    rollout_verdicts: list[bool | None] = []
+
+    def judge(text: str, gold: str | None) -> bool | None:
+        verdict = answers.solution_verdict(text, gold)
+        rollout_verdicts.append(verdict)
+        return verdict
+
     decode = tokenizer.decode
     if config.method == "edu":
-        paths = label_trees(trees, min_leaves=config.extra_rollouts_min_leaves, rollout=rollout, decode=decode)
+        paths = label_trees(trees, min_leaves=config.extra_rollouts_min_leaves, rollout=rollout, decode=decode,
+                            judge=judge)
     else:
-        paths = label_shepherd(trees, tokenizer.decoded_token_texts(), rollout=rollout, decode=decode)
+        paths = label_shepherd(trees, tokenizer.decoded_token_texts(), rollout=rollout, decode=decode, judge=judge)
     params = rollout.params if rollout is not None else None
-    out = []
+    out, unlabelled = [], []
     for (rec, source), tree, tree_paths in zip(kept, trees, paths):
         for leaf, p in zip(tree.leaves, tree_paths):
+            if not p.labelled:
+                unlabelled.append(f"{rec.question_id}/{leaf.slot}")
+                continue
             out.append(path_record(rec, source, leaf, p, config.target, config.method, decode,
                                    params if any(p.node_rollouts) else None))
-    return out
+    if undecided_leaves or unlabelled or None in rollout_verdicts:
+        logging.warning("label: %d leaves and %d of %d rollouts had undecided answer checks (left out of the MC "
+                        "counts); %d paths have a step without a label and get no record", len(undecided_leaves),
+                        rollout_verdicts.count(None), len(rollout_verdicts), len(unlabelled))
+    summary = {"undecided_leaves": undecided_leaves, "rollouts": len(rollout_verdicts),
+               "undecided_rollouts": rollout_verdicts.count(None), "unlabelled_paths": unlabelled}
+    return out, summary
 
 
 # ------------------------------------------------------------------------------------- stats, TFDS
-def label_stats(records: Iterator[dict]) -> dict[str, Any]:
+def label_stats(records: Iterator[dict], undecided: Sequence[dict] | None = None) -> dict[str, Any]:
     """Summary of labelled-step records (the paper reports 52% hard labels); for toy questions also how the MC
-    values compare with exact step correctness (toy/audit.py)."""
+    values compare with exact step correctness (toy/audit.py). `undecided`: the lines of the `undecided-*`
+    shards (module docstring); None (an output made before they were written) gives null counts."""
     steps = hard = value_hard = positive = solutions = correct = 0
     questions: set[str] = set()
     solved: set[str] = set()
@@ -179,7 +213,18 @@ def label_stats(records: Iterator[dict]) -> dict[str, Any]:
             "positive_share": share(positive, steps), "solutions": solutions,
             "mean_steps_per_solution": share(steps, solutions), "correct_leaf_share": share(correct, solutions),
             "questions": len(questions), "questions_with_correct_leaf": len(solved),
-            "questions_with_correct_leaf_share": share(len(solved), len(questions)), **toy_audit.summary()}
+            "questions_with_correct_leaf_share": share(len(solved), len(questions)),
+            **undecided_stats(undecided), **toy_audit.summary()}
+
+
+def undecided_stats(summaries: Sequence[dict] | None) -> dict[str, int | None]:
+    """Totals of the `undecided-*` shard lines: `undecided` = undecided leaves + undecided rollouts."""
+    if summaries is None:
+        return dict.fromkeys(("undecided", "undecided_leaves", "undecided_rollouts", "unlabelled_paths"))
+    leaves = sum(len(u["undecided_leaves"]) for u in summaries)
+    rollouts = sum(int(u["undecided_rollouts"]) for u in summaries)
+    return {"undecided": leaves + rollouts, "undecided_leaves": leaves, "undecided_rollouts": rollouts,
+            "unlabelled_paths": sum(len(u["unlabelled_paths"]) for u in summaries)}
 
 
 def write_tfds(out: pathlib.Path, rebuild: bool) -> pathlib.Path:
@@ -236,6 +281,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     check_fingerprint(out, {"samples": str(samples.resolve()), "input_shards": content_digest(shards),
                             "num_shards": num_shards, **settings, **shaping})
     writer = ShardedJsonlWriter(out, STEPS_PREFIX, num_shards)
+    undecided_writer = ShardedJsonlWriter(out, UNDECIDED_PREFIX, num_shards)
+    undecided_writer.pending()  # removes temp files a crashed run left behind
     bounds = [round(i * total / num_shards) for i in range(num_shards + 1)]
     pending = writer.pending()
     tokenizer = load_tokenizer(config.tokenizer or resolve_policy(config.policy)) if pending else None
@@ -246,12 +293,22 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         rollout = SamplerRollout(config, k)
     for shard in tqdm(pending, desc=f"label[{config.method}/{config.target}]", unit="shard"):
         items = list(records_in_range(shards, sizes, bounds[shard], bounds[shard + 1]))
-        writer.write(shard, [r.to_json() for r in label_records(items, config, tokenizer, rollout)])
+        records, summary = label_records(items, config, tokenizer, rollout)
+        undecided_writer.write(shard, [summary])  # before the steps shard, whose presence marks the shard done
+        writer.write(shard, [r.to_json() for r in records])
     if not pending:
         logging.info("label: all %d shards already complete in %s", num_shards, out)
+    else:  # this run's checks: decided without sympy, symbolically, attempts out of their CPU bound, undecided
+        logging.info("label: answer checks of this run: %s", answers.verification_stats())
     if config.tfds:
         logging.info("label: TFDS dataset at %s", write_tfds(out, rebuild=bool(pending)))
+    undecided = None
+    if len(undecided_writer.completed()) == num_shards:
+        undecided = list(read_shards(out, UNDECIDED_PREFIX))
+    else:
+        logging.warning("label: %s was made before undecided answer checks were recorded; their counts are null",
+                        out)
     stats = {"method": config.method, "target": config.target,
-             **label_stats(r.to_json() for r in read_step_shards(out))}
+             **label_stats((r.to_json() for r in read_step_shards(out)), undecided)}
     write_json_atomic(out / "label_stats.json", stats)
     print(json.dumps(stats, indent=2))

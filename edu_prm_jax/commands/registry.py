@@ -9,7 +9,7 @@ import importlib
 from types import ModuleType
 
 NAMES = ("pipeline", "build-toy", "sample", "label", "train", "score", "export", "convert", "eval-bon",
-         "eval-processbench", "prepare-data")
+         "eval-processbench", "prepare-data", "plan")
 # Command name -> module that implements it (`DESCRIPTION` and `run(config, workdir)`).
 COMMANDS: dict[str, str] = {n: f"edu_prm_jax.commands.{n.replace('-', '_')}" for n in NAMES}
 

@@ -15,7 +15,7 @@ from edu_prm_jax.io.atomic import write_json_atomic
 from edu_prm_jax.io.shards import check_fingerprint, content_digest
 from edu_prm_jax.models.checkpoints import tokenizer_files
 from edu_prm_jax.models.prm import save_prm
-from edu_prm_jax.training.loop import PreemptedError
+from edu_prm_jax.training.loop import PreemptedError, preemptible
 from edu_prm_jax.training.prm_train import PackedStream, load_label_records, make_eval_fn, split_records, to_examples
 
 DESCRIPTION = "Train a PRM (policy backbone + reward head) on MC-labelled steps; Orbax checkpoints, resume."
@@ -43,29 +43,30 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         # finished: redoing eval and export would only lose its training metrics
         logging.info("train: finished earlier at step %d (%s); nothing to do", done, workdir / "prm")
         return
-    train_records, held = split_records(records, config.eval_fraction)
-    prm = build_prm(config, mesh, rules)
-    train_ex = to_examples(train_records, prm, config.seq_len, config.supervise)
-    eval_kept = [(ex, r.get("question_id", i)) for i, r in enumerate(held)  # metrics read step ends, like scoring
-                 for ex in to_examples([r], prm, config.seq_len)]
-    eval_ex = [ex for ex, _ in eval_kept]
-    dropped = len(train_records) + len(held) - len(train_ex) - len(eval_ex)
-    logging.info("PRM data: %d train / %d eval solutions (%d longer than seq_len=%d dropped)", len(train_ex),
-                 len(eval_ex), dropped, config.seq_len)
-    stream = PackedStream(train_ex, config.seq_len, config.rows, config.seed)
-    eval_fn = make_eval_fn(eval_ex, config.rows, config.pos_weight,
-                           groups=[question for _, question in eval_kept])
-    trainer = make_trainer(config, workdir, prm, eval_fn, mesh, rules)
-    try:
-        metrics = trainer.train(stream)
-    finally:
-        trainer.close()
-    if metrics.get("preempted"):  # stops a pipeline too: no later stage may read a half-trained PRM
-        raise PreemptedError(f"stopped by SIGTERM at step {trainer.step} of {config.steps}, checkpoint saved; "
-                             "rerun with the same --workdir to resume")
-    # the run's own export (replaced on rerun); scoring needs the policy's tokenizer beside it
-    save_prm(trainer.model, export_dir, overwrite=True, copy_files=tokenizer_files(tokenizer_source(config)))
-    summary = {"train_solutions": len(train_ex), "eval_solutions": len(eval_ex), "dropped_too_long": dropped,
-               **metrics}
-    write_json_atomic(workdir / "prm" / "train_summary.json", summary)
+    with preemptible("train"):  # SIGTERM while the model loads, the optimizer state is built or during export
+        train_records, held = split_records(records, config.eval_fraction)
+        prm = build_prm(config, mesh, rules)
+        train_ex = to_examples(train_records, prm, config.seq_len, config.supervise)
+        eval_kept = [(ex, r.get("question_id", i)) for i, r in enumerate(held)  # metrics read step ends, like scoring
+                     for ex in to_examples([r], prm, config.seq_len)]
+        eval_ex = [ex for ex, _ in eval_kept]
+        dropped = len(train_records) + len(held) - len(train_ex) - len(eval_ex)
+        logging.info("PRM data: %d train / %d eval solutions (%d longer than seq_len=%d dropped)", len(train_ex),
+                     len(eval_ex), dropped, config.seq_len)
+        stream = PackedStream(train_ex, config.seq_len, config.rows, config.seed)
+        eval_fn = make_eval_fn(eval_ex, config.rows, config.pos_weight,
+                               groups=[question for _, question in eval_kept])
+        trainer = make_trainer(config, workdir, prm, eval_fn, mesh, rules)
+        try:
+            metrics = trainer.train(stream)
+        finally:
+            trainer.close()
+        if metrics.get("preempted"):  # stops a pipeline too: no later stage may read a half-trained PRM
+            raise PreemptedError(f"stopped by SIGTERM at step {trainer.step} of {config.steps}, checkpoint saved; "
+                                 "rerun with the same --workdir to resume")
+        # the run's own export (replaced on rerun); scoring needs the policy's tokenizer beside it
+        save_prm(trainer.model, export_dir, overwrite=True, copy_files=tokenizer_files(tokenizer_source(config)))
+        summary = {"train_solutions": len(train_ex), "eval_solutions": len(eval_ex), "dropped_too_long": dropped,
+                   **metrics}
+        write_json_atomic(workdir / "prm" / "train_summary.json", summary)
     logging.info("PRM exported to %s\n%s", export_dir, json.dumps(summary, indent=2))

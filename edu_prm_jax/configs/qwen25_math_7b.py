@@ -8,13 +8,15 @@ Run on a Cloud TPU VM (see launch/tpu_vm.sh):
 The /models and /data paths below are placeholders: point them at your copies (ProcessBench is skipped while
 processbench.data is empty).
 
-Expected memory per device (estimates from the formulas below, not measurements; TPU v4-8: 4 chips x 32 GB):
-- sampling / eval (mesh data=4): bf16 weights 7.6e9 x 2 B = 15.2 GB replicated per chip; KV cache per slot =
-  28 layers x 2 (k, v) x 4 kv-heads x 128 x 2048 tokens x 2 B = 117 MB; 2 questions x 32 slots per chip = 7.5 GB;
-  total ~23 GB of 32 GB.
-- PRM training (v4-32, mesh fsdp=16): float32 params + AdamW moments + grads = 16 B x 7.6e9 = 122 GB / 16 =
-  7.6 GB per chip; bf16 activations ~3.4 MB per token (28 layers x ~34 x 3584 x 2 B) x 2 rows x 2048 = 14 GB;
-  total ~22 GB of 32 GB.
+Memory per chip, from `edu-prm plan` (compiled for the slices below on a CPU; README "Planning for a slice"):
+sampling and evaluation on a TPU v4-8 (4 chips, mesh data=4), PRM training on a v4-32 (16 chips, fsdp=16).
+  edu-prm plan --config=configs/plan.py:qwen25_math_7b --config.arch=Qwen2.5-Math-7B-Instruct
+      --config.train_topology=v4-32 --config.decode_topology=v4-8   (one command line)
+- sampling loads the policy in its checkpoint's dtype (bf16: 15.2 GB of weights per chip, replicated);
+- eval_bon decodes 64 slots per question at N=64, so 4 questions per batch keep its KV cache within a v4 chip;
+- training keeps float32 master weights + AdamW (16 B per parameter, fsdp=16) and recomputes each layer in the
+  backward pass (remat full): 16 rows x 4096 tokens per micro-batch, 2 micro-batches per update (32 rows).
+  Without remat, or with 32 rows per micro-batch, the [rows, heads, T, T] attention scores do not fit.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ def get_config():
     # PRM: Qwen2.5-Math-PRM convention (separator after each step) on the base model
     config.train.head = "qwen_math"
     config.train.seq_len = 4096
-    config.train.rows = 32
+    config.train.rows = 16  # per micro-batch (1 per chip on a v4-32); accum_steps=2 makes 32 per update
+    config.train.accum_steps = 2
+    config.train.remat = "full"  # recompute each decoder layer in the backward pass (see the plan above)
     config.train.steps = 3000
     config.train.learning_rate = 1e-5
     config.train.warmup_steps = 100
@@ -54,7 +58,7 @@ def get_config():
     config.eval_bon.seeds = "0,1,2,3,4,5,6,7"
     # eval_bon samples with config.sample.sampling (max_new_tokens 2048, the same anchor rule as the PRM's
     # training data); set a config.eval_bon.sampling field only to evaluate with a different value
-    config.eval_bon.batch_questions = 8
+    config.eval_bon.batch_questions = 4  # x 64 slots at N=64: the KV cache of 256 paths over 4 chips
     config.eval_bon.prompt_bucket = 128
     config.eval_bon.p_edu = False  # P-EDU needs a scalar-head PRM
     config.processbench.data = ""  # ProcessBench dir (gsm8k.json, math.json, ...); empty = stage skipped

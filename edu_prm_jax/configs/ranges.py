@@ -52,8 +52,9 @@ FIELD_RANGES: dict[str, Range] = {
     "ht_temperature": POSITIVE, "keep_checkpoints": AT_LEAST_1, "learning_rate": POSITIVE, "limit": AT_LEAST_0,
     "max_anchors": AT_LEAST_1, "max_new_tokens": AT_LEAST_1, "max_tokens": AT_LEAST_1, "misread_rate": PROBABILITY,
     "num_leaves": AT_LEAST_1, "num_shards": AT_LEAST_0, "peak_flops": POSITIVE, "pos_weight": POSITIVE,
-    "prompt_bucket": AT_LEAST_1, "prune_below": PROBABILITY, "rows": AT_LEAST_1, "seed": AT_LEAST_0,
-    "seq_len": Range(2), "shard_bytes": AT_LEAST_1, "shepherd_k": AT_LEAST_1, "steps": AT_LEAST_1,
+    "prompt_bucket": AT_LEAST_1, "prompt_len": AT_LEAST_1, "prune_below": PROBABILITY, "rows": AT_LEAST_1,
+    "score_len": AT_LEAST_0, "score_rows": AT_LEAST_0, "seed": AT_LEAST_0, "seq_len": Range(2),
+    "shard_bytes": AT_LEAST_1, "shepherd_k": AT_LEAST_1, "steps": AT_LEAST_1,
     "tau": AT_LEAST_0, "temperature": POSITIVE, "tensor": MESH_AXIS, "theta": PROBABILITY, "top_k": AT_LEAST_0,
     "top_p": Range(0, 1, low_open=True), "warmup_steps": AT_LEAST_0, "weight_decay": AT_LEAST_0,
 }

@@ -5,17 +5,34 @@ were cut). HT and greedy samples have no forks, so they split at their `high_ent
 where the policy's temperature-1 entropy (computed in-graph from the same logits, i.e. the teacher-forced
 entropy of the sampled text) exceeded tau with a non-symbol top-1 token — the positions EDU would have
 branched at given free slots.
+
+Correctness: `grading.answers.answers_verdict` of the candidate's extracted answer against the gold. A candidate
+whose check stayed undecided (out of its CPU bound twice) counts as not correct for selection, is flagged
+`undecided` and is counted in the Best-of-N report, so an accuracy never silently absorbs undecided checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 from edu_prm_jax.evaluation.bon import Candidate
-from edu_prm_jax.grading.answers import answers_equal, extract_answer
+from edu_prm_jax.grading.answers import answers_verdict, extract_answer
 from edu_prm_jax.records.trees import step_spans
 from edu_prm_jax.scoring.examples import build_example, score_examples
+
+
+@dataclasses.dataclass
+class GradedCandidate(Candidate):
+    """A Best-of-N candidate whose answer check may have stayed undecided (then `correct` is False)."""
+
+    undecided: bool = False
+
+
+def count_undecided(cands_per_question: Sequence[Sequence[Candidate]]) -> int:
+    """Candidates whose answer check stayed undecided (plain `Candidate`s count as decided)."""
+    return sum(bool(getattr(c, "undecided", False)) for cands in cands_per_question for c in cands)
 
 
 def leaf_steps(leaf: dict[str, Any], split: str) -> list[list[int]]:
@@ -26,7 +43,7 @@ def leaf_steps(leaf: dict[str, Any], split: str) -> list[list[int]]:
 
 def score_records(prm: Any, records: Sequence[dict[str, Any]], split: str, batch_size: int = 32
                   ) -> list[list[Candidate]]:
-    """One list of scored candidates per tree record (leaves in slot order)."""
+    """One list of scored candidates (`GradedCandidate`) per tree record (leaves in slot order)."""
     examples, owners = [], []
     for qi, rec in enumerate(records):
         for leaf in rec["leaves"]:
@@ -45,7 +62,9 @@ def score_records(prm: Any, records: Sequence[dict[str, Any]], split: str, batch
         text = leaf["text"]
         answer = extract_answer(text)
         logprobs = leaf.get("logprobs") or []
-        out[qi].append(Candidate(answer=answer, correct=bool(gold is not None and answers_equal(answer, gold)),
-                                 step_scores=scores[ex] if ex is not None else [],
-                                 mean_logprob=sum(logprobs) / len(logprobs) if logprobs else None))
+        verdict = answers_verdict(answer, gold) if gold is not None else False
+        out[qi].append(GradedCandidate(answer=answer, correct=verdict is True,
+                                       step_scores=scores[ex] if ex is not None else [],
+                                       mean_logprob=sum(logprobs) / len(logprobs) if logprobs else None,
+                                       undecided=verdict is None))
     return out

@@ -57,13 +57,16 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = Fa
 
 
 class DiskFullError(OSError):
-    """No space left while writing `path`; the partial temp file was removed, so a rerun finds nothing to
-    trust. `written` is how many bytes had been written when the disk filled (a lower bound on the need)."""
+    """No space left while writing `path`; what was partly written is removed, so a rerun finds nothing to trust.
 
-    def __init__(self, path: PathLike, written: int):
-        super().__init__(errno.ENOSPC, f"no space left on device writing {path} (the disk filled after "
-                                       f"{written:,} bytes of it; at least that much more must be free); "
-                                       "nothing partial was left", str(path))
+    `written` is how many bytes had been written when the disk filled (a lower bound on the need); `message`
+    replaces the default sentence (a checkpoint save says what it needed and what was free).
+    """
+
+    def __init__(self, path: PathLike, written: int = 0, message: str | None = None):
+        super().__init__(errno.ENOSPC, message or (
+            f"no space left on device writing {path} (the disk filled after {written:,} bytes of it; at least "
+            "that much more must be free); nothing partial was left"), str(path))
         self.path, self.written = path, written
 
     def __str__(self) -> str:

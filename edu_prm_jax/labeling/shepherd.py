@@ -6,10 +6,11 @@ PRM label shift `scoring/examples.py` warns about), so text is never re-encoded 
 
 Labels: for every step but the last, `k` HT completions are sampled from prompt + the leaf's ids up to the
 step's end; a completion is judged on ``decode(prefix) + completion`` against the tree's gold answer. v = share
-of correct completions, so target ``hard`` = 1[any correct] and ``soft``/``edu`` = share correct
-(`mc.apply_target`). The last step ends the solution itself: its value is the solution's own correctness (no
-completions). Identical prefixes within one question (shared by the leaves of an EDU tree) are rolled out once
-and their result reused.
+of correct completions among the decided ones (an undecided verdict, `grading.answers.answers_verdict` None, is
+left out and counted apart; a step whose completions are all undecided has no value), so target ``hard`` =
+1[any correct] and ``soft``/``edu`` = share correct (`mc.apply_target`). The last step ends the solution
+itself: its value is the solution's own verdict (no completions). Identical prefixes within one question (shared
+by the leaves of an EDU tree) are rolled out once and their result reused.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from edu_prm_jax.grading import answers
-from edu_prm_jax.labeling.mc import Judge, JudgedTree, PathLabels, Prefix, RolloutFn, path_labels
+from edu_prm_jax.labeling.mc import Judge, JudgedTree, NodeStats, PathLabels, Prefix, RolloutFn, Verdict, path_labels
 
 
 def line_step_spans(token_ids: Sequence[int], token_texts: Sequence[str]) -> list[tuple[int, int]]:
@@ -35,7 +36,7 @@ def line_step_spans(token_ids: Sequence[int], token_texts: Sequence[str]) -> lis
 
 
 def label_shepherd(trees: Sequence[JudgedTree], token_texts: Sequence[str], *, rollout: RolloutFn,
-                   decode: Callable[[Sequence[int]], str], judge: Judge = answers.is_correct
+                   decode: Callable[[Sequence[int]], str], judge: Judge = answers.solution_verdict
                    ) -> list[list[PathLabels]]:
     """Line-step labels of every leaf of every tree; all completions are requested in ONE `rollout` call."""
     requests: dict[tuple[int, Prefix], int] = {}  # (tree index, prefix) -> index into the rollout prompts
@@ -52,7 +53,7 @@ def label_shepherd(trees: Sequence[JudgedTree], token_texts: Sequence[str], *, r
     texts = rollout(prompts) if prompts else []
     if len(texts) != len(prompts):
         raise ValueError(f"rollout returned {len(texts)} results for {len(prompts)} prompts")
-    outcomes: list[list[bool]] = []
+    outcomes: list[list[Verdict]] = []
     for ((i, prefix), conts) in zip(requests, texts):
         if not conts:
             raise ValueError("rollout returned no completions for a step prefix")
@@ -60,9 +61,10 @@ def label_shepherd(trees: Sequence[JudgedTree], token_texts: Sequence[str], *, r
         outcomes.append([judge(prefix_text + t, trees[i].gold) for t in conts])
     out = []
     for i, tree in enumerate(trees):
-        def node(prefix: Prefix, i: int = i) -> tuple[int, int, int]:  # every count at a prefix is a rollout
+        def node(prefix: Prefix, i: int = i) -> NodeStats:  # every count at a prefix is a rollout
             res = outcomes[requests[(i, prefix)]]
-            return len(res), sum(res), len(res)
+            decided = [o for o in res if o is not None]
+            return len(decided), sum(bool(o) for o in decided), len(decided), len(res) - len(decided)
 
         out.append([path_labels(leaf, ok, spans, node)
                     for leaf, ok, spans in zip(tree.leaves, tree.correct, spans_of[i])])

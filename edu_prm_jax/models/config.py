@@ -12,6 +12,8 @@ import pathlib
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
 
 REQUIRED_FIELDS = (
     "vocab_size",
@@ -21,21 +23,77 @@ REQUIRED_FIELDS = (
     "num_attention_heads",
 )
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")  # parameter and compute dtypes the model runs in
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16",
+                 "half": "float16"}  # shorthand spellings (as in torchtune/mlx-lm configs) -> canonical names
 
 
 class ConfigError(ValueError):
     """A config.json that cannot describe a Qwen2 model; the message names the file and field."""
 
 
-def dtype_from_name(name: str) -> Any:
-    try:
-        return _DTYPES[str(name).replace("torch.", "")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+def dtype_name(value: DTypeLike, field: str = "dtype") -> str:
+    """The canonical name ('float32', 'bfloat16' or 'float16') of a dtype given in any spelling a user has at
+    hand: a string ('bfloat16', 'bf16', 'torch.bfloat16', case-insensitive), a numpy or JAX scalar type
+    (`np.float32`, `jnp.bfloat16`), a dtype object (`jnp.dtype('bfloat16')`), or a torch dtype (by its str).
+    The one normaliser for every dtype argument of the API and every dtype config field.
+
+    Raises ConfigError naming `field` and the value for anything else (unknown names, unsupported dtypes such
+    as float64 or int8)."""
+    name: str | None = None
+    if isinstance(value, str):
+        key = value.strip().lower().removeprefix("torch.")
+        name = DTYPE_ALIASES.get(key, key)
+    elif value is not None:
+        try:
+            name = jnp.dtype(value).name  # numpy/JAX scalar types and dtype objects, bfloat16 included
+        except (TypeError, ValueError):
+            text = str(value)  # torch.bfloat16 (no torch import here)
+            if text.startswith("torch."):
+                key = text.removeprefix("torch.")
+                name = DTYPE_ALIASES.get(key, key)
+    if name not in SUPPORTED_DTYPES:
+        raise ConfigError(f"{field}={value!r}: unknown or unsupported dtype; expected one of "
+                          f"{list(SUPPORTED_DTYPES)} (or {sorted(DTYPE_ALIASES)}), as a string, a numpy/JAX "
+                          "scalar type or a dtype object")
+    return name
+
+
+def as_dtype(value: DTypeLike, field: str = "dtype") -> np.dtype:
+    """The numpy dtype (bfloat16 through ml_dtypes) of `value`, in any spelling `dtype_name` accepts."""
+    return jnp.dtype(dtype_name(value, field))
+
+
+dtype_from_name = as_dtype  # the name older callers import
 
 
 REMAT_MODES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")  # see `Qwen2Config.attention`
+ACCELERATOR_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")  # jax platform names (jax.default_backend(), device.platform)
+
+
+def default_scan_layers(platform: str) -> bool:
+    """The `scan_layers` a model built for `platform` gets when its config leaves it None: True on accelerators
+    (TPU, GPU), False on CPU.
+
+    Why: a scan compiles the decoder layer once instead of once per layer (the compile time of an unrolled step
+    grows by a constant per layer: minutes for a 72B model), and the accelerators are where deep models run.
+    On a CPU the models are tiny, a compile is seconds either way, and the unrolled loop is what the shipped
+    toy pipeline's outputs were produced with (XLA:CPU fuses and orders the unrolled program's float
+    reductions slightly differently, so switching would change its numbers in the last bits)."""
+    return platform.lower() in ACCELERATOR_PLATFORMS
+
+
+def default_attention(platform: str, compute_dtype: str) -> str:
+    """The attention kernel `attention="auto"` picks for `platform`: Pallas splash attention on TPU, cuDNN
+    flash attention on an NVIDIA GPU when the compute dtype is bfloat16/float16 (cuDNN has no float32
+    kernel), else the plain XLA einsum (CPU, ROCm, float32 on GPU)."""
+    platform = platform.lower()
+    if platform == "tpu":
+        return "splash"
+    if platform in ("gpu", "cuda") and dtype_name(compute_dtype) in ("bfloat16", "float16"):
+        return "cudnn"
+    return "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +114,26 @@ class Qwen2Config:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     torch_dtype: str = "bfloat16"  # the dtype the weights were saved in (informational, kept on export)
+    # The two dtypes below take any spelling `dtype_name` accepts and are stored as its canonical name.
     param_dtype: str = "float32"  # dtype of the parameters in this process
     dtype: str = "float32"  # compute dtype of matmuls; norms, rope, softmax and logits stay float32
     remat: str = "none"  # activation rematerialisation of decoder layers without a cache: none | full | dots
+    # Decoder layers stored stacked ([layers, ...] parameters, logical axis "layers") and run by one
+    # `jax.lax.scan` (True), or as a list run by a Python loop (False). None: `default_scan_layers` of the
+    # platform the model is built on (True on TPU/GPU, False on CPU). A layout, fixed when the model is built:
+    # `qwen2.set_scan_layers` converts a built model; HF import/export and `save_orbax` checkpoints convert
+    # transparently. Both layouts compute the same function (tests/test_scan_layers.py).
+    scan_layers: bool | None = None
+    # Attention kernel for training, scoring and prefill: "xla" (einsum + softmax, materialises [B, H, T, S]
+    # float32 scores; the reference), "cudnn" (`jax.nn.dot_product_attention` cuDNN flash attention, NVIDIA GPU,
+    # bf16/fp16), "splash" (Pallas splash attention; TPU, or interpret mode elsewhere: slow, for tests) or
+    # "auto" (`default_attention` of the platform the program is compiled for). Decode steps always use "xla".
+    # A runtime choice: it changes no parameter and may be replaced on a built model's config.
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
+        for field in ("param_dtype", "dtype"):  # jnp.bfloat16, np.float32, "bf16" ... -> "bfloat16", "float32"
+            object.__setattr__(self, field, dtype_name(getattr(self, field), field))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -70,14 +143,18 @@ class Qwen2Config:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.remat not in REMAT_MODES:
             raise ConfigError(f"remat={self.remat!r}: expected one of {REMAT_MODES}")
+        if self.scan_layers is not None and not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"scan_layers={self.scan_layers!r}: expected true, false or null (platform default)")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
 
     @property
-    def compute_dtype(self) -> Any:
-        return dtype_from_name(self.dtype)
+    def compute_dtype(self) -> np.dtype:
+        return as_dtype(self.dtype)
 
     @property
-    def params_dtype(self) -> Any:
-        return dtype_from_name(self.param_dtype)
+    def params_dtype(self) -> np.dtype:
+        return as_dtype(self.param_dtype)
 
     @property
     def num_groups(self) -> int:
@@ -85,6 +162,20 @@ class Qwen2Config:
 
     def replace(self, **kw: Any) -> Qwen2Config:
         return dataclasses.replace(self, **kw)
+
+    def for_platform(self, platform: str) -> Qwen2Config:
+        """This config with `scan_layers` (when None) and `attention` (when "auto") set to `platform`'s defaults
+        (`default_scan_layers`, `default_attention`): how to build a model for a chip other than this process's
+        own, e.g. `edu-prm plan` compiling for "tpu" on a CPU host."""
+        scan = default_scan_layers(platform) if self.scan_layers is None else self.scan_layers
+        impl = default_attention(platform, self.dtype) if self.attention == "auto" else self.attention
+        return self.replace(scan_layers=scan, attention=impl)
+
+    def with_dtypes(self, param_dtype: DTypeLike | None = None, dtype: DTypeLike | None = None) -> Qwen2Config:
+        """This config with the given parameter / compute dtypes (any `dtype_name` spelling); None keeps the
+        current one. Raises ConfigError naming the field for an unknown dtype."""
+        return self.replace(param_dtype=self.param_dtype if param_dtype is None else param_dtype,
+                            dtype=self.dtype if dtype is None else dtype)
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> Qwen2Config:

@@ -6,6 +6,12 @@ prediction, so nothing is left for the comparison. New blocks appended after the
 prediction at every position. Each new block copies the last block's weights with its two output projections
 (attention `o_proj`, MLP `down_proj`) set to zero: both residual branches add nothing, so the expanded model
 computes exactly what the original did until training moves those projections.
+
+Layer layouts (`Qwen2Config.scan_layers`): names here are per-layer ('layers.5.attn.q_proj.kernel'), which is
+how `checkpoints.layer_view` shows a scanned (stacked) policy too, so a PRM can be grown from either layout. The
+grown PRM itself is always unrolled (`prm._backbone_cfg`): LLaMA Pro trains the new blocks alone, and the
+optimizer freezes parameters by a regex on their names (`expanded_layers_pattern`), which can select a whole
+stacked [layers, ...] parameter but not some of its rows.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 def expansion_source(name: str, num_layers: int) -> tuple[str, bool]:
-    """(name of the unexpanded parameter that initialises `name`, whether it starts at zero), for a backbone
-    path such as 'layers.5.attn.q_proj.kernel' in a model grown from `num_layers` blocks."""
+    """(name of the unexpanded parameter that initialises `name`, whether it starts at zero), for a per-layer
+    backbone path such as 'layers.5.attn.q_proj.kernel' in a model grown from `num_layers` blocks (any other
+    name, e.g. a stacked 'layers.attn.q_proj.kernel', is its own source)."""
     m = _LAYER.match(name)
     if m is None or int(m.group(1)) < num_layers:
         return name, False

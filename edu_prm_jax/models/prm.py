@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from edu_prm_jax import parallel
 from edu_prm_jax.models import checkpoints
-from edu_prm_jax.models.config import ConfigError, Qwen2Config, dtype_from_name
+from edu_prm_jax.models.config import ConfigError, Qwen2Config, dtype_from_name, dtype_name
 from edu_prm_jax.models.expansion import expansion_source
 from edu_prm_jax.models.heads import HeadSpec, get_head, registered_heads
 from edu_prm_jax.models.qwen2 import KVCache, Qwen2
@@ -43,9 +43,19 @@ SEPARATOR_CONFIG_KEY = "edu_prm_separator_id"
 EXPANDED_CONFIG_KEY = "edu_prm_expanded_layers"
 
 
-def _backbone_cfg(cfg: Qwen2Config) -> Qwen2Config:
-    # A PRM has no LM head; marking the backbone tied means Qwen2 allocates none (the export keeps cfg as is).
-    return cfg.replace(tie_word_embeddings=True)
+def _backbone_cfg(cfg: Qwen2Config, expanded_layers: int = 0) -> Qwen2Config:
+    """The backbone's config: tied (a PRM has no LM head; marking the backbone tied means Qwen2 allocates none;
+    the export keeps cfg as is), and unrolled when block expansion appended layers (models/expansion.py: its
+    new blocks are trained alone by a per-parameter regex, which cannot select rows of a stacked parameter).
+    Raises ConfigError for `scan_layers=True` with expanded layers."""
+    cfg = cfg.replace(tie_word_embeddings=True)
+    if expanded_layers:
+        if cfg.scan_layers:
+            raise ConfigError(f"scan_layers=True with {expanded_layers} block-expanded layers: a block-expanded PRM "
+                              "keeps its layers unrolled (its new blocks are trained alone); use scan_layers=False "
+                              "or null")
+        cfg = cfg.replace(scan_layers=False)
+    return cfg
 
 
 class PRM(nnx.Module):
@@ -70,7 +80,10 @@ class PRM(nnx.Module):
         if not 0 <= expanded_layers < cfg.num_hidden_layers:
             raise ValueError(f"expanded_layers must be in [0, {cfg.num_hidden_layers}), got {expanded_layers}")
         self.expanded_layers = int(expanded_layers)  # the last blocks that block expansion appended
-        self.backbone = backbone if backbone is not None else Qwen2(_backbone_cfg(cfg), rngs)
+        if backbone is not None and expanded_layers and backbone.stacked:
+            raise ValueError("a block-expanded PRM needs an unrolled backbone (scan_layers=False): "
+                             "see models/expansion.py")
+        self.backbone = backbone if backbone is not None else Qwen2(_backbone_cfg(cfg, expanded_layers), rngs)
         self.head = spec.make(cfg, rngs)
 
     def __call__(
@@ -79,11 +92,12 @@ class PRM(nnx.Module):
         hidden, _ = self.backbone.backbone(tokens, positions, segment_ids=segment_ids)
         return self.head(hidden)
 
-    def prefill(self, prompts: jax.Array, *, cache: KVCache, write_index: jax.Array) -> KVCache:
+    def prefill(self, prompts: jax.Array, *, cache: KVCache, write_index: jax.Array | None = None) -> KVCache:
         """Write a prompt block into the PRM's own KV cache for incremental scoring (P-EDU, sampling.decode).
 
-        prompts [B, T] int32 written at write_index [B] int32 -> the updated cache. Nothing is scored: a prompt
-        is not a step."""
+        prompts [B, T] int32 written at write_index [B] int32 (None: a fresh prefill from slot 0 of an empty
+        cache, which a fused attention kernel runs, `Qwen2.backbone`) -> the updated cache. Nothing is scored:
+        a prompt is not a step."""
         _, cache = self.backbone.backbone(prompts, cache=cache, write_index=write_index)
         return cache
 
@@ -114,13 +128,19 @@ class PRM(nnx.Module):
     ) -> PRM:
         """A PRM whose backbone shares the policy's weights (no copy; the LM head is dropped) and whose head
         is freshly initialised. `expand_layers` appends that many identity-initialised decoder blocks
-        (models/expansion.py). With `mesh`, the head (and backbone) are placed by their logical axes (`rules`)."""
+        (models/expansion.py). With `mesh`, the head (and backbone) are placed by their logical axes (`rules`).
+
+        The backbone keeps the policy's layer layout (`scan_layers`), except that a block-expanded one is
+        unrolled (`_backbone_cfg`); from a scanned policy its layers are then sliced out of the stacked
+        parameters (a copy)."""
         if expand_layers < 0:
             raise ValueError(f"expand_layers must be >= 0, got {expand_layers}")
         num_layers = policy.cfg.num_hidden_layers
-        cfg: Qwen2Config = policy.cfg.replace(num_hidden_layers=num_layers + expand_layers)
-        abstract = nnx.eval_shape(lambda: Qwen2(_backbone_cfg(cfg), nnx.Rngs(0)))
-        source = checkpoints.flat_params(nnx.state(policy))
+        cfg: Qwen2Config = policy.cfg.replace(num_hidden_layers=num_layers + expand_layers,
+                                              scan_layers=policy.stacked and not expand_layers)
+        abstract = nnx.eval_shape(lambda: Qwen2(_backbone_cfg(cfg, expand_layers), nnx.Rngs(0)))
+        direct = checkpoints.flat_params(nnx.state(policy))
+        per_layer = checkpoints.layer_view(nnx.state(policy))
         graphdef, state = nnx.split(abstract)
 
         def adopt(path: tuple[Any, ...], var: Any) -> Any:
@@ -128,7 +148,11 @@ class PRM(nnx.Module):
                 return var
             own_name = checkpoints.path_str(path)
             name, zeroed = expansion_source(own_name, num_layers)
-            value = source[name][...]
+            if name == own_name and own_name in direct:  # the same parameter in the same layout: shared
+                value = direct[name][...]
+            else:
+                source, layer = per_layer[name]
+                value = source[...] if layer is None else source[...][layer]
             if tuple(value.shape) != tuple(var.shape):
                 raise ValueError(f"policy parameter {name} has shape {value.shape}, expected {var.shape}")
             if name != own_name:  # a new block: its own buffer (a shared one would be donated twice per step)
@@ -260,16 +284,18 @@ def load_prm(
     param_dtype: str | None = None,
     dtype: str | None = None,
     rules: parallel.RulesLike = None,
+    scan_layers: bool | None = None,
 ) -> PRM:
     """Load a PRM from an HF directory (see the module docstring for the layout), streamed onto `mesh`.
 
     `head` (a registered head's name) overrides the detected one; `separator_id` overrides config.json's. An
-    `lm_head.weight` (a causal LM's) is ignored: the PRM never reads it.
+    `lm_head.weight` (a causal LM's) is ignored: the PRM never reads it. `scan_layers` picks the backbone's
+    layer layout (None: the platform's default; a block-expanded PRM is unrolled, `_backbone_cfg`).
     """
     directory = pathlib.Path(path)
     config_path = directory / "config.json"
     cfg = Qwen2Config.from_file(directory)
-    cfg = cfg.replace(param_dtype=param_dtype or cfg.param_dtype, dtype=dtype or cfg.dtype)
+    cfg = cfg.with_dtypes(param_dtype, dtype).replace(scan_layers=scan_layers)
     raw = json.loads(config_path.read_text())
     ckpt = checkpoints.HFCheckpoint(directory)
     spec = get_head(head or head_from_config(raw, ckpt.names(), config_path))
@@ -318,9 +344,9 @@ def save_prm(
     """Export to the HF layout `load_prm` reads (staged, then renamed into place; `copy_files`, e.g. the
     tokenizer, go in with it). Raises DestinationError for a destination the tool may not replace (see
     `checkpoints.write_hf_directory`)."""
-    dtype_name = dtype or prm.cfg.torch_dtype
+    stored = dtype_name(prm.cfg.torch_dtype if dtype is None else dtype)  # canonical: "bf16" -> "bfloat16"
     tensors = checkpoints.iter_hf_tensors(
-        prm, lambda p: prm_to_hf(p, prm.head_spec.name), dtype_from_name(dtype_name)
+        prm, lambda p: prm_to_hf(p, prm.head_spec.name), dtype_from_name(stored)
     )
-    checkpoints.write_hf_directory(out_dir, prm_hf_config(prm, dtype_name), tensors, shard_bytes,
+    checkpoints.write_hf_directory(out_dir, prm_hf_config(prm, stored), tensors, shard_bytes,
                                    overwrite=overwrite, copy_files=copy_files, field=field)

@@ -78,13 +78,21 @@ class DecodeParams:
 DYNAMIC_FIELDS = ("seed", "tau", "temperature", "top_p", "prune_below")
 
 
+def static_params(p: DecodeParams) -> DecodeParams:
+    """`p` with its dynamic fields canonicalised: what the compiled loop depends on (idempotent)."""
+    return dataclasses.replace(p, seed=0, tau=0.0, temperature=1.0, prune_below=0.0,
+                               top_p=1.0 if p.top_p >= 1.0 else 0.5)  # only "is nucleus on" stays static
+
+
+def knob_dtypes() -> dict[str, Any]:
+    """{dynamic field: dtype} of the `knobs` the loop takes (scalars): seed uint32, the others float32."""
+    return {k: jnp.uint32 if k == "seed" else jnp.float32 for k in DYNAMIC_FIELDS}
+
+
 def split_params(p: DecodeParams) -> tuple[DecodeParams, dict[str, jax.Array]]:
     """(compile-time params with the dynamic fields canonicalised, the dynamic values as device scalars)."""
-    knobs = {"seed": jnp.asarray(p.seed, jnp.uint32)}
-    knobs.update({k: jnp.asarray(getattr(p, k), jnp.float32) for k in DYNAMIC_FIELDS if k != "seed"})
-    static = dataclasses.replace(p, seed=0, tau=0.0, temperature=1.0, prune_below=0.0,
-                                 top_p=1.0 if p.top_p >= 1.0 else 0.5)  # only "is nucleus on" stays static
-    return static, knobs
+    knobs = {k: jnp.asarray(getattr(p, k), dtype) for k, dtype in knob_dtypes().items()}
+    return static_params(p), knobs
 
 
 @jax.tree_util.register_dataclass
@@ -111,6 +119,17 @@ class Tables:
         return cls(jnp.asarray(np.arange(model_vocab) < tokenizer_vocab), fit(symbol_mask, False),
                    fit(stop.eos, False), fit(stop.has_boxed, False), fit(stop.opens, 0), fit(stop.closes, 0),
                    jnp.asarray(stop.stop_seqs))
+
+    @classmethod
+    def abstract(cls, model_vocab: int, stop_seqs_shape: tuple[int, int] = (1, 1), sharding: Any = None) -> Tables:
+        """The tables as `jax.ShapeDtypeStruct`s (optionally with `sharding`), for compiling the loop without a
+        tokenizer: [V] masks and counts, stop sequences [n, k] int32."""
+        def like(shape, dtype):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        v = (model_vocab,)
+        return cls(like(v, jnp.bool_), like(v, jnp.bool_), like(v, jnp.bool_), like(v, jnp.bool_),
+                   like(v, jnp.int32), like(v, jnp.int32), like(tuple(stop_seqs_shape), jnp.int32))
 
 
 # ------------------------------------------------------------------------------------------------- loop state
@@ -218,14 +237,14 @@ def _prefill(p: DecodeParams, model: nnx.Module, prm: nnx.Module | None, prompts
     m_n, g_n, a_n = p.num_leaves, p.max_new_tokens, p.max_anchors
     b_n = q_n * m_n
     cache = KVCache.zeros(model.cfg, q_n, plen + g_n)
-    hidden, cache = model.backbone(prompts, cache=cache, write_index=jnp.zeros((q_n,), jnp.int32))
+    hidden, cache = model.backbone(prompts, cache=cache)  # a fresh prefill: written from slot 0
     last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)
     logits = model.logits(last)[:, 0]  # [Q, V]
     expand = jnp.repeat(jnp.arange(q_n), m_n)
     prm_cache = None
     if prm is not None:
         prm_cache = KVCache.zeros(prm.backbone.cfg, q_n, plen + g_n)
-        prm_cache = prm.prefill(prompts, cache=prm_cache, write_index=jnp.zeros((q_n,), jnp.int32))
+        prm_cache = prm.prefill(prompts, cache=prm_cache)
         prm_cache = prm_cache.gather_rows(expand)  # the prompt scores nothing: last_score starts at 1
     slot = jnp.tile(jnp.arange(m_n), q_n)
     start = (slot == 0) if p.mode != "ht" else jnp.ones((b_n,), bool)
@@ -434,16 +453,64 @@ def _decode_loop(p: DecodeParams, knobs: dict[str, jax.Array], model: nnx.Module
     return DecodeOutput.of(jax.lax.while_loop(cond, body, state))
 
 
+def decode_fn(p: DecodeParams, graphdef: Any, prm_graphdef: Any = None, mesh: Mesh | None = None,
+              rules: parallel.RulesLike = None):
+    """The rollout program (prefill + the `lax.while_loop`; P-EDU when `prm_graphdef` is given) as a pure
+    function, not jitted: `(knobs, state, prm_state, tables, prompts, prompt_lens, question_ids) -> DecodeOutput`.
+
+    `graphdef`/`state`: `nnx.split(policy)`; `prm_graphdef`/`prm_state`: `nnx.split(prm)` or None/None;
+    `knobs`: {`DYNAMIC_FIELDS`: scalar} (`split_params`); `tables`: `Tables`; prompts [Q, P] int32 right-padded,
+    prompt_lens [Q] int32, question_ids [Q] int32 (-1: a padding question). Any of them may be
+    `jax.ShapeDtypeStruct`s: `jax.jit(decode_fn(...), in_shardings=decode_in_shardings(...)).lower(...)` compiles
+    the loop for a target without memory (`edu-prm plan`). `p` is canonicalised (`static_params`); its dynamic
+    fields come from `knobs`.
+
+    On a mesh of several devices the KV cache and activations are pinned to `rules`; when the `rollout` rule
+    splits on the mesh, the loop runs under a `jax.shard_map` manual over those axes only (each device decodes
+    its own questions, Q a multiple of the split), so parameters keep their sharding on the other axes."""
+    p = static_params(p)
+    layout = mesh if mesh is not None and mesh.devices.size > 1 else None
+    rules = parallel.as_rules(rules)
+
+    def local(knobs, state, prm_state, tables, prompts, prompt_lens, question_ids):
+        prm = nnx.merge(prm_graphdef, prm_state) if prm_graphdef is not None else None
+        with parallel.sharding_context(layout, rules):
+            return _decode_loop(p, knobs, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids,
+                                prm)
+
+    rollout = rules.split_axes("rollout", layout) if layout is not None else ()
+    if not rollout:
+        return local
+    rows, rep = _rows_spec(rollout), PartitionSpec()
+    return jax.shard_map(local, mesh=layout, in_specs=(rep, rep, rep, rep, rows, rows, rows), out_specs=rows,
+                         axis_names=set(rollout), check_vma=False)
+
+
+def _rows_spec(rollout: tuple[str, ...]) -> PartitionSpec:
+    return PartitionSpec(rollout[0] if len(rollout) == 1 else rollout)
+
+
+def decode_in_shardings(mesh: Mesh, state: Any, prm_state: Any = None, rules: parallel.RulesLike = None) -> tuple:
+    """NamedShardings on `mesh` of `decode_fn`'s seven arguments: knobs and tables replicated, parameters by
+    their logical axes (`parallel.state_shardings`), prompts / prompt_lens / question_ids split over the
+    `rollout` mesh axes (replicated when rollouts are not split). `state`/`prm_state` may be abstract."""
+    rules = parallel.as_rules(rules)
+    rep = NamedSharding(mesh, PartitionSpec())
+    rollout = rules.split_axes("rollout", mesh)
+    rows = NamedSharding(mesh, _rows_spec(rollout)) if rollout else rep
+    prm_shardings = parallel.state_shardings(prm_state, mesh, rules) if prm_state is not None else None
+    return (rep, parallel.state_shardings(state, mesh, rules), prm_shardings, rep, rows, rows, rows)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _decode_jit(p: DecodeParams, graphdef: Any, prm_graphdef: Any, layout: tuple[Mesh, parallel.ShardingRules] | None,
                 knobs: dict, state: Any, prm_state: Any, tables: Tables, prompts, prompt_lens,
                 question_ids) -> DecodeOutput:
-    """The loop on one device, or on a mesh without rollout sharding; `layout` (mesh, rules) pins the KV cache
+    """`decode_fn` on one device, or on a mesh without rollout sharding; `layout` (mesh, rules) pins the KV cache
     and activations (and keys the compile cache)."""
-    prm = nnx.merge(prm_graphdef, prm_state) if prm_graphdef is not None else None
     mesh, rules = layout if layout is not None else (None, None)
-    with parallel.sharding_context(mesh, rules):
-        return _decode_loop(p, knobs, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids, prm)
+    return decode_fn(p, graphdef, prm_graphdef, mesh, rules)(knobs, state, prm_state, tables, prompts, prompt_lens,
+                                                             question_ids)
 
 
 def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarray, prompt_lens: np.ndarray,
@@ -486,24 +553,15 @@ def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarr
 
 @functools.lru_cache(maxsize=32)
 def _sharded_decode(p: DecodeParams, graphdef: Any, prm_graphdef: Any, mesh: Mesh, rules: parallel.ShardingRules):
-    """The loop under a `shard_map` manual over the rollout mesh axes: each device decodes its own questions."""
-    rollout = rules.split_axes("rollout", mesh)
-    rows = PartitionSpec(rollout[0] if len(rollout) == 1 else rollout)
-
-    def local(knobs, state, prm_state, tables, prompts, prompt_lens, question_ids):
-        prm = nnx.merge(prm_graphdef, prm_state) if prm_graphdef is not None else None
-        with parallel.sharding_context(mesh, rules):
-            return _decode_loop(p, knobs, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids,
-                                prm)
-
-    rep = PartitionSpec()
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep, rep, rows, rows, rows), out_specs=rows,
-                       axis_names=set(rollout), check_vma=False)
-    jitted = jax.jit(fn)
+    """`decode_fn` under its `shard_map` (manual over the rollout mesh axes), jitted once per layout; the returned
+    runner places the per-question arrays over those axes and the knobs replicated."""
+    jitted = jax.jit(decode_fn(p, graphdef, prm_graphdef, mesh, rules))
+    rows = NamedSharding(mesh, _rows_spec(rules.split_axes("rollout", mesh)))
+    rep = NamedSharding(mesh, PartitionSpec())
 
     def run(knobs, state, prm_state, tables, prompts, prompt_lens, question_ids):
-        put = lambda x: jax.device_put(x, NamedSharding(mesh, rows))  # noqa: E731
-        rep_put = lambda x: jax.device_put(x, NamedSharding(mesh, rep))  # noqa: E731
+        put = lambda x: jax.device_put(x, rows)  # noqa: E731
+        rep_put = lambda x: jax.device_put(x, rep)  # noqa: E731
         return jitted(jax.tree.map(rep_put, knobs), state, prm_state, tables, put(prompts), put(prompt_lens),
                       put(question_ids))
 

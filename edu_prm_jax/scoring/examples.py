@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from edu_prm_jax import parallel
 from edu_prm_jax.models.heads import get_head
 
 SUPERVISE = ("step_end", "step_tokens")
@@ -216,12 +218,27 @@ def build_examples(
 # ---------------------------------------------------------------------------------------------- scoring
 
 
+def score_fn(graphdef: nnx.GraphDef, mesh: Mesh | None = None, rules: parallel.RulesLike = None):
+    """The PRM scoring forward as a pure function, not jitted: `(state, tokens, segment_ids) -> step logits`.
+
+    `graphdef`/`state`: `nnx.split(prm)` (the state concrete or `jax.ShapeDtypeStruct`s); tokens [B, T] int32,
+    segment_ids [B, T] int32 (0 = padding) -> [B, T] float32 logits (sigmoid = step score; read them at step
+    ends). With `mesh`, activations are pinned to `rules` inside the forward. `score_examples` jits it on one
+    device; `edu-prm plan` lowers it for a target on abstract inputs."""
+
+    def forward(state: nnx.State, tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        prm = nnx.merge(graphdef, state)
+        with parallel.sharding_context(mesh, rules):
+            return prm(tokens, None, segment_ids)
+
+    return forward
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _step_logits(
     graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, segment_ids: jax.Array
 ) -> jax.Array:
-    prm = nnx.merge(graphdef, state)
-    return prm(tokens, None, segment_ids)
+    return score_fn(graphdef)(state, tokens, segment_ids)
 
 
 def joined_steps(steps: Sequence[str], joiner: str) -> list[str]:

@@ -8,24 +8,86 @@ restored into the shardings of a freshly built train state, so a run can resume 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging as py_logging
 import os
 import pathlib
+import re
+import shutil
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from edu_prm_jax.io.atomic import write_text_atomic
+from edu_prm_jax.io.atomic import DiskFullError, write_text_atomic
 
 T = TypeVar("T")
 
 
 class DamagedCheckpointError(RuntimeError):
     """No checkpoint of a run could be read; the message names every step tried and why it failed."""
+
+
+# How a full disk shows up inside Orbax/tensorstore errors (a ValueError "RESOURCE_EXHAUSTED: ... No space left
+# on device [os_error_code='28']" raised from a background commit thread), besides a plain OSError.
+_DISK_FULL_TEXT = ("No space left on device", "os_error_code='28'", "Disk quota exceeded", "os_error_code='122'")
+_TMP_STEP_RE = re.compile(r"(?:^|/)(\d+)\.orbax-checkpoint-tmp")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or an error it was raised from) is a full disk or an exhausted quota."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(e) for text in _DISK_FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _QuietDiskFull(py_logging.Filter):
+    """Drops the logging of a full disk by Orbax and by asyncio ("Future exception was never retrieved" for each
+    aborted write): a traceback from each background thread and write, hundreds of lines. The Checkpointer
+    raises one DiskFullError instead. Kept at debug verbosity."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        if record.levelno < py_logging.ERROR or logging.level_debug():
+            return True
+        if "orbax" not in record.pathname and record.name != "asyncio":
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (any(t in record.getMessage() for t in _DISK_FULL_TEXT) or (exc is not None and _is_disk_full(exc)))
+
+
+_QUIET_DISK_FULL = _QuietDiskFull()
+
+
+def _quiet_aborted_writes() -> None:
+    """When a save fails, tensorstore's pending writes still complete and try to notify Orbax's event loop, which
+    is closed by then: each raises an unraisable "Event loop is closed" RuntimeError (dozens of tracebacks around
+    the real error, from threads that may run before the error reaches us). Those alone are dropped, from the
+    first writable Checkpointer on; any other unraisable error still prints."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_edu_prm_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed" and not logging.level_debug():
+            return
+        previous(unraisable)
+
+    hook._edu_prm_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _abstract(state: Any) -> Any:
@@ -57,6 +119,12 @@ class Checkpointer:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self._mgr = ocp.CheckpointManager(self.directory, options=options)
+        self._state_bytes: dict[int, int] = {}  # step -> bytes of its train state, for a disk-full message
+        if not read_only:
+            _quiet_aborted_writes()
+        for name in ("absl", "asyncio"):
+            if _QUIET_DISK_FULL not in py_logging.getLogger(name).filters:
+                py_logging.getLogger(name).addFilter(_QUIET_DISK_FULL)
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -89,7 +157,41 @@ class Checkpointer:
             table = self._read_metrics()
             table[str(step)] = metrics
             write_text_atomic(self._metrics_path, json.dumps(table, indent=1))
-        return self._mgr.save(step, args=args, metrics=metrics or None, force=True)
+        self._state_bytes[step] = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+        with self._disk_full_as_one_error(step):
+            return self._mgr.save(step, args=args, metrics=metrics or None, force=True)
+
+    @contextlib.contextmanager
+    def _disk_full_as_one_error(self, step: int | None) -> Iterator[None]:
+        """Turns a full disk during a save (this one, or an earlier async one whose error surfaces now) into one
+        DiskFullError naming the checkpoint, the bytes its state needs and the bytes free; the incomplete
+        `<step>.orbax-checkpoint-tmp` directory Orbax was writing is removed (the tool made it; restores never
+        read it), so the previous checkpoints stay the newest a rerun sees."""
+        try:
+            yield
+        except Exception as e:
+            if not _is_disk_full(e):
+                raise
+            raise self._disk_full(e, step) from None
+
+    def _disk_full(self, error: BaseException, step: int | None) -> DiskFullError:
+        match = _TMP_STEP_RE.search(str(error))
+        failed = int(match.group(1)) if match else step
+        removed = []
+        for tmp in self.directory.glob(f"{failed}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp.name)
+        try:
+            free = f"{shutil.disk_usage(self.directory).free:,} bytes are free there now"
+        except OSError:
+            free = "free space unknown"
+        need = self._state_bytes.get(failed)
+        needed = f"its arrays alone take {need:,} bytes, plus Orbax's metadata; " if need else ""
+        kept = self.all_steps()
+        return DiskFullError(self.directory, message=(
+            f"no space left on device saving checkpoint step {failed} to {self.directory} ({needed}{free}); "
+            f"the incomplete save was removed, " + (f"checkpoint steps {kept} are intact" if kept else
+                                                   "no earlier checkpoint exists")))
 
     @property
     def _metrics_path(self) -> pathlib.Path:
@@ -138,13 +240,17 @@ class Checkpointer:
                     if damaged.is_dir():
                         damaged.rename(damaged.with_name(f"{bad}.damaged-{int(time.time())}"))
                 self._mgr.reload()
+            logging.info("restored checkpoint step %d from %s", step, self.directory)
             return step, restored
         listed = "; ".join(f"step {step} ({reason})" for step, reason in failures)
         raise DamagedCheckpointError(f"{self.directory}: no checkpoint could be read: {listed}")
 
     def wait(self) -> None:
-        self._mgr.wait_until_finished()
+        with self._disk_full_as_one_error(None):
+            self._mgr.wait_until_finished()
+            self._mgr.check_for_errors()
 
     def close(self) -> None:
-        self._mgr.wait_until_finished()
-        self._mgr.close()
+        with self._disk_full_as_one_error(None):
+            self._mgr.wait_until_finished()
+            self._mgr.close()

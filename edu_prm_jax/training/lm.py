@@ -33,12 +33,15 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def lm_loss(model, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean NLL over weighted tokens of a packed batch (tokens, targets, weights, segment_ids, positions).
 
-    Returns (loss, aux) with aux = token accuracy and the weighted-token count (both over weighted tokens).
+    Returns (loss, aux) with aux = token accuracy and `weighted_tokens`, the total weight the loss is the mean
+    over (so loss * weighted_tokens is the summed loss: pass count_key="weighted_tokens" to a Trainer that
+    accumulates). A batch with no weight gives loss 0.
     """
     logits = model(batch["tokens"], batch["positions"], segment_ids=batch["segment_ids"])
     nll = token_nll(logits, batch["targets"])
     w = batch["weights"].astype(jnp.float32) * (batch["segment_ids"] > 0)
-    denom = jnp.maximum(w.sum(), 1.0)
+    total = w.sum()
+    denom = jnp.where(total > 0, total, 1.0)  # exactly the total weight (fractional weights included)
     loss = (nll * w).sum() / denom
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-    return loss, {"token_accuracy": (correct * w).sum() / denom, "weighted_tokens": w.sum()}
+    return loss, {"token_accuracy": (correct * w).sum() / denom, "weighted_tokens": total}

@@ -8,7 +8,9 @@ mesh's batch axes, so the same code runs on one CPU, 8 simulated devices or an a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import pathlib
 import signal
@@ -76,12 +78,32 @@ def restore_model(checkpointer: Checkpointer, step: int, abstract_model: nnx.Mod
     return nnx.merge(graphdef, restored["model"])
 
 
-class PreemptedError(Exception):
-    """Training stopped on SIGTERM after saving a checkpoint; rerunning with the same workdir resumes. The CLI
-    exits with `EXIT_PREEMPTED` so a scheduler does not read the run as finished."""
+class PreemptedError(BaseException):
+    """Training stopped on SIGTERM (after saving a checkpoint when a step had run); rerunning with the same
+    workdir resumes. The CLI exits with `EXIT_PREEMPTED` so a scheduler does not read the run as finished. A
+    BaseException, like KeyboardInterrupt: raised from a signal handler at any point, it must not be taken for
+    an ordinary failure by an `except Exception` (e.g. a checkpoint restore would call the step damaged)."""
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, try again
+
+
+@contextlib.contextmanager
+def preemptible(what: str) -> Iterator[None]:
+    """A SIGTERM while the body runs outside `Trainer.train` (loading the model, building the optimizer state,
+    restoring a checkpoint) raises PreemptedError at once: there is no step to finish and nothing new to save.
+    `Trainer.train` takes the signal over while it runs (finish the step in flight, save, return). So a
+    scheduler sees `EXIT_PREEMPTED` whenever the signal arrives, never a bare kill (-15)."""
+
+    def stop(*_: Any) -> None:
+        raise PreemptedError(f"stopped by SIGTERM while {what} was starting or finishing, before or after its "
+                             "training steps; nothing new to save, rerun with the same --workdir to resume")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class NonFiniteError(FloatingPointError):
@@ -119,7 +141,19 @@ class Trainer:
         eval_fn: EvalFn | None = None,
         config: Mapping[str, Any] | None = None,
         rules: parallel.RulesLike = None,
+        count_key: str | None = None,
     ):
+        """`count_key`: the field of `loss_fn`'s aux holding the number (or total weight) of supervised positions
+        its loss is the mean over ('num_steps' for `prm_loss`, 'weighted_tokens' for `lm_loss`). Required when
+        `optim` accumulates (accum_steps > 1): each micro-batch then contributes the gradient of loss * count,
+        and the update divides the sum by the summed count, so it equals the update of the combined batch
+        (`optim.accumulate_by_count`). Raises ValueError when it is missing."""
+        accum = optim.accum_steps if isinstance(optim, OptimConfig) else 1
+        if accum > 1 and count_key is None:
+            raise ValueError(f"accum_steps={accum} needs count_key: the loss aux field counting the supervised "
+                             "positions the loss averages over (e.g. 'num_steps' for prm_loss, 'weighted_tokens' "
+                             "for lm_loss), so that the accumulated update is normalised by the whole batch")
+        self.count_key = count_key if accum > 1 else None
         self.cfg = train_cfg
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +163,7 @@ class Trainer:
         self.eval_fn = eval_fn
         self.config = dict(config or {})
         self.schedule = make_schedule(optim) if isinstance(optim, OptimConfig) else None
-        self.accum = optim.accum_steps if isinstance(optim, OptimConfig) else 1
+        self.accum = accum
         tx = make_optimizer(optim) if isinstance(optim, OptimConfig) else optim
         parallel.shard_model(model, self.mesh, self.rules)
         holder = _TrainState(model, nnx.Optimizer(model, tx, wrt=nnx.Param))
@@ -149,10 +183,31 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ step
     def _train_step(self, state: nnx.State, batch: Mapping[str, jax.Array]):
         holder = nnx.merge(self.graphdef, state)
+        if self.count_key is not None:  # accumulating: the gradient of the summed loss, normalised at the update
+            return self._accumulating_step(holder, batch)
         with parallel.sharding_context(self.mesh, self.rules):  # traced once per Trainer: mesh and rules are fixed
             (loss, aux), grads = nnx.value_and_grad(lambda m: self.loss_fn(m, batch), has_aux=True)(holder.model)
         holder.optimizer.update(holder.model, grads)
         return nnx.state(holder), {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+
+    def _accumulating_step(self, holder: _TrainState, batch: Mapping[str, jax.Array]):
+        """One micro-batch of an accumulated update: differentiate loss * count (the summed loss; the count is
+        data, not a function of the params) and hand the optimizer the count. Logged metrics stay per
+        micro-batch: `loss` its mean loss, `grad_norm` the norm of its mean-loss gradient."""
+        key = self.count_key
+
+        def summed_loss(model: nnx.Module):
+            loss, aux = self.loss_fn(model, batch)
+            if key not in aux:
+                raise KeyError(f"count_key {key!r} is not in the loss aux (fields: {sorted(aux)})")
+            return loss * jax.lax.stop_gradient(aux[key]).astype(loss.dtype), (loss, aux)
+
+        with parallel.sharding_context(self.mesh, self.rules):
+            (_, (loss, aux)), grads = nnx.value_and_grad(summed_loss, has_aux=True)(holder.model)
+        count = jnp.asarray(aux[key], jnp.float32)
+        holder.optimizer.update(holder.model, grads, count=count)
+        grad_norm = optax.tree.norm(grads) / jnp.where(count > 0, count, 1.0)
+        return nnx.state(holder), {"loss": loss, "grad_norm": grad_norm, **aux}
 
     def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         div = parallel.batch_divisor(self.mesh, self.rules)
@@ -303,3 +358,40 @@ class Trainer:
 
     def close(self) -> None:
         self.checkpointer.close()
+
+
+# ------------------------------------------------------------------------------- the step as a public program
+def new_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> nnx.Module:
+    """The (model, optimizer) pair a Trainer steps and checkpoints: a module whose state is {'model': the model's
+    variables, 'optimizer': step + `tx`'s state over the model's `nnx.Param`s (with accumulation, the gradient
+    accumulator too)}. Built under `nnx.eval_shape` it is abstract (shapes and dtypes, no memory): what
+    `edu-prm plan` compiles a 72B step from."""
+    return _TrainState(model, nnx.Optimizer(model, tx, wrt=nnx.Param))
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepView:
+    """The fields the Trainer's step methods read, without a Trainer (no state placed, no checkpointer)."""
+
+    graphdef: Any
+    loss_fn: LossFn
+    mesh: Mesh | None
+    rules: parallel.ShardingRules
+    count_key: str | None
+
+    _accumulating_step = Trainer._accumulating_step
+
+
+def make_train_step(graphdef: Any, loss_fn: LossFn, mesh: Mesh | None = None, rules: parallel.RulesLike = None,
+                    count_key: str | None = None
+                    ) -> Callable[[nnx.State, Mapping[str, jax.Array]], tuple[nnx.State, dict[str, jax.Array]]]:
+    """The Trainer's train step of one micro-batch as a pure function `(state, batch) -> (new state, metrics)`,
+    not jitted: the same code `Trainer.train_step` runs (its step methods, which read only these arguments).
+
+    `graphdef`/`state`: `nnx.split(new_train_state(model, tx))`; the state may be concrete or
+    `jax.ShapeDtypeStruct`s (then `jax.jit(step, ...).lower(state, batch)` compiles it without memory). `batch`:
+    {name: [rows, seq_len] array} as `loss_fn(model, batch) -> (loss, aux)` reads it. `count_key`: as the
+    Trainer's (the aux field a loss averages over; needed when `tx` accumulates). Metrics: `loss`, `grad_norm`
+    and `loss_fn`'s aux. With `mesh`, activations are pinned to `rules` inside the step."""
+    view = _StepView(graphdef, loss_fn, mesh, parallel.as_rules(rules), count_key)
+    return functools.partial(Trainer._train_step, view)

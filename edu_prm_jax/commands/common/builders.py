@@ -13,7 +13,7 @@ from flax import nnx
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_model, load_tokenizer
 from edu_prm_jax.models.checkpoints import ORBAX_CONFIG, HFCheckpoint, is_orbax_dir
-from edu_prm_jax.models.config import Qwen2Config
+from edu_prm_jax.models.config import Qwen2Config, dtype_name
 from edu_prm_jax.models.expansion import expanded_layers_pattern
 from edu_prm_jax.models.heads import get_head
 from edu_prm_jax.models.prm import (
@@ -61,8 +61,25 @@ def sampler_options(s: ml_collections.ConfigDict) -> dict[str, Any]:
 def sampling_fingerprint(policy_dir: pathlib.Path, dtype: str, s: ml_collections.ConfigDict) -> dict[str, Any]:
     """What shapes tree shards besides DecodeParams and the questions (which `sample_to_shards` adds itself):
     the policy, its dtype, stop strings and the anchor symbol set. The layout written is unchanged."""
-    return {"policy": str(pathlib.Path(policy_dir).resolve()), "dtype": dtype, "stop_strings": s.stop_strings,
-            "symbols": [s.extra_symbols, s.disable_symbols]}
+    return {"policy": str(pathlib.Path(policy_dir).resolve()), "dtype": dtype_name(dtype),
+            "stop_strings": s.stop_strings, "symbols": [s.extra_symbols, s.disable_symbols]}
+
+
+def saved_config(model_dir: str | pathlib.Path) -> Qwen2Config:
+    """The architecture of the model (policy or PRM) saved at `model_dir`, an HF or Orbax directory, read from its
+    config files alone (no weight is read)."""
+    model_dir = pathlib.Path(model_dir)
+    if is_orbax_dir(model_dir):
+        meta_path = model_dir / ORBAX_CONFIG
+        return Qwen2Config.from_hf_dict(json.loads(meta_path.read_text())["model"], str(meta_path))
+    return Qwen2Config.from_file(model_dir)
+
+
+def checkpoint_dtype(model_dir: str | pathlib.Path) -> str:
+    """The dtype the weights at `model_dir` were saved in (config.json's `torch_dtype`): what inference loads them
+    in. Holding them wider would cost memory and change no number: a matmul casts its weights to the compute
+    dtype, and widening a saved value is exact."""
+    return saved_config(model_dir).torch_dtype
 
 
 def build_sampler(policy: str, tokenizer_dir: str, s: ml_collections.ConfigDict, mesh_cfg: Any, dtype: str,
@@ -71,7 +88,7 @@ def build_sampler(policy: str, tokenizer_dir: str, s: ml_collections.ConfigDict,
     policy_dir = resolve_policy(policy)
     mesh = parallel.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
     rules = parallel.rules_from_config(mesh_cfg.rules)  # the sampling layout: this command's own mesh.rules
-    model = load_model(policy_dir, dtype=dtype, mesh=mesh, rules=rules)
+    model = load_model(policy_dir, dtype=dtype, param_dtype=checkpoint_dtype(policy_dir), mesh=mesh, rules=rules)
     tokenizer = load_tokenizer(tokenizer_dir or policy_dir)
     return Sampler(model, tokenizer, params, mesh=mesh, batch_questions=batch_questions,
                    prompt_bucket=prompt_bucket, rules=rules, **sampler_options(s))
@@ -129,11 +146,18 @@ def build_prm(config: ml_collections.ConfigDict, mesh, rules: parallel.RulesLike
     return prm
 
 
-def abstract_prm(config: ml_collections.ConfigDict) -> PRM:
+def abstract_prm(config: ml_collections.ConfigDict, backbone: Qwen2Config | None = None) -> PRM:
     """The PRM `build_prm(config, mesh)` builds, as shapes and dtypes only (`nnx.eval_shape`), read from config
     files: no weight is loaded. What a trained PRM is restored into (export), so that the policy's weights are
-    never held beside the trained ones. Keep in step with `build_prm`."""
-    if config.init_prm:
+    never held beside the trained ones. Keep in step with `build_prm`.
+
+    `backbone` (an architecture, e.g. from `edu-prm plan --config.arch`) replaces the policy's files, which need
+    not exist here: the PRM starts from it as from `config.policy` (the separator id, a plain integer, is then
+    left unset)."""
+    if backbone is not None:
+        cfg = backbone.replace(num_hidden_layers=backbone.num_hidden_layers + config.expand_layers)
+        head, sep, expanded = config.head, None, config.expand_layers
+    elif config.init_prm:
         directory = pathlib.Path(config.init_prm)
         config_path = directory / "config.json"
         raw = json.loads(config_path.read_text())
@@ -153,7 +177,7 @@ def abstract_prm(config: ml_collections.ConfigDict) -> PRM:
         inserts_separator = get_head(head).inserts_separator
         sep = separator_ids(load_tokenizer(policy_dir), config.separator) if inserts_separator else None
         expanded = config.expand_layers
-    cfg = cfg.replace(dtype=config.dtype or cfg.dtype, remat=config.remat)
+    cfg = cfg.with_dtypes(dtype=config.dtype).replace(remat=config.remat)
     return nnx.eval_shape(lambda: PRM(cfg, head, rngs=nnx.Rngs(0), separator_id=sep, expanded_layers=expanded))
 
 
@@ -167,18 +191,31 @@ def prm_checkpoints(workdir: pathlib.Path) -> Checkpointer:
                         read_only=True)
 
 
+PRM_COUNT_KEY = "num_steps"  # the prm_loss aux field its mean is over (the Trainer's count_key when accumulating)
+
+
+def optim_config(config: ml_collections.ConfigDict, prm: PRM) -> OptimConfig:
+    """The optimizer settings of a PRM run (`config` a train config): what `make_trainer` and `edu-prm plan` use."""
+    updates = max(1, config.steps // config.accum_steps)
+    return OptimConfig(learning_rate=config.learning_rate, warmup_steps=min(config.warmup_steps, updates - 1),
+                       total_steps=updates, end_lr_fraction=config.end_lr_fraction,
+                       weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+                       accum_steps=config.accum_steps, trainable=trainable_pattern(config, prm))
+
+
+def prm_loss_fn(config: ml_collections.ConfigDict):
+    """The loss a PRM run trains with: `prm_loss` at the config's `pos_weight`."""
+    pos_weight = config.pos_weight
+    return lambda m, b: prm_loss(m, b, pos_weight)
+
+
 def make_trainer(config: ml_collections.ConfigDict, workdir: pathlib.Path, prm: PRM, eval_fn, mesh,
                  rules: parallel.RulesLike = None) -> Trainer:
-    updates = max(1, config.steps // config.accum_steps)
-    optim = OptimConfig(learning_rate=config.learning_rate, warmup_steps=min(config.warmup_steps, updates - 1),
-                        total_steps=updates, end_lr_fraction=config.end_lr_fraction,
-                        weight_decay=config.weight_decay, clip_norm=config.clip_norm,
-                        accum_steps=config.accum_steps, trainable=trainable_pattern(config, prm))
+    optim = optim_config(config, prm)
     train_cfg = TrainConfig(steps=config.steps, log_every=10, eval_every=config.eval_every,
                             checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
                             best_metric=BEST_METRIC, best_mode=BEST_MODE, peak_flops_per_device=config.peak_flops)
-    pos_weight = config.pos_weight
-    return Trainer(prm, lambda m, b: prm_loss(m, b, pos_weight), optim, train_cfg, workdir / "prm", mesh=mesh,
-                   eval_fn=eval_fn, config=config.to_dict(), rules=rules)
+    return Trainer(prm, prm_loss_fn(config), optim, train_cfg, workdir / "prm", mesh=mesh,
+                   eval_fn=eval_fn, config=config.to_dict(), rules=rules, count_key=PRM_COUNT_KEY)
 
 
