@@ -18,7 +18,8 @@ RUNTIME = [
     "numpy>=1.26",
     "tqdm>=4.66",
     "absl-py>=2.1.0",
-    "latex2sympy2_extended[antlr4_13_2]>=1.11,<2",  # LaTeX -> sympy parser of the answer checker (grading)
+    "latex2sympy2_extended>=1.11,<2",  # LaTeX -> sympy parser of the answer checker (grading)
+    "antlr4-python3-runtime==4.13.2",  # the ANTLR runtime its generated parser was built with
     "sympy>=1.13",
     "matplotlib>=3.8",
     "tensorboardX>=2.6",
@@ -40,7 +41,8 @@ TEST = [
 
 # `edu-prm plan`: the compilers of the targets it plans for, used on a CPU host; never needed to run anything.
 PLAN = ["jax[tpu]"]  # libtpu (~700 MB), the TPU compiler
-PLAN_CUDA = ["jax[cuda12-local]"]  # jax-cuda12-plugin + jax-cuda12-pjrt at jax's version, without CUDA wheels
+PLAN_CUDA = ["jax[cuda12-local]",  # jax-cuda12-plugin + jax-cuda12-pjrt at jax's version, without CUDA wheels
+             "nvidia-cudnn-cu12"]  # jax reads cuDNN's version while tracing the cuDNN attention kernel
 
 setup(
     name="edu_prm_jax",

@@ -93,21 +93,39 @@ def test_splash_interpret_equals_numpy_and_reference_gradients(heads, kv_heads, 
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, err_msg=f"d{name}")
 
 
-def test_splash_blockwise_on_a_mesh_equals_one_device():
-    """Under a sharding context the kernel runs per (row, head) block; 2 key/value heads on tensor=4 cannot split
-    like the 4 query heads, so they are repeated per query head first. Same numbers as one device."""
+@pytest.mark.parametrize("kernel", ["splash", "jax.nn"])
+def test_fused_kernels_blockwise_on_a_mesh_equal_one_device(kernel):
+    """Under a sharding context a fused kernel runs per (row, head) block; 2 key/value heads on tensor=4 cannot
+    split like the 4 query heads, so they are repeated per query head first. Same numbers as one device. The
+    jax.nn call is cuDNN's, run with implementation="xla"."""
     q, k, v = _qkv(4, 128, 4, 2, 16, seed=7)
     seg = jnp.asarray(np.repeat(_segments(128), 2, axis=0))
-    single = attention.splash_attention(q, k, v, seg, interpret=True)
+    if kernel == "splash":
+        fn = lambda q, k, v, seg: attention.splash_attention(q, k, v, seg, interpret=True)  # noqa: E731
+    else:
+        fn = lambda q, k, v, seg: attention.cudnn_attention(q, k, v, seg, implementation="xla")  # noqa: E731
+    single = fn(q, k, v, seg)
     for shape in ((2, 1, 4), (2, 2, 2)):
         mesh = parallel.make_mesh(*shape)
 
         @jax.jit
         def run(q, k, v, seg, mesh=mesh):
             with parallel.sharding_context(mesh):
-                return attention.splash_attention(q, k, v, seg, interpret=True)
+                return fn(q, k, v, seg)
 
         np.testing.assert_allclose(np.asarray(run(q, k, v, seg)), np.asarray(single), atol=1e-6, err_msg=str(shape))
+
+    # inside a shard_map manual over 'data' (the decode loop's), the other axes are blocked by a nested one
+    mesh = parallel.make_mesh(2, 1, 4)
+
+    def local(q, k, v, seg):
+        with parallel.sharding_context(mesh):
+            return fn(q, k, v, seg)
+
+    spec = jax.sharding.PartitionSpec("data")
+    nested = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, axis_names={"data"},
+                                   check_vma=False))(q, k, v, seg)
+    np.testing.assert_allclose(np.asarray(nested), np.asarray(single), atol=1e-6)
 
 
 def test_auto_picks_splash_on_tpu_cudnn_on_gpu_in_half_precision_else_xla():
@@ -117,6 +135,10 @@ def test_auto_picks_splash_on_tpu_cudnn_on_gpu_in_half_precision_else_xla():
     assert default_attention("cpu", "bfloat16") == "xla"
     assert attention.resolve("auto", "bfloat16") == "xla"  # this process: CPU
     assert attention.resolve("splash", "float32") == "splash"
+    assert attention.auto_fallback("cudnn", 511, 128, segmented=True) == "xla"  # a mask bias needs an even T
+    assert attention.auto_fallback("cudnn", 511, 128, segmented=False) == "cudnn"
+    assert attention.auto_fallback("cudnn", 512, 12, segmented=False) == "xla"  # head_dim not a multiple of 8
+    assert attention.auto_fallback("splash", 511, 12, segmented=True) == "splash"
     with parallel.sharding_context(parallel.make_mesh(data=2, devices=jax.devices()[:2])):
         assert parallel.active_platform() == "cpu"
     assert parallel.active_platform() is None
@@ -226,6 +248,8 @@ def test_splash_train_step_compiles_for_a_tpu_slice():
 def test_cudnn_train_step_compiles_for_a_gpu_target():
     if not _installed("jax_plugins.xla_cuda12"):
         pytest.skip("JAX's CUDA plugin (the [plan-cuda] extra) is not installed: the GPU compiler is needed")
+    if not _installed("nvidia.cudnn"):  # jax reads cuDNN's version while tracing the cuDNN kernel
+        pytest.skip("cuDNN (the nvidia-cudnn-cu12 wheel) is not installed: tracing the cuDNN kernel needs it")
     from jax.experimental import topologies
 
     from edu_prm_jax.planning.hardware import H100_TARGET_CONFIG

@@ -61,7 +61,8 @@ def test_torch_dtype_objects():
 
 
 @pytest.mark.parametrize("bad", ["bfloat17", "float", "float64", "int8", "", np.float64, jnp.int8, np.dtype("int32"),
-                                 3, object()], ids=repr)
+                                 3, object()],
+                         ids=lambda v: type(v).__name__ if type(v) is object else repr(v))  # stable across workers
 def test_unknown_or_unsupported_dtype_is_an_error_naming_the_value(bad):
     with pytest.raises(ConfigError, match="unknown or unsupported dtype") as e:
         dtype_name(bad, "param_dtype")

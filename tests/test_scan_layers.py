@@ -117,6 +117,30 @@ def test_kv_cache_decoding_equals_full_forward_and_the_unrolled_cache(tmp_path):
         scanned(tokens[:, :1], cache=KVCache.zeros(unrolled.cfg, 3, 16), write_index=jnp.zeros(3, jnp.int32))
 
 
+def test_a_decode_step_writes_the_stacked_cache_in_place():
+    """A jitted decode loop over a donated cache needs no temporary the size of the cache in either layout (a
+    copy of the stacked cache per step, e.g. from a layout change around the scan, would show here)."""
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    temps = {}
+    for scan in (False, True):
+        graphdef, state = nnx.split(Qwen2(cfg.replace(scan_layers=scan), nnx.Rngs(0)))
+        cache = KVCache.zeros(cfg.replace(scan_layers=scan), 8, 4096)
+        size = sum(x.nbytes for x in jax.tree.leaves(cache))
+
+        def steps(state, cache, graphdef=graphdef):
+            def body(i, c):
+                _, c = nnx.merge(graphdef, state)(jnp.zeros((8, 1), jnp.int32), cache=c,
+                                                  write_index=jnp.full((8,), i, jnp.int32))
+                return c
+            return jax.lax.fori_loop(0, 3, body, cache)
+
+        compiled = jax.jit(steps, donate_argnums=1).lower(state, cache).compile()
+        temps[scan] = compiled.memory_analysis().temp_size_in_bytes
+        assert temps[scan] < size / 2, (scan, temps[scan], size)
+    assert temps[True] < 1.1 * temps[False], temps
+
+
 @pytest.mark.parametrize("mode", ["edu", "ht"])
 def test_sampled_trees_are_the_same_in_both_layouts(tmp_path, mode):
     """EDU forks copy cache rows inside the loop; P-EDU runs the PRM's own (stacked) cache beside the policy's."""
@@ -211,7 +235,7 @@ def test_stacking_round_trip_and_metadata():
     set_scan_layers(abstract, True)  # shapes only
     assert abstract.layers.mlp.down_proj.kernel.shape == (3, 24, 16) and abstract.cfg.scan_layers
     assert default_scan_layers("tpu") and default_scan_layers("gpu") and not default_scan_layers("cpu")
-    assert Qwen2(cfg, nnx.Rngs(0)).cfg.scan_layers is False  # this process is a CPU one
+    assert not Qwen2(cfg, nnx.Rngs(0)).stacked  # this process is a CPU one
     assert cfg.for_platform("tpu").scan_layers is True and cfg.for_platform("tpu").attention == "splash"
     with pytest.raises(ConfigError, match="scan_layers"):
         cfg.replace(scan_layers="yes")

@@ -26,7 +26,7 @@ def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collection
     mesh.rules.mlp = "tensor"  # Parameters: MLP intermediate size (and a reward head's hidden layer).
     mesh.rules.norm = ""  # Parameters: RMSNorm scales.
     mesh.rules.head_dim = ""  # KV cache: features per head.
-    mesh.rules.layers = ""  # Parameters: a stacked-layers axis (unused by the per-layer model).
+    mesh.rules.layers = ""  # Parameters and KV cache: the stacked-layers axis of scan_layers=True (replicated).
     mesh.rules.head_out = ""  # Parameters: a reward head's output columns.
     mesh.rules.batch = "data,fsdp"  # Training batches: rows of a micro-batch.
     mesh.rules.rollout = "data"  # Rollouts: questions of a decode batch (decode is manual over these axes).

@@ -5,7 +5,7 @@ Examples:
   edu-prm plan --config=configs/plan.py:qwen25_math_7b --config.arch=Qwen2.5-Math-7B-Instruct
       --config.train_topology=v4-32 --config.decode_topology=v4-8 --workdir=runs/plan7b
   edu-prm plan --config=configs/plan.py:qwen25_72b_prm_tpu --config.arch=Qwen2.5-72B-Instruct
-      --config.topology=v5p-128 --config.layers=2,4 --workdir=runs/plan72b
+      --config.topology=v5p-128 --config.layers=4,8 --workdir=runs/plan72b
   edu-prm plan --config.run.train.rows=64 --config.search=batch    # any field of the planned config
 (each example is one command line).
 `configs/plan.py:NAME` plans the shipped config NAME (a pipeline, train or sample config); to plan your own

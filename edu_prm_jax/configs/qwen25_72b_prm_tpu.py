@@ -4,14 +4,14 @@
       -- train --config=configs/qwen25_72b_prm_tpu.py --config.labels=gs-mounted/labels --workdir=/runs/prm72b
 Every worker runs the same command; jax.distributed initialises itself from the TPU environment.
 
-Expected memory per chip (64 chips x 95 GB HBM; estimates, not measurements):
-- float32 master params + AdamW moments + grads: 16 B x 72.7e9 = 1.16 TB, sharded over fsdp x tensor = 64 ways:
-  18.2 GB per chip.
-- bf16 activations with remat="full" (each decoder layer keeps only its input and recomputes the rest in the
-  backward pass): layer inputs 80 x 8192 x 2 B = 1.3 MB per token x 4096 tokens (2 rows x 2048 per fsdp group)
-  = 5.4 GB, plus one layer's working set (~34 x 8192 x 2 B per token, split 4 ways by tensor parallelism)
-  ~0.6 GB: ~6 GB per chip. Without remat it would be ~46 GB (all 80 layers' ~44.6 MB per token / 4).
-- total ~24 GB of 95 GB, room for more rows per fsdp group. For v4 (32 GB) keep remat and use rows 16.
+Memory per chip, from `edu-prm plan` (compiled for a v5p-128 on a CPU; README "Planning for a slice"):
+  edu-prm plan --config=configs/plan.py:qwen25_72b_prm_tpu --config.arch=Qwen2.5-72B-Instruct
+      --config.topology=v5p-128 --config.layers=4,8   (one command line)
+- arguments 16.7 GiB: float32 master weights + AdamW moments + the accumulated gradient (accum_steps=4),
+  16 B x 72.7e9 parameters over fsdp x tensor = 64 chips;
+- the train step in all 69.2 GiB of the 95.74 a v5p chip lets a program use (extrapolated to 80 layers from
+  4- and 8-layer compiles; 63.2 from 2 and 4), the temporaries of the remat="full" step being most of it.
+- The same mesh on a v4-128 (64 chips) would need the same ~69 GiB per chip, more than a v4's 30.75.
 """
 
 from __future__ import annotations

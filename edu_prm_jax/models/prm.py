@@ -136,9 +136,9 @@ class PRM(nnx.Module):
         if expand_layers < 0:
             raise ValueError(f"expand_layers must be >= 0, got {expand_layers}")
         num_layers = policy.cfg.num_hidden_layers
-        cfg: Qwen2Config = policy.cfg.replace(num_hidden_layers=num_layers + expand_layers,
-                                              scan_layers=policy.stacked and not expand_layers)
-        abstract = nnx.eval_shape(lambda: Qwen2(_backbone_cfg(cfg, expand_layers), nnx.Rngs(0)))
+        cfg: Qwen2Config = policy.cfg.replace(num_hidden_layers=num_layers + expand_layers)
+        layout = cfg.replace(scan_layers=policy.stacked and not expand_layers)
+        abstract = nnx.eval_shape(lambda: Qwen2(_backbone_cfg(layout, expand_layers), nnx.Rngs(0)))
         direct = checkpoints.flat_params(nnx.state(policy))
         per_layer = checkpoints.layer_view(nnx.state(policy))
         graphdef, state = nnx.split(abstract)

@@ -155,9 +155,12 @@ def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
 
 
 def _write_layer_rows(cache: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """cache[layer, b, start[b]:start[b]+T] = new[b] for each row b, in place (one scatter). cache [L, B, S, H, D],
-    new [B, T, H, D]. Starts are clamped to [0, S - T] as `dynamic_update_slice` clamps them in `_write_rows`,
-    so both layouts write the same slots."""
+    """cache[layer, b, start[b]:start[b]+T] = new[b] for each row b. cache [L, B, S, H, D], new [B, T, H, D].
+
+    One scatter with explicit (layer, row, position) indices, in place in the scan's carry (a vmapped
+    `dynamic_update_slice` over the rows, axis 1 here, makes XLA:CPU pick a row-major layout for the loop's
+    cache and copy the whole of it in and out). Starts are clamped to [0, S - T], as `dynamic_update_slice`
+    clamps them in `_write_rows`, so both layouts write the same slots."""
     b, t = new.shape[:2]
     start = jnp.clip(start, 0, cache.shape[2] - t)
     cols = start[:, None] + jnp.arange(t)[None, :]
@@ -195,8 +198,8 @@ class Attention(nnx.Module):
                 keys, values = _write_rows(ck, k, write_index), _write_rows(cv, v, write_index)
                 layer_cache = (keys, values)
             else:  # read back only this layer's slice of the stacked cache
-                ck, cv = _write_layer_rows(ck, layer_index, k, write_index), _write_layer_rows(cv, layer_index, v,
-                                                                                                write_index)
+                ck = _write_layer_rows(ck, layer_index, k, write_index)
+                cv = _write_layer_rows(cv, layer_index, v, write_index)
                 layer_cache = (ck, cv)
                 keys = jax.lax.dynamic_index_in_dim(ck, layer_index, 0, keepdims=False)
                 values = jax.lax.dynamic_index_in_dim(cv, layer_index, 0, keepdims=False)
@@ -327,17 +330,16 @@ def unstack_layers(stacked: DecoderLayer) -> list[DecoderLayer]:
 class Qwen2(nnx.Module):
     """Qwen2ForCausalLM. `backbone` gives final hidden states; `logits` the LM head in float32.
 
-    `cfg.scan_layers` (None: this platform's default) fixes the layers' layout when the model is built; the
-    model's own `cfg` records the resolved value."""
+    `cfg.scan_layers` (None: this platform's default, `scan_layers_of`) fixes the layers' layout when the model
+    is built; `cfg` is kept as given, `stacked` tells the layout."""
 
     def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
-        cfg = cfg.replace(scan_layers=scan_layers_of(cfg))
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.params_dtype,
                             "normal")
         # built one by one in both layouts, so a seed gives the same weights whatever the layout
         layers = [DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)]
-        self.layers = stack_layers(layers) if cfg.scan_layers else nnx.List(layers)
+        self.layers = stack_layers(layers) if scan_layers_of(cfg) else nnx.List(layers)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
         self.lm_head = nnx.data(None if cfg.tie_word_embeddings else _param(
             rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.params_dtype, "normal"))
@@ -369,6 +371,8 @@ class Qwen2(nnx.Module):
         cfg = self.cfg
         b, t = tokens.shape
         impl = attention.resolve(cfg.attention, cfg.dtype)
+        if cfg.attention == "auto":
+            impl = attention.auto_fallback(impl, t, cfg.head_dim, segment_ids is not None and cache is None)
         fresh = False
         if cache is not None:
             if cache.stacked != self.stacked:
