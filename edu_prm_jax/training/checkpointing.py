@@ -177,10 +177,9 @@ class Checkpointer:
     def _disk_full(self, error: BaseException, step: int | None) -> DiskFullError:
         match = _TMP_STEP_RE.search(str(error))
         failed = int(match.group(1)) if match else step
-        removed = []
-        for tmp in self.directory.glob(f"{failed}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp.name)
+        if failed is not None:
+            for tmp in self.directory.glob(f"{failed}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
         try:
             free = f"{shutil.disk_usage(self.directory).free:,} bytes are free there now"
         except OSError:
@@ -189,7 +188,8 @@ class Checkpointer:
         needed = f"its arrays alone take {need:,} bytes, plus Orbax's metadata; " if need else ""
         kept = self.all_steps()
         return DiskFullError(self.directory, message=(
-            f"no space left on device saving checkpoint step {failed} to {self.directory} ({needed}{free}); "
+            f"no space left on device saving checkpoint {'' if failed is None else f'step {failed} '}to "
+            f"{self.directory} ({needed}{free}); "
             f"the incomplete save was removed, " + (f"checkpoint steps {kept} are intact" if kept else
                                                    "no earlier checkpoint exists")))
 
