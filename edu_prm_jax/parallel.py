@@ -291,12 +291,17 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    context_mesh = jax.sharding.get_abstract_mesh()
-    manual = frozenset(() if context_mesh.empty else context_mesh.manual_axes)
+    context_mesh, manual = _manual_context()
     if math.prod(size for axis, size in mesh.shape.items() if axis not in manual) == 1:
         return x
     spec = rules.spec(axes, x.shape, mesh, manual=manual)
     return jax.lax.with_sharding_constraint(x, NamedSharding(context_mesh if manual else mesh, spec))
+
+
+def _manual_context() -> tuple[Any, frozenset[str]]:
+    """(the abstract mesh being traced under, the axes a surrounding `shard_map` is manual over)."""
+    context_mesh = jax.sharding.get_abstract_mesh()
+    return context_mesh, frozenset(() if context_mesh.empty else context_mesh.manual_axes)
 
 
 def active_platform() -> str | None:
@@ -315,9 +320,7 @@ def layout_spec(axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSp
     if active is None:
         return None
     mesh, rules = active
-    context_mesh = jax.sharding.get_abstract_mesh()
-    manual = frozenset(() if context_mesh.empty else context_mesh.manual_axes)
-    return rules.spec(axes, shape, mesh, manual=manual)
+    return rules.spec(axes, shape, mesh, manual=_manual_context()[1])
 
 
 def blockwise(fn: Any, args: Sequence[jax.Array], in_axes: Sequence[Sequence[str | None]],

@@ -222,18 +222,14 @@ def _tpu_devices():
                                         wrap=(False, False, False)).devices
 
 
-def test_splash_train_step_compiles_for_a_tpu_slice():
-    """The scanned model's loss gradient with attention="auto" (splash, picked from the mesh's devices) lowers
-    through Mosaic and compiles for a v5e-4 slice on this CPU host; the compiled program holds the kernel."""
-    devices = _tpu_devices()
-    mesh = parallel.make_mesh(data=2, tensor=2, devices=devices)
-    cfg = CFG.replace(scan_layers=True, dtype="bfloat16", head_dim=128, remat="full")
-    abstract = nnx.eval_shape(lambda: Qwen2(cfg, nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+def _compile_grad_step(mesh, cfg, rows: tuple[int, int]):
+    """The compiled loss gradient of an abstract `Qwen2(cfg)` (parameters placed by the default rules) on packed
+    int32 rows of shape `rows` split over 'data': what the fused-kernel compile tests inspect."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, nnx.Rngs(0))))
     shardings = parallel.state_shardings(state, mesh)
     state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), state,
                          shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    rows = jax.ShapeDtypeStruct((4, 512), jnp.int32, sharding=parallel.batch_sharding(mesh, 2))
+    tokens = jax.ShapeDtypeStruct(rows, jnp.int32, sharding=parallel.batch_sharding(mesh, 2))
 
     def step(state, tokens, seg):
         with parallel.sharding_context(mesh):
@@ -241,7 +237,16 @@ def test_splash_train_step_compiles_for_a_tpu_slice():
                 return jnp.mean(nnx.merge(graphdef, state)(tokens, segment_ids=seg)[..., 0])
             return jax.grad(loss)(state)
 
-    compiled = jax.jit(step).lower(state, rows, rows).compile()
+    return jax.jit(step).lower(state, tokens, tokens).compile()
+
+
+def test_splash_train_step_compiles_for_a_tpu_slice():
+    """The scanned model's loss gradient with attention="auto" (splash, picked from the mesh's devices) lowers
+    through Mosaic and compiles for a v5e-4 slice on this CPU host; the compiled program holds the kernel."""
+    devices = _tpu_devices()
+    mesh = parallel.make_mesh(data=2, tensor=2, devices=devices)
+    compiled = _compile_grad_step(mesh, CFG.replace(scan_layers=True, dtype="bfloat16", head_dim=128, remat="full"),
+                                  rows=(4, 512))
     assert "splash" in compiled.as_text() or "tpu_custom_call" in compiled.as_text()
 
 
@@ -257,19 +262,6 @@ def test_cudnn_train_step_compiles_for_a_gpu_target():
     devices = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG,
                                            topology="1x1x2").devices
     mesh = parallel.make_mesh(data=2, devices=devices)
-    cfg = CFG.replace(scan_layers=True, dtype="bfloat16", head_dim=128)
-    abstract = nnx.eval_shape(lambda: Qwen2(cfg, nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    shardings = parallel.state_shardings(state, mesh)
-    state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), state,
-                         shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    rows = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=parallel.batch_sharding(mesh, 2))
-
-    def step(state, tokens, seg):
-        with parallel.sharding_context(mesh):
-            def loss(state):
-                return jnp.mean(nnx.merge(graphdef, state)(tokens, segment_ids=seg)[..., 0])
-            return jax.grad(loss)(state)
-
-    compiled = jax.jit(step).lower(state, rows, rows).compile()
+    compiled = _compile_grad_step(mesh, CFG.replace(scan_layers=True, dtype="bfloat16", head_dim=128),
+                                  rows=(4, 256))
     assert "cudnn" in compiled.as_text()

@@ -91,8 +91,20 @@ def bytes_per_device(tree: Any, shardings: Any) -> int:
     return int(sum(jax.tree.leaves(sizes)))
 
 
-def _split_abstract(factory: ModelFactory) -> tuple[Any, nnx.State]:
-    return nnx.split(nnx.eval_shape(factory))
+def _split_abstract(factory: ModelFactory, wrap: Callable[[nnx.Module], nnx.Module] = lambda m: m,
+                    cfg_of: Callable[[nnx.Module], Qwen2Config] = lambda m: m.cfg
+                    ) -> tuple[Any, nnx.State, Qwen2Config]:
+    """(graphdef, abstract state, config) of `wrap(factory())` built under `nnx.eval_shape` (no memory); the
+    config is read from the model while it is built (`cfg_of`), since the abstract module's is not returned."""
+    cfgs: list[Qwen2Config] = []
+
+    def build() -> nnx.Module:
+        model = factory()
+        cfgs.append(cfg_of(model))
+        return wrap(model)
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    return graphdef, state, cfgs[0]
 
 
 def _attention_flops(cfg: Qwen2Config, keys: int) -> float:
@@ -117,18 +129,11 @@ def train_program(factory: ModelFactory, tx: optax.GradientTransformation, loss_
     (accumulation included when `tx` accumulates), state donated as the Trainer donates it, on a packed
     [rows, seq_len] batch. The model must have a `cfg` (Qwen2Config; a PRM's includes expanded blocks)."""
     rules = parallel.as_rules(rules)
-    model_cfg: list[Qwen2Config] = []
-
-    def build() -> nnx.Module:
-        model = factory()
-        model_cfg.append(model.cfg)
-        return new_train_state(model, tx)
-
-    graphdef, state = _split_abstract(build)
+    graphdef, state, cfg = _split_abstract(factory, wrap=lambda model: new_train_state(model, tx))
     shardings = parallel.state_shardings(state, mesh, rules)
     batch = prm_batch(rows, seq_len, mesh, rules)
     batch_shardings = {k: v.sharding for k, v in batch.items()}
-    flops = train_flops_per_token(model_cfg[0], seq_len, lm_head=False) * rows * seq_len
+    flops = train_flops_per_token(cfg, seq_len, lm_head=False) * rows * seq_len
     return Program("train", description or f"train step, {rows} rows x {seq_len} tokens",
                    make_train_step(graphdef, loss_fn, mesh, rules, count_key), (_abstract(state, shardings), batch),
                    (shardings, batch_shardings), flops, "micro-batch", rows * seq_len,
@@ -139,17 +144,9 @@ def score_program(factory: ModelFactory, mesh: Mesh, rules: parallel.RulesLike, 
                   description: str = "") -> Program:
     """The PRM forward (`score_fn`) of `factory()` on [rows, seq_len] tokens, rows over the `batch` rule."""
     rules = parallel.as_rules(rules)
-    model_cfg: list[Qwen2Config] = []
-
-    def build() -> nnx.Module:
-        model = factory()
-        model_cfg.append(model.cfg)
-        return model
-
-    graphdef, state = _split_abstract(build)
+    graphdef, state, cfg = _split_abstract(factory)
     shardings = parallel.state_shardings(state, mesh, rules)
     batch = prm_batch(rows, seq_len, mesh, rules)
-    cfg = model_cfg[0]
     flops = rows * seq_len * (2.0 * matmul_params(cfg, lm_head=False) + _attention_flops(cfg, seq_len))
     rows_sh = batch["tokens"].sharding
     return Program("score", description or f"PRM forward, {rows} rows x {seq_len} tokens",
@@ -172,27 +169,15 @@ def decode_program(p: DecodeParams, policy_factory: ModelFactory, mesh: Mesh, ru
     if questions % split:
         raise ValueError(f"{questions} questions do not divide over the rollout mesh axes "
                          f"{rules.split_axes('rollout', mesh)} ({split} ways)")
-    policy_cfg: list[Qwen2Config] = []
-
-    def build_policy() -> nnx.Module:
-        model = policy_factory()
-        policy_cfg.append(model.cfg)
-        return model
-
-    graphdef, state = _split_abstract(build_policy)
+    graphdef, state, cfg = _split_abstract(policy_factory)
     prm_graphdef = prm_state = None
     prm_cfgs: list[Qwen2Config] = []
     if prm_factory is not None:
-        def build_prm() -> nnx.Module:
-            prm = prm_factory()
-            prm_cfgs.append(prm.backbone.cfg)
-            return prm
-
-        prm_graphdef, prm_state = _split_abstract(build_prm)
+        prm_graphdef, prm_state, prm_cfg = _split_abstract(prm_factory, cfg_of=lambda prm: prm.backbone.cfg)
+        prm_cfgs.append(prm_cfg)
     shardings = decode_in_shardings(mesh, state, prm_state, rules)
     rep = shardings[0]
     knobs = {k: jax.ShapeDtypeStruct((), dtype, sharding=rep) for k, dtype in knob_dtypes().items()}
-    cfg = policy_cfg[0]
     tables = Tables.abstract(cfg.vocab_size, stop_seqs_shape, rep)
     prompts = jax.ShapeDtypeStruct((questions, prompt_len), jnp.int32, sharding=shardings[4])
     per_q = jax.ShapeDtypeStruct((questions,), jnp.int32, sharding=shardings[5])
