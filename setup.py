@@ -25,6 +25,8 @@ RUNTIME = [
     "tensorboardX>=2.6",
     "pydantic>=2.6",  # typed inter-stage records (edu_prm_jax.records)
     "pebble>=5.0",  # the bounded answer-checking process pool (edu_prm_jax.grading)
+    "etils[epath]>=1.7",  # every user path (gs:// included) goes through etils.epath (edu_prm_jax.io.storage)
+    "gcsfs>=2024.2",  # epath's gs:// backend when TensorFlow is absent (imported only when a gs:// path is used)
 ]
 
 TEST = [
@@ -32,6 +34,7 @@ TEST = [
     "pytest-xdist>=3.5",
     "hypothesis>=6",  # property tests of the record readers on malformed lines
     "portpicker>=1.6",
+    "gcp-storage-emulator>=2024.8",  # tests/test_gcs.py: a GCS JSON API on loopback
     "torch==2.13.0",
     "transformers>=4.46",
     "ruff>=0.6",

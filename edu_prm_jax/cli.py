@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from edu_prm_jax import config_utils
 from edu_prm_jax.commands.registry import COMMANDS
+from edu_prm_jax.io import storage
 
 PROG = "edu-prm"
 NOT_AVAILABLE = "(not available in this build)"
@@ -121,7 +122,8 @@ def command_help(name: str, scan: _Scan) -> str:
              "flags:",
              f"  --config=FILE[:ARG]  config file, built by get_config(ARG) "
              f"(default configs/{default_config_file(name).name}, shipped in edu_prm_jax/configs/)",
-             "  --workdir=DIR        run directory; the config used is saved there (default ./workdir)",
+             "  --workdir=DIR        run directory, local or gs://bucket/path; the config used is saved there "
+             "(default ./workdir)",
              f"  --log_level=LEVEL    {'|'.join(LOG_LEVELS)} (default info)"]
     config, path, module = _load(name, scan)
     lines += ["", f"config fields ({path}):"]
@@ -183,12 +185,15 @@ def run_command(name: str, args: Sequence[str]) -> int:
     parallel.maybe_initialize_distributed()
     import jax
 
-    workdir = pathlib.Path(workdir_flag.value)
+    workdir = storage.as_path(workdir_flag.value)  # gs://bucket/run stays on the object store
     if jax.process_index() == 0:
         config_utils.write_config_json(config, workdir / f"{name.replace('-', '_')}_config.json")
     logging.info("%s %s: config %s, workdir %s", PROG, name, path, workdir)
     module = importlib.import_module(COMMANDS[name])
-    module.run(config, workdir)
+    from edu_prm_jax import distributed
+
+    with distributed.failures_reported():  # multi-host: the other processes stop naming this one, never hang
+        module.run(config, workdir)
     return 0
 
 
@@ -206,6 +211,7 @@ def _exit_preempted() -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (a message is enough); anything else keeps its traceback."""
+    from edu_prm_jax.distributed import PeerFailedError
     from edu_prm_jax.models.config import ConfigError
     from edu_prm_jax.models.safetensors_io import CheckpointError
     from edu_prm_jax.planning.devices import PlannerUnavailableError
@@ -213,7 +219,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     # FloatingPointError: training stopped at a non-finite loss/gradient (training.loop.NonFiniteError)
     return (config_utils.ConfigFileError, ConfigError, CheckpointError, FileNotFoundError, ValueError,
-            FloatingPointError, DamagedCheckpointError, PlannerUnavailableError)
+            FloatingPointError, DamagedCheckpointError, PlannerUnavailableError, PeerFailedError)
 
 
 STACK_RAISED = "EDU_PRM_STACK_RAISED"  # set once `plan` has re-executed itself with the stack limit raised

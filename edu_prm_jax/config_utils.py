@@ -304,6 +304,6 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
             raise ConfigFileError(f"config.{dotted}={value!r}: must be {valid.describe()}")
 
 
-def write_config_json(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
+def write_config_json(config: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
     """The config as JSON, written atomically so a crash never leaves half a file."""
     write_text_atomic(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")

@@ -187,11 +187,13 @@ def rules_from_config(group: Mapping[str, Any] | None, field: str = "mesh.rules"
     return _DEFAULT_RULES.with_overrides(overrides)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None,
+              where: str = "") -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh with Auto axes; -1 in one place takes the remaining devices.
 
     `jax.make_mesh` lays the devices out (topology-aware on TPU); a mesh smaller than the device list uses its
-    first devices."""
+    first devices (all of the job's devices by default; `where` says which ones in an error). Raises ValueError
+    when the shape does not fit the devices."""
     devices = list(devices if devices is not None else jax.devices())
     shape = [data, fsdp, tensor]
     if shape.count(-1) > 1:
@@ -199,13 +201,23 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {shape}")
+            raise ValueError(f"{len(devices)} devices{where} do not divide into mesh {shape}")
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) > len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
-                         f"{len(devices)} available")
+                         f"{len(devices)} available{where}")
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices[: math.prod(shape)])
+
+
+def local_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
+    """`make_mesh` over this process's own devices (`jax.local_devices()`): the mesh rollouts and scoring run on.
+
+    In a multi-host job each process samples, labels and scores its own share of the work on it (README "How
+    work is split across hosts"), so a policy or PRM must fit one host's devices there; in a single-process run
+    it is the `make_mesh` of all devices."""
+    where = f" on this host (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
+    return make_mesh(data, fsdp, tensor, devices=jax.local_devices(), where=where)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
@@ -346,11 +358,32 @@ def blockwise(fn: Any, args: Sequence[jax.Array], in_axes: Sequence[Sequence[str
                          axis_names=split, check_vma=False)(*args)
 
 
+HEARTBEAT_ENV = "EDU_PRM_HEARTBEAT_TIMEOUT"  # seconds without a heartbeat before a process counts as dead
+DEFAULT_HEARTBEAT_TIMEOUT = 100  # jax.distributed's own default
+
+
+def heartbeat_timeout() -> int:
+    """Seconds after which the coordination service declares a silent process dead and ends the others (with a
+    message naming it): `EDU_PRM_HEARTBEAT_TIMEOUT`, default 100. Raises ValueError for a value that is not a
+    positive integer."""
+    text = os.environ.get(HEARTBEAT_ENV, "")
+    if not text:
+        return DEFAULT_HEARTBEAT_TIMEOUT
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{HEARTBEAT_ENV}={text!r}: expected a positive number of seconds")
+    return value
+
+
 def maybe_initialize_distributed() -> bool:
     """Call jax.distributed.initialize() when the environment describes a multi-process job.
 
     Cloud TPU pod slices (TPU_WORKER_HOSTNAMES with several hosts) auto-detect everything; elsewhere
-    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID select the process.
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID select the process. A process that stops
+    sending heartbeats for `heartbeat_timeout()` seconds ends the job (every other process exits naming it).
     """
     if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
         return True
@@ -360,11 +393,12 @@ def maybe_initialize_distributed() -> bool:
             coordinator_address=coordinator,
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
+            heartbeat_timeout_seconds=heartbeat_timeout(),
         )
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if len([h for h in hosts.split(",") if h]) > 1:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout())
         return True
     logging.debug("single-process run: jax.distributed not initialised")
     return False

@@ -10,9 +10,12 @@ Python (no jinja) so a prompt is a reviewable string.
 from __future__ import annotations
 
 import json
-import pathlib
 from collections.abc import Sequence
 from typing import Any
+
+from etils import epath
+
+from edu_prm_jax.io import storage
 
 QWEN_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -108,7 +111,7 @@ class Tokenizer:
     and `_decode_each`; this class derives EOS/pad ids and chat rendering from them.
     """
 
-    def __init__(self, config: dict[str, Any], config_path: pathlib.Path | None, chat_preset: str | None):
+    def __init__(self, config: dict[str, Any], config_path: epath.Path | None, chat_preset: str | None):
         self.config = config
         self._texts: list[str] | None = None
         self.chat_preset = chat_preset or self._infer_preset()
@@ -167,7 +170,7 @@ class Tokenizer:
                 return found
         return "qwen2.5" if self._has("<|im_start|>") and self._has("<|im_end|>") else "plain"
 
-    def _config_token_id(self, key: str, config_path: pathlib.Path | None) -> int | None:
+    def _config_token_id(self, key: str, config_path: epath.Path | None) -> int | None:
         value = self.config.get(key)
         if isinstance(value, dict):  # older configs: {"content": "...", ...}
             value = value.get("content")
@@ -178,7 +181,7 @@ class Tokenizer:
             raise ValueError(f"{config_path}: field {key!r} = {value!r} is not a token of this tokenizer")
         return tid
 
-    def _resolve_eos(self, config_path: pathlib.Path | None) -> list[int]:
+    def _resolve_eos(self, config_path: epath.Path | None) -> list[int]:
         """A ChatML model may end with <|im_end|> (end of turn) or <|endoftext|> (end of document): both
         stop generation, whatever single eos_token the config names; SentencePiece adds its </s>."""
         ids: list[int] = []
@@ -191,7 +194,7 @@ class Tokenizer:
                 ids.append(tid)
         return ids
 
-    def _resolve_pad(self, config_path: pathlib.Path | None) -> int | None:
+    def _resolve_pad(self, config_path: epath.Path | None) -> int | None:
         for tid in (self._config_token_id("pad_token", config_path), self.token_to_id("<|endoftext|>"),
                     self._backend_pad()):
             if tid is not None:
@@ -214,7 +217,7 @@ class Tokenizer:
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` (from tokenizer.json, or Qwen's pipeline rebuilt from vocab+merges)."""
 
-    def __init__(self, backend: Any, config: dict[str, Any], config_path: pathlib.Path | None,
+    def __init__(self, backend: Any, config: dict[str, Any], config_path: epath.Path | None,
                  chat_preset: str | None = None):
         self.backend = backend
         super().__init__(config, config_path, chat_preset)
@@ -246,7 +249,7 @@ class HFTokenizer(Tokenizer):
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model; markup strings must be `user_defined_symbols` so they encode as one id."""
 
-    def __init__(self, processor: Any, config: dict[str, Any], config_path: pathlib.Path | None,
+    def __init__(self, processor: Any, config: dict[str, Any], config_path: epath.Path | None,
                  chat_preset: str | None = None):
         from sentencepiece import sentencepiece_model_pb2
 
@@ -296,14 +299,14 @@ class SentencePieceTokenizer(Tokenizer):
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _read_json(path: pathlib.Path) -> Any:
+def _read_json(path: epath.Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
 
 
-def _added_tokens(vocab_size: int, config: dict[str, Any], config_path: pathlib.Path | None
+def _added_tokens(vocab_size: int, config: dict[str, Any], config_path: epath.Path | None
                   ) -> list[tuple[int, str, bool]]:
     """(id, content, special) to append after the BPE vocab: Qwen2.5's list when the vocab is Qwen's, plus
     the config's `added_tokens_decoder`; ids must agree and run contiguously from the vocab size."""
@@ -323,8 +326,8 @@ def _added_tokens(vocab_size: int, config: dict[str, Any], config_path: pathlib.
     return [(i, *table[i]) for i in ids]
 
 
-def build_qwen_bpe(vocab_path: pathlib.Path, merges_path: pathlib.Path, config: dict[str, Any] | None = None,
-                   config_path: pathlib.Path | None = None) -> Any:
+def build_qwen_bpe(vocab_path: epath.Path, merges_path: epath.Path, config: dict[str, Any] | None = None,
+                   config_path: epath.Path | None = None) -> Any:
     """Qwen2/2.5's tokenizer.json pipeline, rebuilt from vocab.json + merges.txt."""
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFBackend
@@ -359,10 +362,10 @@ def build_qwen_bpe(vocab_path: pathlib.Path, merges_path: pathlib.Path, config: 
     return tok
 
 
-def load_tokenizer(path: str | pathlib.Path, chat_preset: str | None = None) -> Tokenizer:
+def load_tokenizer(path: str | epath.Path, chat_preset: str | None = None) -> Tokenizer:
     """Load from a directory holding tokenizer.json, vocab.json + merges.txt, or tokenizer.model
     (SentencePiece); or from one such file. A tokenizer_config.json beside it sets eos/pad/chat preset."""
-    path = pathlib.Path(path)
+    path = storage.as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path {path} does not exist")
     folder = path if path.is_dir() else path.parent
@@ -400,24 +403,28 @@ def load_tokenizer(path: str | pathlib.Path, chat_preset: str | None = None) -> 
                             f"merges.txt, or tokenizer.model (SentencePiece){hint}")
 
 
-def _load_tokenizer_json(path: pathlib.Path, config: dict[str, Any], cfg_path: pathlib.Path | None,
+def _load_tokenizer_json(path: epath.Path, config: dict[str, Any], cfg_path: epath.Path | None,
                          chat_preset: str | None) -> Tokenizer:
     from tokenizers import Tokenizer as HFBackend
 
     try:
-        backend = HFBackend.from_file(str(path))
+        backend = (HFBackend.from_file(str(path)) if storage.is_local(path)
+                   else HFBackend.from_str(path.read_text(encoding="utf-8")))
     except Exception as e:  # the Rust error names the field but not the file
         raise ValueError(f"{path}: cannot load tokenizer.json: {e}") from e
     return HFTokenizer(backend, config, cfg_path, chat_preset)
 
 
-def _load_sentencepiece(path: pathlib.Path, config: dict[str, Any], cfg_path: pathlib.Path | None,
+def _load_sentencepiece(path: epath.Path, config: dict[str, Any], cfg_path: epath.Path | None,
                         chat_preset: str | None) -> Tokenizer:
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor()
     try:
-        processor.load(str(path))
+        if storage.is_local(path):
+            processor.load(str(path))
+        else:  # SentencePiece reads local files only; a remote model is handed over as bytes
+            processor.load(model_proto=path.read_bytes())
     except Exception as e:
         raise ValueError(f"{path}: cannot load SentencePiece model: {e}") from e
     return SentencePieceTokenizer(processor, config, cfg_path, chat_preset)

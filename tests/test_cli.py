@@ -232,6 +232,10 @@ def test_load_model_from_hf_and_orbax_dirs(hf_dir, tmp_path):
     assert {v.dtype for v in checkpoints.flat_params(nnx.state(restored)).values()} == {jnp.dtype("bfloat16")}
     restored32 = api.load_model(tmp_path / "ck")
     np.testing.assert_allclose(np.asarray(restored32(jnp.asarray(TOKENS))), ref, atol=1e-4, rtol=0)
+    for path in (src, tmp_path / "ck"):  # either layout from either format, against transformers' logits
+        scanned = api.load_model(path, scan_layers=True)
+        assert scanned.stacked and not api.load_model(path, scan_layers=False).stacked
+        np.testing.assert_allclose(np.asarray(scanned(jnp.asarray(TOKENS))), ref, atol=1e-4, rtol=0)
     assert api.load_tokenizer is tokenization.load_tokenizer
 
 

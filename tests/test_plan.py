@@ -194,6 +194,13 @@ def test_train_step_fits_and_its_flops_match_6n_per_token_and_remat_adds_a_forwa
     assert 1.15 < counts["full"] / counts["none"] < 1.40
     # the donated state aliases its outputs; the lower bound and MFU are derived from the documented chip table
     assert plan.alias_bytes > 0 and plan.time_bound_s > 0 and 0 < plan.mfu_at_bound <= 1
+    # scanned layers: the compiler counts the scan body once (well under the unrolled count), so the bound and the
+    # table use the analytic FLOPs instead
+    scanned = compiler.compile_program(programs.train_program(_prm(CFG.replace(scan_layers=True, remat="none")),
+                                                              optax.adamw(1e-3), prm_loss, mesh, None, 8, 128),
+                                       V5E_4, mesh)
+    assert scanned.compiler_flops_partial and scanned.compiler_flops * V5E_4.devices < 0.8 * counts["none"]
+    assert scanned.time_bound_s >= scanned.model_flops / V5E_4.devices / V5E_4.chip.peak_flops * 0.999
 
 
 @needs_libtpu
@@ -278,9 +285,54 @@ def test_plan_command_writes_json_and_table(tmp_path, capsys):
     assert [p["program"] for p in data["plans"]] == ["score", "decode"]
     assert all(p["fits"] and p["layers"] == 1 and p["total_bytes"] > 0 for p in data["plans"])
     assert (tmp_path / "p" / "plan.md").read_text().startswith("| program |")
+    # compiled as a TPU run builds the models (not as this CPU would): scanned layers, splash attention
+    assert all("scanned layers, splash attention" in p["notes"] for p in data["plans"])
     # a tiny model fits the smallest slice of the family: the search stops at the first one it compiles
     assert data["search"]["score"] == {"search": "slice", "smallest": "v5e-1", "tried": {"v5e-1": True}}
     assert data["search"]["decode"]["smallest"] == "v5e-1"
+
+
+def test_planned_models_take_the_targets_layout_unless_pinned():
+    """`for_target`: a TPU or GPU target gets the platform's defaults (scanned layers; splash on TPU, cuDNN for
+    bfloat16 on GPU), `config.scan_layers` / `config.attention` pin them, a block-expanded PRM stays unrolled (as
+    `train` builds it), and a value outside the choices is refused naming the field."""
+    from edu_prm_jax.commands.plan import Planner
+    from edu_prm_jax.configs import plan as plan_config
+
+    def planned(**fields):
+        config = plan_config.get_config()
+        config.update(fields)
+        return Planner(config)
+
+    bf16 = CFG.replace(dtype="bfloat16")
+    tpu, gpu = hardware.get_target("v5p-8"), hardware.get_target("h100-8")
+    assert (planned().for_target(bf16, tpu).scan_layers, planned().for_target(bf16, tpu).attention) == (True, "splash")
+    assert planned().for_target(bf16, gpu).attention == "cudnn"
+    assert planned().for_target(CFG, gpu).attention == "xla"  # cuDNN has no float32 kernel
+    pinned = planned(scan_layers="false", attention="xla").for_target(bf16, tpu)
+    assert (pinned.scan_layers, pinned.attention) == (False, "xla")
+    assert planned().for_target(bf16, tpu, expanded_layers=2).scan_layers is False
+    with pytest.raises(ValueError, match="config.scan_layers"):
+        planned(scan_layers="yes").for_target(bf16, tpu)
+    with pytest.raises(ValueError, match="config.attention"):
+        planned(attention="flash").for_target(bf16, tpu)
+
+
+@needs_libtpu
+def test_decode_is_planned_on_one_hosts_devices():
+    """Rollouts run on process-local meshes (each host decodes its own questions), so on a 4-host v5e-16 the
+    decode program is built on one host's 4 chips, while training spans the slice."""
+    from edu_prm_jax.commands.plan import Planner, stages
+    from edu_prm_jax.configs import plan as plan_config
+
+    planner = Planner(plan_config.get_config())
+    have, _ = stages(planner.run)
+    target = hardware.get_target("v5e-16")
+    program, mesh = planner.decode("decode", have["decode"], target, 1, {})
+    assert mesh.devices.size == 4 and len({d.process_index for d in mesh.devices.flat}) == 1
+    assert "on one host's 4 devices" in program.description
+    _, train_mesh = planner.train(have["train"], target, 1, {})
+    assert train_mesh.devices.size == 16
 
 
 # ------------------------------------------------------------------------------------------- a GPU target

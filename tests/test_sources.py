@@ -308,9 +308,9 @@ def test_prepare_source_real_and_rerun(shared_data, tmp_path):
     ref = list(S.read_processbench(path))
     assert len(got) == 400 and sum(g["label"] != -1 for g in got) == 207
     assert got[17]["steps"] == ref[17]["steps"] and got[17]["final_answer_correct"] == ref[17]["final_answer_correct"]
-    mtimes = sorted(p.stat().st_mtime_ns for p in out.iterdir())
+    mtimes = sorted(os.stat(p).st_mtime_ns for p in out.iterdir())
     assert prepare_source(path, tmp_path, num_shards=2) == out  # a rerun reuses the finished dataset
-    assert sorted(p.stat().st_mtime_ns for p in out.iterdir()) == mtimes
+    assert sorted(os.stat(p).st_mtime_ns for p in out.iterdir()) == mtimes
 
 
 def test_prepare_source_failure_leaves_nothing(shared_data, tmp_path):

@@ -9,13 +9,14 @@ import pathlib
 import ml_collections
 from absl import logging
 
+from edu_prm_jax.io import storage
 from edu_prm_jax.toy.policy import ToyPolicyConfig, build_toy_policy
 
 DESCRIPTION = "Re-create the embedded toy policy and tokenizer from a seed (bit for bit on CPU)."
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    out = pathlib.Path(config.output) if config.output else workdir / "toy_policy"
+    out = storage.as_path(config.output) if config.output else workdir / "toy_policy"
     cfg = dataclasses.replace(ToyPolicyConfig(), misread_rate=float(config.misread_rate))
     report = build_toy_policy(out, config.seed, config.steps, cfg=cfg, workdir=workdir / "toy_policy_work",
                               overwrite=config.overwrite)

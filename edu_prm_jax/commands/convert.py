@@ -9,6 +9,7 @@ import ml_collections
 from absl import logging
 
 from edu_prm_jax import parallel
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.destinations import check_destination
 from edu_prm_jax.models import checkpoints
 from edu_prm_jax.models.safetensors_io import CheckpointError
@@ -25,7 +26,7 @@ def _check(config: ml_collections.ConfigDict) -> tuple[pathlib.Path, pathlib.Pat
         raise ValueError("config.src is not set (pass --config.src=DIR)")
     if not config.dst:
         raise ValueError("config.dst is not set (pass --config.dst=DIR)")
-    src, dst = pathlib.Path(config.src), pathlib.Path(config.dst)
+    src, dst = storage.as_path(config.src), storage.as_path(config.dst)
     if not src.is_dir():
         raise CheckpointError(f"config.src={str(src)!r}: no such directory")
     check_destination(dst, overwrite=config.overwrite, field="dst", sources=[src])  # before loading anything

@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from edu_prm_jax import parallel
+from edu_prm_jax import distributed, parallel
 from edu_prm_jax.api import load_model, load_tokenizer
 from edu_prm_jax.commands.common.builders import checkpoint_dtype, decode_params, sampler_options, sampling_fingerprint
 from edu_prm_jax.commands.common.paths import prm_dir
@@ -22,6 +22,7 @@ from edu_prm_jax.evaluation.bon import SELECTORS, select_all
 from edu_prm_jax.evaluation.candidates import count_undecided, score_records
 from edu_prm_jax.evaluation.report import write_bon_report
 from edu_prm_jax.grading.answers import solution_verdict
+from edu_prm_jax.io import storage
 from edu_prm_jax.models.prm import load_prm
 from edu_prm_jax.records.trees import read_tree_shards
 from edu_prm_jax.sampling.engine import Sampler
@@ -62,7 +63,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     questions = load_questions(config.questions, limit=config.limit)
     require_gold(questions, config.questions)
     n_grid, seeds = parse_ints(config.n_grid, "n_grid"), parse_ints(config.seeds, "seeds")
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = parallel.local_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)  # this host's devices
     rules = parallel.rules_from_config(config.mesh.rules)
     policy_dir = resolve_policy(config.policy)
     model = load_model(policy_dir, dtype=config.dtype, param_dtype=checkpoint_dtype(policy_dir), mesh=mesh,
@@ -75,8 +76,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                          f"policy's tokens as generated); {prm_path} has the {prm.head_spec.name} head, which "
                          "inserts a separator: pass --config.p_edu=False")
     weights = sorted(prm_path.glob("*.safetensors"))
-    prm_identity = [str(prm_path.resolve())] + [f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
-                                                for w in weights]
+    prm_identity = [str(storage.resolved(prm_path))] + [
+        "{}:{}:{}".format(w.name, *storage.size_and_mtime_ns(w)) for w in weights]
     out = workdir / "eval_bon"
     s = config.sampling
 
@@ -133,5 +134,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     notes += (f"Answer checks left undecided (out of their CPU bound; counted as not correct): {undecided['greedy']} "
               f"greedy solutions and {undecided['candidates']} distinct sampled candidates (per run: field "
               "'undecided' of results.json).")
-    text = write_bon_report(runs, out, SELECTORS, f"prm_{config.aggregator}", greedy_acc, notes)
-    logging.info("Best-of-N report: %s\n%s", out / "report.md", text)
+    if distributed.is_lead():  # multi-host: every process computed the same runs; process 0 writes the report
+        text = write_bon_report(runs, out, SELECTORS, f"prm_{config.aggregator}", greedy_acc, notes)
+        logging.info("Best-of-N report: %s\n%s", out / "report.md", text)
+    distributed.barrier("eval-bon: report written")

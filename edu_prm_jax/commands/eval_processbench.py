@@ -14,14 +14,16 @@ import ml_collections
 from absl import logging
 from tqdm import tqdm
 
-from edu_prm_jax import parallel
+from edu_prm_jax import distributed, parallel
 from edu_prm_jax.api import load_tokenizer
 from edu_prm_jax.commands.common.paths import find_tokenizer_dir, prm_dir
 from edu_prm_jax.evaluation.processbench import best_theta, evaluate_processbench, processbench_f1, theta_from_split
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.atomic import write_json_atomic, write_text_atomic
 from edu_prm_jax.models.prm import load_prm
 from edu_prm_jax.records.sources import read_processbench
-from edu_prm_jax.scoring.examples import build_example, joined_steps, score_examples
+from edu_prm_jax.scoring.examples import build_example, joined_steps
+from edu_prm_jax.scoring.multihost import score_examples_across_processes
 
 DESCRIPTION = "ProcessBench F1 (per subset and average) of a PRM, at fixed, GSM8K-tuned and best theta."
 
@@ -77,14 +79,14 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     if not config.data:  # ProcessBench is not shipped: no default
         raise ValueError("config.data is not set (pass --config.data=DIR, the dir holding ProcessBench's "
                          "gsm8k.json, math.json, olympiadbench.json and omnimath.json)")
-    if not pathlib.Path(config.data).is_dir():
+    if not storage.as_path(config.data).is_dir():
         raise FileNotFoundError(f"config.data={config.data!r}: no such directory")
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = parallel.local_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)  # this host's devices
     rules = parallel.rules_from_config(config.mesh.rules)
     prm_path = prm_dir(workdir, config.prm)
     prm = load_prm(prm_path, mesh, dtype=config.dtype, rules=rules)
     tokenizer = load_tokenizer(find_tokenizer_dir(prm_path, config.tokenizer))
-    data = pathlib.Path(config.data)
+    data = storage.as_path(config.data)
     subsets = [s for s in config.subsets.split(",") if s]
     scores, labels, unscored = {}, {}, {}
     for name in subsets:
@@ -94,7 +96,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         built = [item_example(prm, tokenizer, it, config.step_joiner, config.max_tokens)
                  for it in tqdm(items, desc=f"encode {name}", unit="item")]
         examples = [ex for ex, _ in built if ex is not None]
-        scored = iter(score_examples(prm, examples, batch_size=config.batch_size))
+        # multi-host: each process scores its share of the batches; all get every score, process 0 writes
+        scored = iter(score_examples_across_processes(prm, examples, batch_size=config.batch_size,
+                                                      name=f"processbench {name}"))
         scores[name] = [next(scored) if ex is not None else [] for ex, _ in built]
         labels[name] = [int(it["label"]) for it in items]
         unscored[name] = sum(1 for _, n in built if n)
@@ -118,8 +122,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         lines.append(f"| {name} | " + " | ".join(f"{t['subsets'][s]['f1']:.1f}" for s in subsets)
                      + f" | {t['average_f1']:.1f} |")
     out = workdir / "processbench"
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", results)
     text = "\n".join(lines) + "\n"
-    write_text_atomic(out / "report.md", text)
-    logging.info("ProcessBench report: %s\n%s", out / "report.md", text)
+    if distributed.is_lead():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "results.json", results)
+        write_text_atomic(out / "report.md", text)
+        logging.info("ProcessBench report: %s\n%s", out / "report.md", text)
+    distributed.barrier("eval-processbench: written")

@@ -14,6 +14,7 @@ import ml_collections
 from absl import logging
 
 from edu_prm_jax import parallel
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.destinations import check_destination
 from edu_prm_jax.models.checkpoints import tokenizer_files
 from edu_prm_jax.models.prm import save_prm
@@ -33,7 +34,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     if not saved.is_file():
         raise FileNotFoundError(f"{saved}: not found; export reads the config of an `edu-prm train` run")
     train_cfg = ml_collections.ConfigDict(json.loads(saved.read_text()))
-    out = pathlib.Path(config.output) if config.output else workdir / "prm" / f"hf_{config.which}"
+    out = storage.as_path(config.output) if config.output else workdir / "prm" / f"hf_{config.which}"
     check_destination(out, overwrite=config.overwrite, field="output")  # before any model is built
     checkpoints = prm_checkpoints(workdir)
     try:

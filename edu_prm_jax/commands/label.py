@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import shutil
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -49,7 +48,9 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from edu_prm_jax import distributed
 from edu_prm_jax.grading import answers
+from edu_prm_jax.io import storage
 from edu_prm_jax.io import tfds as tfds_io
 from edu_prm_jax.io.atomic import write_json_atomic
 from edu_prm_jax.io.jsonl import count_records
@@ -231,7 +232,7 @@ def write_tfds(out: pathlib.Path, rebuild: bool) -> pathlib.Path:
     """The TFDS copy of all `steps-*` shards; a stale copy (shards rewritten this run) is rebuilt."""
     data_dir = out / "tfds"
     if rebuild and (data_dir / TFDS_NAME).exists():
-        shutil.rmtree(data_dir / TFDS_NAME)
+        storage.remove_tree(data_dir / TFDS_NAME)
     return tfds_io.write_tfds_dataset((r.tfds_example() for r in read_step_shards(out)), data_dir, TFDS_NAME,
                                       TFDS_FEATURES)
 
@@ -266,8 +267,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         raise ValueError(f"target must be one of {TARGETS}, got {config.target!r}")
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
-    samples = pathlib.Path(config.samples) if config.samples else workdir / "samples_edu"
-    out = pathlib.Path(config.output) if config.output else workdir / "labels"
+    samples = storage.as_path(config.samples) if config.samples else workdir / "samples_edu"
+    out = storage.as_path(config.output) if config.output else workdir / "labels"
     shards = tree_shard_paths(samples)
     sizes = [count_records(p) for p in shards]
     total = sum(sizes)
@@ -278,13 +279,20 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                                        "shepherd_k")}
     shaping = {"policy": str(resolve_policy(config.policy)), "tokenizer": config.tokenizer,
                "sampling": config.sampling.to_dict()}  # the rollouts and the decoded step texts depend on these
-    check_fingerprint(out, {"samples": str(samples.resolve()), "input_shards": content_digest(shards),
-                            "num_shards": num_shards, **settings, **shaping})
+    # multi-host: process 0 checks the fingerprint and clears stale temps; shard i is labelled and written by
+    # process i % P (its rollouts on that process's devices); process 0 writes the TFDS copy and the stats
+    rewritten = False  # whether any shard is (re)written this run: the TFDS copy is then rebuilt (process 0)
+    if distributed.is_lead():
+        check_fingerprint(out, {"samples": str(storage.resolved(samples)), "input_shards": content_digest(shards),
+                                "num_shards": num_shards, **settings, **shaping})
+        ShardedJsonlWriter(out, UNDECIDED_PREFIX, num_shards).pending()  # removes temp files a crash left behind
+        rewritten = bool(ShardedJsonlWriter(out, STEPS_PREFIX, num_shards).pending())
+    distributed.barrier(f"label: {out} checked")
     writer = ShardedJsonlWriter(out, STEPS_PREFIX, num_shards)
     undecided_writer = ShardedJsonlWriter(out, UNDECIDED_PREFIX, num_shards)
-    undecided_writer.pending()  # removes temp files a crashed run left behind
     bounds = [round(i * total / num_shards) for i in range(num_shards + 1)]
-    pending = writer.pending()
+    done = writer.completed()
+    pending = distributed.owned(i for i in range(num_shards) if i not in done)
     tokenizer = load_tokenizer(config.tokenizer or resolve_policy(config.policy)) if pending else None
     needs_rollouts = config.method == "shepherd" or config.extra_rollouts_min_leaves > 0
     rollout = None
@@ -292,16 +300,21 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         k = config.shepherd_k if config.method == "shepherd" else config.extra_rollouts_k
         rollout = SamplerRollout(config, k)
     for shard in tqdm(pending, desc=f"label[{config.method}/{config.target}]", unit="shard"):
+        distributed.check_peers("labelling")  # another process failed: stop here, not at the next barrier
         items = list(records_in_range(shards, sizes, bounds[shard], bounds[shard + 1]))
         records, summary = label_records(items, config, tokenizer, rollout)
         undecided_writer.write(shard, [summary])  # before the steps shard, whose presence marks the shard done
         writer.write(shard, [r.to_json() for r in records])
-    if not pending:
-        logging.info("label: all %d shards already complete in %s", num_shards, out)
-    else:  # this run's checks: decided without sympy, symbolically, attempts out of their CPU bound, undecided
+    if pending:  # this run's checks: decided without sympy, symbolically, attempts out of their CPU bound, undecided
         logging.info("label: answer checks of this run: %s", answers.verification_stats())
+    distributed.barrier(f"label: {out} shards written")
+    if not distributed.is_lead():
+        distributed.barrier(f"label: {out} summarised")  # wait for process 0's TFDS copy and stats
+        return
+    if not rewritten:
+        logging.info("label: all %d shards already complete in %s", num_shards, out)
     if config.tfds:
-        logging.info("label: TFDS dataset at %s", write_tfds(out, rebuild=bool(pending)))
+        logging.info("label: TFDS dataset at %s", write_tfds(out, rebuild=rewritten))
     undecided = None
     if len(undecided_writer.completed()) == num_shards:
         undecided = list(read_shards(out, UNDECIDED_PREFIX))
@@ -312,3 +325,4 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
              **label_stats((r.to_json() for r in read_step_shards(out)), undecided)}
     write_json_atomic(out / "label_stats.json", stats)
     print(json.dumps(stats, indent=2))
+    distributed.barrier(f"label: {out} summarised")

@@ -24,6 +24,7 @@ from edu_prm_jax import config_utils
 from edu_prm_jax.commands import registry
 from edu_prm_jax.commands.common.paths import train_finished
 from edu_prm_jax.configs.pipeline import SHARED
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.atomic import write_text_atomic
 
 DESCRIPTION = "Run the whole method (sample, label, train, eval-bon, eval-processbench) and write report.md."
@@ -107,7 +108,7 @@ def processbench_skip_reason(config: ml_collections.ConfigDict) -> str | None:
     data = config.processbench.data
     if not data:
         return f"no ProcessBench data dir ({PROCESSBENCH_HINT})"
-    if not pathlib.Path(data).is_dir():
+    if not storage.as_path(data).is_dir():
         raise FileNotFoundError(f"processbench.data={data!r}: no such directory ({PROCESSBENCH_HINT})")
     return None
 

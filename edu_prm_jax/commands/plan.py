@@ -29,8 +29,9 @@ from edu_prm_jax.commands.common.builders import (
     prm_loss_fn,
     saved_config,
 )
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.atomic import write_text_atomic
-from edu_prm_jax.models.config import Qwen2Config
+from edu_prm_jax.models.config import ATTENTION_IMPLS, Qwen2Config
 from edu_prm_jax.models.prm import PRM
 from edu_prm_jax.models.qwen2 import Qwen2
 from edu_prm_jax.planning import architectures, compiler, devices, hardware, programs, report, search
@@ -41,6 +42,7 @@ DESCRIPTION = ("Compile the train step, decode loop and scoring forward for a TP
                "needed): per-chip HBM, fits or not, FLOPs, a step-time bound; --config.search finds what fits.")
 
 PROGRAMS = ("train", "decode", "decode_eval", "score")
+SCAN_CHOICES = ("auto", "true", "false")
 SEARCHES = ("", "slice", "batch", "slots")
 
 
@@ -109,11 +111,17 @@ class Planner:
         return self._arch(stage.policy, "prm_arch", self.config.prm_arch or self.config.arch)
 
     # ------------------------------------------------------------------------------------------ builders
-    def _mesh(self, mesh_cfg: Any, target: hardware.Target, fill: str):
+    def _mesh(self, mesh_cfg: Any, target: hardware.Target, fill: str, one_host: bool = False):
+        """The stage's mesh on the target's devices; `one_host`: on the first host's devices only, as rollouts
+        run (each process decodes its own questions on a process-local mesh, README "How work is split across
+        hosts")."""
         shape = {"data": mesh_cfg.data, "fsdp": mesh_cfg.fsdp, "tensor": mesh_cfg.tensor}
         if fill and -1 not in shape.values():  # a slice search: `fill` takes the devices the fixed axes leave
             shape[fill] = -1
-        mesh = parallel.make_mesh(**shape, devices=list(devices.target_devices(target)))
+        chips = list(devices.target_devices(target))
+        if one_host:
+            chips = [d for d in chips if d.process_index == chips[0].process_index]
+        mesh = parallel.make_mesh(**shape, devices=chips)
         return mesh, parallel.rules_from_config(mesh_cfg.rules)
 
     def _prm_shape(self, stage: Stage, cfg: ml_collections.ConfigDict, depth: int | None) -> PRM:
@@ -122,8 +130,24 @@ class Planner:
             backbone = backbone.replace(num_hidden_layers=depth)
         return abstract_prm(cfg, backbone)
 
-    @staticmethod
-    def _prm_factory(shape: PRM, cfg: Qwen2Config) -> Callable[[], PRM]:
+    def for_target(self, cfg: Qwen2Config, target: hardware.Target, expanded_layers: int = 0) -> Qwen2Config:
+        """`cfg` as a run on `target` builds it: the layer layout and attention kernel the target's platform
+        defaults to (`Qwen2Config.for_platform`: scanned layers and splash / cuDNN attention), unless
+        `config.scan_layers` / `config.attention` pin them. A block-expanded PRM stays unrolled, as at run time.
+        Raises ValueError for a value outside the documented choices."""
+        scan = str(self.config.scan_layers).lower()
+        if scan not in SCAN_CHOICES:
+            raise ValueError(f"config.scan_layers={self.config.scan_layers!r}: expected one of {SCAN_CHOICES}")
+        if self.config.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"config.attention={self.config.attention!r}: expected one of {ATTENTION_IMPLS}")
+        layout = {"auto": cfg.scan_layers, "true": True, "false": False}[scan]
+        if expanded_layers and layout is None:
+            layout = False
+        attention = cfg.attention if self.config.attention == "auto" else self.config.attention
+        return cfg.replace(scan_layers=layout, attention=attention).for_platform(target.chip.platform)
+
+    def _prm_factory(self, shape: PRM, cfg: Qwen2Config, target: hardware.Target) -> Callable[[], PRM]:
+        cfg = self.for_target(cfg, target, shape.expanded_layers)
         return lambda: PRM(cfg, shape.head_spec.name, rngs=nnx.Rngs(0), separator_id=shape.separator_id,
                            expanded_layers=shape.expanded_layers)
 
@@ -138,7 +162,7 @@ class Planner:
         optim = optim_config(cfg, shape)
         text = (f"PRM train step ({shape.head_spec.name} head), {cfg.rows} rows x {cfg.seq_len} tokens, remat "
                 f"{cfg.remat}, accum_steps {cfg.accum_steps}, {cfg.dtype} compute, float32 master weights + AdamW")
-        program = programs.train_program(self._prm_factory(shape, shape.cfg), make_optimizer(optim),
+        program = programs.train_program(self._prm_factory(shape, shape.cfg, target), make_optimizer(optim),
                                          prm_loss_fn(cfg), mesh, rules, cfg.rows, cfg.seq_len,
                                          PRM_COUNT_KEY if cfg.accum_steps > 1 else None, text)
         return program, mesh
@@ -154,7 +178,8 @@ class Planner:
         prm_cfg = shape.cfg.replace(param_dtype=saved, dtype=stage.dtype, remat="none")
         text = (f"PRM scoring forward, {rows} rows x {seq_len} tokens, {saved} weights (as eval-bon loads an "
                 f"exported PRM), {stage.dtype} compute, on the train mesh")
-        return programs.score_program(self._prm_factory(shape, prm_cfg), mesh, rules, rows, seq_len, text), mesh
+        factory = self._prm_factory(shape, prm_cfg, target)
+        return programs.score_program(factory, mesh, rules, rows, seq_len, text), mesh
 
     def decode(self, name: str, stage: Stage, target: hardware.Target, depth: int | None, over: dict[str, int],
                fill: str = "") -> tuple[programs.Program, Any]:
@@ -170,11 +195,12 @@ class Planner:
         if "num_leaves" in over:
             settings["num_leaves"] = over["num_leaves"]
         params = decode_params(sampling, **settings)
-        mesh, rules = self._mesh(cfg.mesh, target, fill and "data")
+        mesh, rules = self._mesh(cfg.mesh, target, fill and "data", one_host=True)
         arch = self.policy_arch(stage)
         if depth is not None:
             arch = arch.replace(num_hidden_layers=depth)
-        policy_cfg = arch.replace(param_dtype=arch.torch_dtype, dtype=stage.dtype)  # as the sampler loads it
+        # as the sampler loads it: the checkpoint's dtype, the target platform's layer layout and kernel
+        policy_cfg = self.for_target(arch.replace(param_dtype=arch.torch_dtype, dtype=stage.dtype), target)
         prm_factory = None
         if with_prm:
             train_stage = Stage(self.run.train, self.run.prm_backbone or self.run.policy, stage.dtype) \
@@ -188,7 +214,7 @@ class Planner:
                 raise ValueError(f"eval_bon.p_edu=True needs a scalar-head PRM; the planned PRM has the "
                                  f"{shape.head_spec.name} head (eval-bon would refuse it)")
             saved = self.backbone_arch(train_stage).torch_dtype
-            prm_factory = self._prm_factory(shape, shape.cfg.replace(param_dtype=saved, dtype=stage.dtype))
+            prm_factory = self._prm_factory(shape, shape.cfg.replace(param_dtype=saved, dtype=stage.dtype), target)
         split = parallel.as_rules(rules).axis_size("rollout", mesh)
         questions = over.get("batch_questions", cfg.batch_questions)
         questions = -(-questions // split) * split  # as the Sampler pads a batch
@@ -199,6 +225,9 @@ class Planner:
         program = programs.decode_program(params, lambda: Qwen2(policy_cfg, nnx.Rngs(0)), mesh, rules, questions,
                                           prompt_len, prm_factory, stop_shape, name=name)
         program.description += f", {arch.torch_dtype} weights, {stage.dtype} compute"
+        if mesh.devices.size < target.devices:
+            program.description += (f", on one host's {mesh.devices.size} devices (every host decodes its own "
+                                    "questions on its own devices)")
         return program, mesh
 
     def build(self, name: str, stage: Stage, target: hardware.Target, depth: int | None,
@@ -272,7 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         devices.check_compiler(targets[p])  # what to install, before any work
     planner = Planner(config)
     have, missing = stages(config.run)
-    out = pathlib.Path(config.output) if config.output else workdir / "plan.json"
+    out = storage.as_path(config.output) if config.output else workdir / "plan.json"
     plans: list[compiler.ProgramPlan] = []
     skipped = {name: missing[name] for name in wanted if name not in have}
     searches: dict[str, Any] = {}

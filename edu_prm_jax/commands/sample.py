@@ -8,6 +8,7 @@ import ml_collections
 from absl import logging
 
 from edu_prm_jax.commands.common.builders import build_sampler, sampling_fingerprint
+from edu_prm_jax.io import storage
 from edu_prm_jax.sampling.shards import sample_to_shards
 from edu_prm_jax.toy.defaults import load_questions, resolve_policy
 
@@ -20,7 +21,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         raise ValueError(f"questions={config.questions!r}: no questions")
     sampler = build_sampler(config.policy, config.tokenizer, config.sampling, config.mesh, config.dtype,
                             config.batch_questions, config.prompt_bucket)
-    out = pathlib.Path(config.output) if config.output else workdir / f"samples_{config.sampling.mode}"
+    out = storage.as_path(config.output) if config.output else workdir / f"samples_{config.sampling.mode}"
     sample_to_shards(sampler, questions, out, config.num_shards, desc=f"sample[{config.sampling.mode}]",
                      fingerprint=sampling_fingerprint(resolve_policy(config.policy), config.dtype, config.sampling),
                      too_long=config.too_long)

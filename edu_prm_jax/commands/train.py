@@ -11,6 +11,7 @@ from absl import logging
 from edu_prm_jax import parallel
 from edu_prm_jax.commands.common.builders import build_prm, check_trainable, make_trainer
 from edu_prm_jax.commands.common.paths import prm_dir, tokenizer_source, train_finished, train_started
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.atomic import write_json_atomic
 from edu_prm_jax.io.shards import check_fingerprint, content_digest
 from edu_prm_jax.models.checkpoints import tokenizer_files
@@ -22,7 +23,7 @@ DESCRIPTION = "Train a PRM (policy backbone + reward head) on MC-labelled steps;
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    labels_dir = pathlib.Path(config.labels) if config.labels else workdir / "labels"
+    labels_dir = storage.as_path(config.labels) if config.labels else workdir / "labels"
     export_dir = prm_dir(workdir)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.rules_from_config(config.mesh.rules)
@@ -32,7 +33,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     # yet, a bad shard) leaves no fingerprint that would refuse the corrected run
     records = load_label_records(labels_dir)
     check_fingerprint(workdir / "prm", {  # a resumed run must train on the same data (by content) and model
-        "labels": str(labels_dir.resolve()), "label_shards": content_digest(label_files),
+        "labels": str(storage.resolved(labels_dir)), "label_shards": content_digest(label_files),
         **{k: config[k] for k in ("policy", "init_prm", "head", "separator", "seq_len", "rows", "seed",
                                   "eval_fraction")},
         **{k: config[k] for k, default in (("supervise", "step_end"), ("expand_layers", 0), ("trainable", "all"),

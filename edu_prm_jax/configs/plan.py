@@ -49,6 +49,8 @@ def get_config(planned: str | None = None) -> ml_collections.ConfigDict:
     config.score_rows = 0  # Score: rows per forward; 0 = the train config's rows.
     config.score_len = 0  # Score: tokens per row; 0 = the train config's seq_len.
     config.layers = ""  # Compile at this depth ("8") or two depths extrapolated to the full one ("4,8"); "" = full.
+    config.scan_layers = "auto"  # Layer layout: auto (the target's default: scanned on TPU/GPU), true or false.
+    config.attention = "auto"  # Kernel: auto (the target's default: splash on TPU, cuDNN for bf16 on GPU), xla, ...
     config.search = ""  # "", slice (smallest slice that fits), batch (largest batch), slots (largest num_leaves).
     config.output = ""  # JSON report; empty = <workdir>/plan.json (the table also goes to <workdir>/plan.md).
     return config

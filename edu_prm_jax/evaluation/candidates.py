@@ -20,7 +20,8 @@ from typing import Any
 from edu_prm_jax.evaluation.bon import Candidate
 from edu_prm_jax.grading.answers import answers_verdict, extract_answer
 from edu_prm_jax.records.trees import step_spans
-from edu_prm_jax.scoring.examples import build_example, score_examples
+from edu_prm_jax.scoring.examples import build_example
+from edu_prm_jax.scoring.multihost import score_examples_across_processes
 
 
 @dataclasses.dataclass
@@ -43,7 +44,10 @@ def leaf_steps(leaf: dict[str, Any], split: str) -> list[list[int]]:
 
 def score_records(prm: Any, records: Sequence[dict[str, Any]], split: str, batch_size: int = 32
                   ) -> list[list[Candidate]]:
-    """One list of scored candidates (`GradedCandidate`) per tree record (leaves in slot order)."""
+    """One list of scored candidates (`GradedCandidate`) per tree record (leaves in slot order).
+
+    In a multi-host job every process calls it with the same records: the scoring batches are split over the
+    processes and gathered (`scoring.multihost`), so every process gets the candidates a single process would."""
     examples, owners = [], []
     for qi, rec in enumerate(records):
         for leaf in rec["leaves"]:
@@ -55,7 +59,7 @@ def score_records(prm: Any, records: Sequence[dict[str, Any]], split: str, batch
             examples.append(build_example(record, head=prm.head_spec.name, separator_id=prm.separator_id,
                                           record_id=f"{rec['id']}/{leaf['slot']}"))
             owners.append((qi, leaf, len(examples) - 1))
-    scores = score_examples(prm, examples, batch_size=batch_size) if examples else []
+    scores = score_examples_across_processes(prm, examples, batch_size=batch_size, name="best-of-n candidates")
     out: list[list[Candidate]] = [[] for _ in records]
     for qi, leaf, ex in owners:
         gold = records[qi].get("answer")

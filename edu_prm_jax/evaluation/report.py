@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import pathlib
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from edu_prm_jax.io.atomic import write_json_atomic, write_text_atomic
+from edu_prm_jax.io import storage
+from edu_prm_jax.io.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -66,8 +68,8 @@ def token_table(summary: Mapping[tuple[str, int], Mapping[str, tuple[float, floa
     return "\n".join(lines)
 
 
-def plot_bon(summary: Mapping[tuple[str, int], Mapping[str, tuple[float, float]]], out_dir: pathlib.Path,
-             selector: str, greedy_acc: float | None) -> list[pathlib.Path]:
+def plot_bon(summary: Mapping[tuple[str, int], Mapping[str, tuple[float, float]]], out_dir: storage.PathLike,
+             selector: str, greedy_acc: float | None) -> list[epath.Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,16 +95,19 @@ def plot_bon(summary: Mapping[tuple[str, int], Mapping[str, tuple[float, float]]
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out_dir / fname
-        fig.savefig(path, dpi=120)
+        path = storage.as_path(out_dir) / fname
+        png = io.BytesIO()  # rendered in memory, then written atomically (a gs:// out_dir included)
+        fig.savefig(png, format="png", dpi=120)
+        write_bytes_atomic(path, png.getvalue())
         plt.close(fig)
         paths.append(path)
     return paths
 
 
-def write_bon_report(runs: Sequence[Mapping[str, Any]], out_dir: pathlib.Path, selectors: Sequence[str],
+def write_bon_report(runs: Sequence[Mapping[str, Any]], out_dir: storage.PathLike, selectors: Sequence[str],
                      highlight: str, greedy_acc: float | None, notes: str = "") -> str:
-    """Write results.json, report.md and the plots into out_dir; returns the markdown."""
+    """Write results.json, report.md and the plots into out_dir (any storage path); returns the markdown."""
+    out_dir = storage.as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(runs)
     write_json_atomic(out_dir / "results.json", {"runs": list(runs), "greedy_accuracy": greedy_acc,

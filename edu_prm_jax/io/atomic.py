@@ -4,18 +4,25 @@ The one helper every writer of the project uses: a hidden temp file in the same 
 `os.replace` over the destination. A crash leaves only the temp file (named `.<name>.<random>.tmp`). The file
 gets the permissions a plain `open(path, "w")` would give (mkstemp's private 0600 would otherwise survive the
 rename and hide exports from other users).
+
+On an object store (`gs://`, see `io.storage`) there is no rename: the content is rendered in memory and
+uploaded as one object, which the store creates only when the upload completes (`storage.write_object`); a
+`write` that fails midway uploads nothing.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
-import pathlib
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from etils import epath
+
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.jsonl import PathLike
 
 TMP_SUFFIX = ".tmp"
@@ -31,12 +38,21 @@ def _process_umask() -> int:
 _FILE_MODE = 0o666 & ~_process_umask()
 
 
-def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = False) -> pathlib.Path:
+def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = False, *,
+                 mark_complete: bool = False) -> epath.Path:
     """Call `write(f)` on a hidden temp file in the same directory, fsync, then rename it over `path`.
 
     `f` is a text file (UTF-8) unless `binary`. On any error the temp file is removed and the error re-raised.
+    A remote `path` (gs://...) is rendered in memory and uploaded as one object; with `mark_complete` its
+    completion marker follows (`storage.is_complete`), for outputs whose presence means "finished" (shards).
+    A local path needs no marker (the rename is the commit), so `mark_complete` changes nothing there.
     """
-    path = pathlib.Path(path)
+    path = storage.as_path(path)
+    if not storage.is_local(path):
+        buffer = io.BytesIO() if binary else io.StringIO()
+        write(buffer)
+        data = buffer.getvalue()
+        return storage.write_object(path, data if binary else data.encode("utf-8"), mark_complete=mark_complete)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
@@ -73,26 +89,27 @@ class DiskFullError(OSError):
         return self.strerror
 
 
-def write_text_atomic(path: PathLike, text: str) -> pathlib.Path:
+def write_text_atomic(path: PathLike, text: str) -> epath.Path:
     """Write `text` to `path` so readers see either the old file or the complete new one."""
     return atomic_write(path, lambda f: f.write(text))
 
 
-def write_json_atomic(path: PathLike, obj: Any, indent: int | None = 2) -> pathlib.Path:
+def write_json_atomic(path: PathLike, obj: Any, indent: int | None = 2) -> epath.Path:
     """Write `obj` as JSON atomically (a trailing newline keeps the file friendly to `cat`)."""
     return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"))
 
 
-def write_jsonl_atomic(path: PathLike, records: Iterable[Mapping[str, Any]]) -> pathlib.Path:
-    """Write one JSON object per line atomically."""
+def write_jsonl_atomic(path: PathLike, records: Iterable[Mapping[str, Any]], *,
+                       mark_complete: bool = False) -> epath.Path:
+    """Write one JSON object per line atomically (`mark_complete`: see `atomic_write`)."""
 
     def write(f: Any) -> None:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, mark_complete=mark_complete)
 
 
-def write_bytes_atomic(path: PathLike, data: bytes) -> pathlib.Path:
+def write_bytes_atomic(path: PathLike, data: bytes) -> epath.Path:
     """Write `data` to `path` atomically."""
     return atomic_write(path, lambda f: f.write(data), binary=True)

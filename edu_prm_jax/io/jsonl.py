@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from edu_prm_jax.io import storage
+
 PathLike = str | os.PathLike
 UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -148,7 +150,7 @@ def json_lines(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     Why our own line reader: a file may be truncated or corrupted (bad UTF-8, a number of 5000 digits, nesting
     deeper than the parser's recursion limit); each such line must end in a DataError naming the file and line,
     never in another exception. A UTF-8 byte-order mark at the start of the file is skipped."""
-    with open(path, "rb") as f:
+    with storage.as_path(path).open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1 and raw.startswith(UTF8_BOM):
                 raw = raw[len(UTF8_BOM):]  # an encoding mark some editors write, not content
@@ -173,14 +175,14 @@ def json_lines(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def count_records(path: PathLike) -> int:
     """Non-blank lines of a JSONL file (the records `read_records` yields, or fails on), without parsing them."""
-    with open(path, "rb") as f:
+    with storage.as_path(path).open("rb") as f:
         return sum(1 for raw in f if not _is_blank(raw))
 
 
 def record_lines(path: PathLike) -> list[int]:
     """The 1-based line of each record of a JSONL file (its non-blank lines), for messages that name a record
     found by position, e.g. the first of two duplicates."""
-    with open(path, "rb") as f:
+    with storage.as_path(path).open("rb") as f:
         return [lineno for lineno, raw in enumerate(f, start=1) if not _is_blank(raw)]
 
 

@@ -1,7 +1,9 @@
 """Resumable JSONL shards and output fingerprints.
 
 Shards are written to a hidden temp name in the same directory and renamed into place, so a shard exists under
-its final name only once complete; a rerun skips finished shards and deletes stale temp files. A fingerprint
+its final name only once complete; a rerun skips finished shards and deletes stale temp files. On an object store
+(gs://) a shard is uploaded whole and then marked complete (`storage.is_complete`); a shard object without its
+marker (a crash between the two uploads) is not finished and is rewritten by the rerun. A fingerprint
 binds an output directory to the settings that made it.
 """
 
@@ -9,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pathlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from etils import epath
+
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.atomic import TMP_SUFFIX, write_json_atomic, write_jsonl_atomic
 from edu_prm_jax.io.jsonl import DataError, PathLike, read_jsonl
 
@@ -29,23 +33,26 @@ def _shard_pattern(prefix: str) -> re.Pattern[str]:
     return re.compile(re.escape(prefix) + r"-(\d{5})-of-(\d{5})\.jsonl")
 
 
-def _list_shards(out_dir: PathLike, prefix: str) -> list[tuple[int, int, pathlib.Path]]:
-    out_dir = pathlib.Path(out_dir)
+def _list_shards(out_dir: PathLike, prefix: str) -> list[tuple[int, int, epath.Path]]:
+    out_dir = storage.as_path(out_dir)
     if not out_dir.is_dir():
         return []
     pattern = _shard_pattern(prefix)
+    entries = list(out_dir.iterdir())
+    marked = None if storage.is_local(out_dir) else {p.name for p in entries}
     found = []
-    for p in out_dir.iterdir():
+    for p in entries:
         m = pattern.fullmatch(p.name)
-        if m:
+        if m and (marked is None or storage.marker_of(p).name in marked):  # an unmarked object is unfinished
             found.append((int(m.group(1)), int(m.group(2)), p))
     return sorted(found)
 
 
-def stale_temp_files(out_dir: PathLike, prefix: str) -> list[pathlib.Path]:
-    """Temp files of `prefix` shards left by a crashed writer (never counted as finished shards)."""
-    out_dir = pathlib.Path(out_dir)
-    if not out_dir.is_dir():
+def stale_temp_files(out_dir: PathLike, prefix: str) -> list[epath.Path]:
+    """Temp files of `prefix` shards left by a crashed writer (never counted as finished shards). An object store
+    has none: a shard is uploaded whole, and one left without its marker is simply rewritten."""
+    out_dir = storage.as_path(out_dir)
+    if not storage.is_local(out_dir) or not out_dir.is_dir():
         return []
     return sorted(
         p for p in out_dir.iterdir() if p.name.startswith(f".{prefix}-") and p.name.endswith(TMP_SUFFIX)
@@ -69,15 +76,17 @@ def completed_shards(out_dir: PathLike, prefix: str, num_shards: int | None = No
 
 
 def shard_done(out_dir: PathLike, prefix: str, index: int, num_shards: int) -> bool:
-    """Whether shard `index` of `num_shards` was finished (renamed into place)."""
-    return (pathlib.Path(out_dir) / shard_name(prefix, index, num_shards)).is_file()
+    """Whether shard `index` of `num_shards` was finished (renamed into place; on a store: marked complete)."""
+    return storage.is_complete(storage.as_path(out_dir) / shard_name(prefix, index, num_shards))
 
 
 def write_shard(
     out_dir: PathLike, prefix: str, index: int, num_shards: int, records: Iterable[Mapping[str, Any]]
-) -> pathlib.Path:
-    """Write one shard atomically; a crash midway leaves only a temp file that `clean_stale_temps` removes."""
-    return write_jsonl_atomic(pathlib.Path(out_dir) / shard_name(prefix, index, num_shards), records)
+) -> epath.Path:
+    """Write one shard atomically; a crash midway leaves only a temp file that `clean_stale_temps` removes (on
+    an object store: an upload that never completed, or an object without its completion marker)."""
+    return write_jsonl_atomic(storage.as_path(out_dir) / shard_name(prefix, index, num_shards), records,
+                              mark_complete=True)
 
 
 class ShardedJsonlWriter:
@@ -95,7 +104,7 @@ class ShardedJsonlWriter:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         if not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*", prefix):
             raise ValueError(f"shard prefix {prefix!r} must be letters, digits, '_', '.' or inner '-'")
-        self.out_dir = pathlib.Path(out_dir)
+        self.out_dir = storage.as_path(out_dir)
         self.prefix = prefix
         self.num_shards = num_shards
         others = {n for _, n, _ in _list_shards(self.out_dir, prefix)} - {num_shards}
@@ -118,17 +127,17 @@ class ShardedJsonlWriter:
         done = self.completed()
         return [i for i in range(self.num_shards) if i not in done]
 
-    def write(self, index: int, records: Iterable[Mapping[str, Any]]) -> pathlib.Path:
+    def write(self, index: int, records: Iterable[Mapping[str, Any]]) -> epath.Path:
         return write_shard(self.out_dir, self.prefix, index, self.num_shards, records)
 
-    def path(self, index: int) -> pathlib.Path:
+    def path(self, index: int) -> epath.Path:
         return self.out_dir / shard_name(self.prefix, index, self.num_shards)
 
 
-def shard_paths(directory: PathLike, prefix: str, made_by: str = "") -> list[pathlib.Path]:
+def shard_paths(directory: PathLike, prefix: str, made_by: str = "") -> list[epath.Path]:
     """The `prefix-NNNNN-of-NNNNN.jsonl` shards of `directory` in order, checked complete (a missing shard is an
     error, not a gap). `made_by` names the command that writes them, for the error message."""
-    directory = pathlib.Path(directory)
+    directory = storage.as_path(directory)
     found = _list_shards(directory, prefix)
     hint = f" (run `{made_by}` first)" if made_by else ""
     if not found:
@@ -167,7 +176,7 @@ def check_fingerprint(out_dir: PathLike, fingerprint: Mapping[str, Any],
     directory holds no outputs yet (`has_outputs`, by default: any file besides the fingerprint and hidden temp
     files), a different fingerprint is simply replaced: a run that failed before writing anything (a typo in a
     path, a model that did not load) must not refuse the corrected one."""
-    out_dir = pathlib.Path(out_dir)
+    out_dir = storage.as_path(out_dir)
     path = out_dir / FINGERPRINT
     wanted = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
     if path.is_file():
@@ -175,7 +184,7 @@ def check_fingerprint(out_dir: PathLike, fingerprint: Mapping[str, Any],
         if found == wanted:
             return
         outputs = has_outputs() if has_outputs is not None else any(
-            p.is_file() and p.name != FINGERPRINT and not p.name.startswith(".") for p in out_dir.rglob("*"))
+            p.is_file() and p.name != FINGERPRINT and not p.name.startswith(".") for p in storage.walk_files(out_dir))
         if outputs:
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
             raise DataError(f"holds outputs made with other settings (changed: {changed}); use a fresh "
@@ -186,9 +195,9 @@ def check_fingerprint(out_dir: PathLike, fingerprint: Mapping[str, Any],
 def content_digest(paths: Iterable[PathLike]) -> list[str]:
     """`name:sha256` of each file, read in 1 MiB blocks (fingerprints bind outputs to their inputs' content)."""
     out = []
-    for p in map(pathlib.Path, paths):
+    for p in map(storage.as_path, paths):
         h = hashlib.sha256()
-        with open(p, "rb") as f:
+        with p.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         out.append(f"{p.name}:{h.hexdigest()}")

@@ -16,12 +16,18 @@ Two deliberate workarounds, both on the builder class below:
 Atomicity: TFDS writes into ``<name>/incomplete.XXXX`` and renames the version directory into place only
 after every shard and ``dataset_info.json`` exist, deleting the temp directory on failure; so a failed
 build leaves nothing a rerun would trust, and a finished one is skipped by a rerun.
+
+Object stores (gs://): array_record's C++ reader and writer open local files only, so a dataset for a remote
+``data_dir`` is built in a local scratch directory and uploaded file by file with ``dataset_info.json`` last
+(its presence is what marks a prepared dataset, here and in TFDS); reading one downloads it into a local
+directory removed at exit (labels are small next to the model).
 """
 
 from __future__ import annotations
 
-import pathlib
+import atexit
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -29,7 +35,9 @@ from typing import Any
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.jsonl import DataError, PathLike
 
 _SCALARS = {"int32": np.int32, "int64": np.int64, "float32": np.float32, "bool": np.bool_}
@@ -124,8 +132,8 @@ def _builder_class(name: str, features: tfds.features.FeaturesDict, version: str
     return _InMemoryBuilder
 
 
-def dataset_dir(data_dir: PathLike, name: str, version: str = "1.0.0") -> pathlib.Path:
-    return pathlib.Path(data_dir) / name / version
+def dataset_dir(data_dir: PathLike, name: str, version: str = "1.0.0") -> epath.Path:
+    return storage.as_path(data_dir) / name / version
 
 
 def write_tfds_dataset(
@@ -136,7 +144,7 @@ def write_tfds_dataset(
     split: str = "train",
     num_shards: int | None = None,
     version: str = "1.0.0",
-) -> pathlib.Path:
+) -> epath.Path:
     """Write `records` as the `split` of TFDS dataset `name` (array_record) under `data_dir`.
 
     `features_spec` maps field -> kind ("string", "int32", "int64", "float32", "bool", or a list kind
@@ -152,11 +160,24 @@ def write_tfds_dataset(
     builder_cls = _builder_class(name, features_from_spec(features_spec), version)
     builder_cls._records = {split: _validated(records, features_spec)}
     with tempfile.TemporaryDirectory(prefix="tfds-scratch-") as scratch:
-        builder = _build_in_scratch(builder_cls, str(data_dir), scratch)
+        local = storage.is_local(data_dir)
+        build_dir = str(storage.as_path(data_dir)) if local else f"{scratch}/data"
+        builder = _build_in_scratch(builder_cls, build_dir, scratch)
         builder.download_and_prepare(
             download_dir=scratch, download_config=tfds.download.DownloadConfig(num_shards=num_shards)
         )
+        if not local:
+            _upload_version_dir(dataset_dir(build_dir, name, version), out)
     return out
+
+
+def _upload_version_dir(built: epath.Path, out: epath.Path) -> None:
+    """Copy a locally built version directory to the object store, `dataset_info.json` last: it is the marker of
+    a prepared dataset, so a crash midway leaves one that a rerun rebuilds, never one it trusts."""
+    files = list(storage.walk_files(built))
+    info = [f for f in files if f.name == "dataset_info.json" and f.parent == built]
+    for f in [f for f in files if f not in info] + info:
+        storage.copy_file(f, out / str(f)[len(str(built)):].lstrip("/"))
 
 
 def _build_in_scratch(builder_cls: type, data_dir: str, scratch: str) -> Any:
@@ -174,9 +195,15 @@ def _build_in_scratch(builder_cls: type, data_dir: str, scratch: str) -> Any:
 def open_tfds_source(data_dir: PathLike, name: str, split: str = "train") -> Any:
     """Random-access source (``len``, ``[i]``) over a prepared dataset; examples come back as TFDS
     decodes them (strings as bytes, lists as lists); `decode_example` turns them into str / numpy."""
-    if not pathlib.Path(data_dir, name).is_dir():
+    root = storage.as_path(data_dir)
+    if not (root / name).is_dir():
         raise FileNotFoundError(f"no prepared TFDS dataset {name!r} under {data_dir}")
-    return tfds.data_source(name, data_dir=str(data_dir), split=split, download=False)
+    if not storage.is_local(root):  # array_record reads local files only: a local copy, removed at exit
+        local = tempfile.mkdtemp(prefix="tfds-copy-")
+        atexit.register(shutil.rmtree, local, ignore_errors=True)
+        storage.copy_tree(root / name, f"{local}/{name}")
+        root = storage.as_path(local)
+    return tfds.data_source(name, data_dir=str(root), split=split, download=False)
 
 
 class ExampleDecoder:

@@ -16,21 +16,21 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
 from edu_prm_jax import parallel
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.destinations import staged_directory
-from edu_prm_jax.models.config import Qwen2Config, as_dtype, dtype_name
+from edu_prm_jax.models.config import ConfigError, Qwen2Config, as_dtype, dtype_name
 from edu_prm_jax.models.qwen2 import LAYERS_AXIS, Qwen2, is_stacked, scan_layers_in, set_scan_layers
 from edu_prm_jax.models.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 
@@ -60,9 +60,25 @@ TOKENIZER_FILES = (
 )
 
 
-def tokenizer_files(src: str | os.PathLike) -> list[pathlib.Path]:
+def tokenizer_files(src: str | os.PathLike) -> list[epath.Path]:
     """The `TOKENIZER_FILES` present in directory `src` (for `copy_files=` of the export functions)."""
-    return [pathlib.Path(src) / name for name in TOKENIZER_FILES if (pathlib.Path(src) / name).is_file()]
+    return [storage.as_path(src) / name for name in TOKENIZER_FILES if (storage.as_path(src) / name).is_file()]
+
+
+def read_config(path: str | os.PathLike) -> Qwen2Config:
+    """`Qwen2Config.from_file` for any storage path (a model directory or its config.json; gs:// included).
+
+    Raises ConfigError naming the file when it is missing or not JSON (the `from_file` messages)."""
+    path = storage.as_path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: config.json not found")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    return Qwen2Config.from_hf_dict(raw, str(path))
 
 
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -110,7 +126,7 @@ CANONICAL_FILE = "model.safetensors"
 TIED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-def _config_ties_embeddings(directory: pathlib.Path) -> bool:
+def _config_ties_embeddings(directory: epath.Path) -> bool:
     """config.json's `tie_word_embeddings` (False when absent or unreadable: the loaders report a bad config)."""
     try:
         raw = json.loads((directory / "config.json").read_text())
@@ -135,7 +151,7 @@ class HFCheckpoint:
     """
 
     def __init__(self, directory: str | os.PathLike, tied_embeddings: bool | None = None):
-        self.dir = pathlib.Path(directory)
+        self.dir = storage.as_path(directory)
         index = self.dir / INDEX_FILE
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}  # stored tensor name -> file name
@@ -189,7 +205,7 @@ class HFCheckpoint:
         """Every tensor name this view resolves: the stored ones, then the aliases of tied tensors."""
         return [*self.where, *self.aliases]
 
-    def file_of(self, name: str) -> pathlib.Path:
+    def file_of(self, name: str) -> epath.Path:
         return self.dir / self.where[self.stored_name(name)]
 
     def array(self, name: str) -> np.ndarray:
@@ -258,7 +274,7 @@ def load_tensors_into(
     from its per-layer tensors (`layer_view`), each device reading only its slice of each of them."""
     graphdef, state = nnx.split(abstract_model)
     targets = layer_view(state)
-    mesh = mesh or parallel.make_mesh(devices=jax.devices()[:1])
+    mesh = mesh or parallel.make_mesh(devices=jax.local_devices()[:1])
     found: dict[str, str] = {}
     extra = []
     for name in ckpt.names():
@@ -317,7 +333,7 @@ def load_hf_model(directory: str | os.PathLike, *, param_dtype: DTypeLike | None
     on `mesh`. `param_dtype`/`dtype` take any spelling `config.dtype_name` accepts; None keeps float32.
     `scan_layers` picks the layers' layout (None: the platform's default, `Qwen2Config.scan_layers`).
     Raises ConfigError / CheckpointError naming the file and field or tensor."""
-    cfg = Qwen2Config.from_file(directory).with_dtypes(param_dtype, dtype).replace(scan_layers=scan_layers)
+    cfg = read_config(directory).with_dtypes(param_dtype, dtype).replace(scan_layers=scan_layers)
     ckpt = HFCheckpoint(directory, tied_embeddings=cfg.tie_word_embeddings)
     abstract = nnx.eval_shape(lambda: Qwen2(cfg, nnx.Rngs(0)))
     # A tied model has no lm_head: its shared tensor loads as the embedding, whichever of `TIED_NAMES` stores
@@ -372,7 +388,7 @@ def write_hf_directory(out_dir: str | os.PathLike, config: dict[str, Any],
                           provenance={"kind": "hf_model"}) as tmp:
         # Streamed: a shard is written as soon as it is full, so the host holds at most one shard of tensors
         # (not the whole model). Shards get their final `-of-N` names once N is known.
-        written: list[tuple[pathlib.Path, list[str]]] = []
+        written: list[tuple[epath.Path, list[str]]] = []
         pending: list[tuple[str, np.ndarray]] = []
         size = total = 0
 
@@ -402,7 +418,7 @@ def write_hf_directory(out_dir: str | os.PathLike, config: dict[str, Any],
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for src in copy_files:
-            shutil.copyfile(src, tmp / pathlib.Path(src).name)
+            storage.copy_file(src, tmp / storage.as_path(src).name)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
 
@@ -436,7 +452,7 @@ def save_orbax(model: nnx.Module, directory: str | os.PathLike, extra_config: di
     renamed into place under the same destination rules as `write_hf_directory`."""
     import orbax.checkpoint as ocp
 
-    directory = pathlib.Path(directory).absolute()
+    directory = storage.absolute(directory)
     state = nnx.state(model, nnx.Param)
     with staged_directory(directory, overwrite=overwrite, field=field, sources=sources,
                           provenance={"kind": "orbax_params"}) as tmp:
@@ -445,16 +461,16 @@ def save_orbax(model: nnx.Module, directory: str | os.PathLike, extra_config: di
         meta = {"model": model.cfg.to_hf_dict(), SCAN_LAYERS_KEY: scan_layers_in(model), **(extra_config or {})}
         (tmp / ORBAX_CONFIG).write_text(json.dumps(meta, indent=2))
         for src in copy_files:
-            shutil.copyfile(src, tmp / pathlib.Path(src).name)
+            storage.copy_file(src, tmp / storage.as_path(src).name)
 
 
 def is_orbax_dir(directory: str | os.PathLike) -> bool:
-    return (pathlib.Path(directory) / ORBAX_CONFIG).is_file()
+    return (storage.as_path(directory) / ORBAX_CONFIG).is_file()
 
 
 def saved_scan_layers(directory: str | os.PathLike) -> bool:
     """The layers' layout `save_orbax` saved in `directory` (False for a save older than the field)."""
-    meta = json.loads((pathlib.Path(directory) / ORBAX_CONFIG).read_text())
+    meta = json.loads((storage.as_path(directory) / ORBAX_CONFIG).read_text())
     return bool(meta.get(SCAN_LAYERS_KEY, False))
 
 
@@ -471,13 +487,13 @@ def restore_orbax_into(abstract_model: nnx.Module, directory: str | os.PathLike,
         abstract_model = set_scan_layers(abstract_model, saved)
     graphdef, state = nnx.split(abstract_model)
     params = nnx.state(abstract_model, nnx.Param)
-    mesh = mesh or parallel.make_mesh(devices=jax.devices()[:1])
+    mesh = mesh or parallel.make_mesh(devices=jax.local_devices()[:1])
     shardings = parallel.state_shardings(params, mesh, rules)
     target = jax.tree.map(
         lambda var, sh: var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sh)),
         params, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(pathlib.Path(directory).absolute() / item, target)
+        restored = ckptr.restore(storage.absolute(directory) / item, target)
     model = nnx.merge(graphdef, state)
     nnx.update(model, restored)
     if saved != wanted:
@@ -490,8 +506,8 @@ def load_orbax_model(directory: str | os.PathLike, *, param_dtype: DTypeLike | N
                      scan_layers: bool | None = None):
     """A Qwen2 model from an Orbax directory written by `save_orbax`, placed on `mesh`; dtypes and `scan_layers`
     as in `load_hf_model` (whatever layout the checkpoint was saved in)."""
-    meta = json.loads((pathlib.Path(directory) / ORBAX_CONFIG).read_text())
-    cfg = Qwen2Config.from_hf_dict(meta["model"], str(pathlib.Path(directory) / ORBAX_CONFIG))
+    meta = json.loads((storage.as_path(directory) / ORBAX_CONFIG).read_text())
+    cfg = Qwen2Config.from_hf_dict(meta["model"], str(storage.as_path(directory) / ORBAX_CONFIG))
     cfg = cfg.with_dtypes(param_dtype, dtype).replace(scan_layers=scan_layers)
     abstract = nnx.eval_shape(lambda: Qwen2(cfg, nnx.Rngs(0)))
     return restore_orbax_into(abstract, directory, mesh, rules)

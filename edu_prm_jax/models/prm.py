@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from edu_prm_jax import parallel
+from edu_prm_jax.io import storage
 from edu_prm_jax.models import checkpoints
 from edu_prm_jax.models.config import ConfigError, Qwen2Config, dtype_from_name, dtype_name
 from edu_prm_jax.models.expansion import expansion_source
@@ -220,7 +220,7 @@ def prm_loss(
 # ---------------------------------------------------------------------------------------------- HF IO
 
 
-def head_from_config(raw: dict[str, Any], names: list[str], source: pathlib.Path) -> str:
+def head_from_config(raw: dict[str, Any], names: list[str], source: str | os.PathLike) -> str:
     """The checkpoint's head name: config.json's field first, then its HF architecture, then its tensor names."""
     if HEAD_CONFIG_KEY in raw:
         head = raw[HEAD_CONFIG_KEY]
@@ -266,7 +266,7 @@ def prm_to_hf(path: str, head: str) -> tuple[str, bool]:
     return checkpoints.nnx_to_hf(path[len(BACKBONE_PREFIX) :])
 
 
-def expanded_layers_in(raw: Mapping[str, Any], cfg: Qwen2Config, source: pathlib.Path) -> int:
+def expanded_layers_in(raw: Mapping[str, Any], cfg: Qwen2Config, source: str | os.PathLike) -> int:
     """config.json's count of blocks added by block expansion (0 when absent), validated against the depth."""
     value = raw.get(EXPANDED_CONFIG_KEY, 0)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < cfg.num_hidden_layers:
@@ -292,9 +292,9 @@ def load_prm(
     `lm_head.weight` (a causal LM's) is ignored: the PRM never reads it. `scan_layers` picks the backbone's
     layer layout (None: the platform's default; a block-expanded PRM is unrolled, `_backbone_cfg`).
     """
-    directory = pathlib.Path(path)
+    directory = storage.as_path(path)
     config_path = directory / "config.json"
-    cfg = Qwen2Config.from_file(directory)
+    cfg = checkpoints.read_config(directory)
     cfg = cfg.with_dtypes(param_dtype, dtype).replace(scan_layers=scan_layers)
     raw = json.loads(config_path.read_text())
     ckpt = checkpoints.HFCheckpoint(directory)

@@ -3,21 +3,24 @@
 The `safetensors` numpy backend cannot read bfloat16 (what Qwen2.5 ships), and it reads whole tensors. This
 reader maps the file and hands out zero-copy views, so a sharded import reads only the slice each device needs
 and never holds a second host copy. Every structural problem (truncation, bad header, offsets out of range)
-raises `CheckpointError` naming the file and tensor.
+raises `CheckpointError` naming the file and tensor. A file on an object store (gs://) is first copied to a
+local temp file (removed at exit), since a memory map needs a local file.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
-import pathlib
 import struct
+import tempfile
 from collections.abc import Iterable
 from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
 
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.atomic import atomic_write
 
 DTYPES = {
@@ -44,14 +47,14 @@ class SafetensorsFile:
     """Read-only view of one .safetensors file; `array(name)` is a memory-mapped numpy view."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path)
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path}: file not found") from None
+        self.path = storage.as_path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: file not found")
+        self._local = self.path if storage.is_local(self.path) else _local_copy(self.path)
+        size = os.path.getsize(self._local)
         if size < 8:
             raise CheckpointError(f"{self.path}: truncated ({size} bytes, no header)")
-        with open(self.path, "rb") as f:
+        with open(self._local, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             if header_len > MAX_HEADER or 8 + header_len > size:
                 raise CheckpointError(f"{self.path}: corrupt or truncated header (claims {header_len} bytes, "
@@ -99,10 +102,19 @@ class SafetensorsFile:
         if name not in self._entries:
             raise CheckpointError(f"{self.path}: no tensor {name!r}")
         if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._mmap = np.memmap(self._local, dtype=np.uint8, mode="r")
         dtype, shape, begin, end = self._entries[name]
         raw = self._mmap[self._data_start + begin: self._data_start + end]
         return raw.view(dtype).reshape(shape)
+
+
+def _local_copy(path: storage.Path) -> str:
+    """A local temp copy of remote file `path` (removed at exit), for the memory map."""
+    fd, local = tempfile.mkstemp(prefix=".safetensors-", suffix=f"-{path.name}")
+    os.close(fd)
+    atexit.register(lambda: os.path.exists(local) and os.unlink(local))
+    storage.copy_file(path, local)
+    return local
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]],

@@ -64,6 +64,7 @@ class ProgramPlan:
     mfu_at_bound: float | None = None
     call_time_bound_s: float | None = None  # decode: prefill + every loop step
     compile_s: float = 0.0
+    compiler_flops_partial: bool = False  # the compiler counted loop bodies once (decode loop, scanned layers)
     layers: int | None = None  # decoder layers compiled (a reduced-depth plan says so)
     extrapolated_from: list[int] | None = None  # depths a full-depth figure was extrapolated from
     error: str | None = None
@@ -142,6 +143,10 @@ def compile_program(program: Program, target: Target, mesh: Mesh, layers: int | 
         plan.fits = plan.total_bytes <= plan.capacity_bytes
     if program.loop_steps:
         plan.notes.append(f"compiler FLOPs count the prefill and one of the {program.loop_steps} loop steps")
+    if program.scanned_layers:
+        plan.notes.append("compiler FLOPs count one scanned layer (a loop body is counted once): the analytic "
+                          "FLOPs are used")
+    plan.compiler_flops_partial = bool(program.loop_steps or program.scanned_layers)
     _bounds(plan, program, target)
     return plan
 
@@ -150,7 +155,7 @@ def _bounds(plan: ProgramPlan, program: Program, target: Target) -> None:
     """Fill the step-time lower bound, what bounds it and the MFU at it (module docstring)."""
     chip, n = target.chip, target.devices
     flops = program.model_flops / n
-    if plan.compiler_flops is not None and not program.loop_steps:
+    if plan.compiler_flops is not None and not plan.compiler_flops_partial:
         flops = max(flops, plan.compiler_flops)
     moved = program.min_bytes_per_device
     if moved is None:

@@ -58,6 +58,21 @@ TPU_V6E = Chip("TPU v6e", "tpu", 32 * GIB, int(31.25 * GIB), 918e12, 1640e9,
 H100 = Chip("NVIDIA H100 SXM5 80GB", "cuda", 84_929_347_584, 84_929_347_584, 989e12, 3.35e12,
             "NVIDIA H100 datasheet: 989 TFLOP/s dense bf16, 80 GB HBM3 (84,929,347,584 bytes as the device "
             "reports it), 3.35 TB/s")
+H200 = Chip("NVIDIA H200 SXM 141GB", "cuda", 141 * 10**9, 141 * 10**9, 989e12, 4.8e12,
+            "NVIDIA H200 datasheet: 989 TFLOP/s dense bf16 (as H100), 141 GB HBM3e, 4.8 TB/s")
+# What `jax.Device.device_kind` reports -> the chip, for measured runs (MFU and the HBM roofline share)
+DEVICE_KINDS: dict[str, Chip] = {"TPU v4": TPU_V4, "TPU v5 lite": TPU_V5E, "TPU v5e": TPU_V5E, "TPU v5p": TPU_V5P,
+                                 "TPU v5": TPU_V5P, "TPU v6 lite": TPU_V6E, "TPU v6e": TPU_V6E,
+                                 "NVIDIA H100 80GB HBM3": H100, "NVIDIA H100": H100, "NVIDIA H200": H200}
+
+
+def chip_of_device_kind(kind: str) -> Chip | None:
+    """The chip whose `device_kind` is `kind` (exact, else the longest table entry `kind` starts with); None for
+    a device the table does not know (a CPU, another GPU)."""
+    if kind in DEVICE_KINDS:
+        return DEVICE_KINDS[kind]
+    matches = [k for k in DEVICE_KINDS if kind.startswith(k)]
+    return DEVICE_KINDS[max(matches, key=len)] if matches else None
 
 # XLA's GPU target description of an H100 SXM5 80GB (what the CUDA plugin compiles for without a GPU present):
 # 132 SMs at 1.98 GHz boost, compute capability 9.0, 50 MiB L2, the datasheet's memory and bandwidth.

@@ -66,6 +66,7 @@ class Program:
     min_bytes_per_device: float | None = None
     loop_steps: int = 0
     prefill_flops: float = 0.0
+    scanned_layers: bool = False  # the compiler counts a `lax.scan` body once: its FLOP count covers one layer
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -107,6 +108,12 @@ def _split_abstract(factory: ModelFactory, wrap: Callable[[nnx.Module], nnx.Modu
     return graphdef, state, cfgs[0]
 
 
+def layout_note(cfg: Qwen2Config) -> str:
+    """How the compiled model runs its layers and attention, e.g. "scanned layers, splash attention"."""
+    layers = {True: "scanned", False: "unrolled", None: "platform-default"}[cfg.scan_layers]
+    return f"{layers} layers, {cfg.attention} attention"
+
+
 def _attention_flops(cfg: Qwen2Config, keys: int) -> float:
     """Score and value matmuls of one query token against `keys` positions, all layers: 4 L H D S."""
     return 4.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * keys
@@ -137,7 +144,8 @@ def train_program(factory: ModelFactory, tx: optax.GradientTransformation, loss_
     return Program("train", description or f"train step, {rows} rows x {seq_len} tokens",
                    make_train_step(graphdef, loss_fn, mesh, rules, count_key), (_abstract(state, shardings), batch),
                    (shardings, batch_shardings), flops, "micro-batch", rows * seq_len,
-                   out_shardings=(shardings, None), donate_argnums=(0,))
+                   out_shardings=(shardings, None), donate_argnums=(0,), notes=[layout_note(cfg)],
+                   scanned_layers=bool(cfg.scan_layers))
 
 
 def score_program(factory: ModelFactory, mesh: Mesh, rules: parallel.RulesLike, rows: int, seq_len: int,
@@ -152,7 +160,8 @@ def score_program(factory: ModelFactory, mesh: Mesh, rules: parallel.RulesLike, 
     return Program("score", description or f"PRM forward, {rows} rows x {seq_len} tokens",
                    score_fn(graphdef, mesh, rules), (_abstract(state, shardings), batch["tokens"],
                                                      batch["segment_ids"]),
-                   (shardings, rows_sh, rows_sh), flops, "forward", rows * seq_len)
+                   (shardings, rows_sh, rows_sh), flops, "forward", rows * seq_len, notes=[layout_note(cfg)],
+                   scanned_layers=bool(cfg.scan_layers))
 
 
 def decode_program(p: DecodeParams, policy_factory: ModelFactory, mesh: Mesh, rules: parallel.RulesLike,
@@ -200,4 +209,5 @@ def decode_program(p: DecodeParams, policy_factory: ModelFactory, mesh: Mesh, ru
     text = description or (f"{mode} decode, {questions} questions x {p.num_leaves} slots, prompt {prompt_len} + "
                            f"{p.max_new_tokens} new tokens")
     return Program(name, text, decode_fn(p, graphdef, prm_graphdef, mesh, rules), args, shardings, step_flops,
-                   "token step", rows, min_bytes_per_device=held, loop_steps=p.max_new_tokens, prefill_flops=prefill)
+                   "token step", rows, min_bytes_per_device=held, loop_steps=p.max_new_tokens, prefill_flops=prefill,
+                   notes=[layout_note(cfg)], scanned_layers=bool(cfg.scan_layers))

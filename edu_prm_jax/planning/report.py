@@ -31,8 +31,8 @@ def verdict(plan: ProgramPlan) -> str:
 def row(plan: ProgramPlan) -> list[str]:
     mesh = "x".join(f"{k}{v}" for k, v in plan.mesh.items() if v > 1) or "1"
     name = plan.program + (f" [{plan.layers} layers]" if plan.layers is not None else "")
-    flops = plan.compiler_flops * plan.devices if plan.compiler_flops is not None and "decode" not in plan.program \
-        else plan.model_flops
+    whole = plan.compiler_flops is not None and not plan.compiler_flops_partial and "decode" not in plan.program
+    flops = plan.compiler_flops * plan.devices if whole else plan.model_flops
     return [name, plan.target, mesh, _gib(plan.argument_bytes), _gib(plan.output_bytes), _gib(plan.temp_bytes),
             _gib(plan.total_bytes), _gib(plan.capacity_bytes), verdict(plan), f"{flops:.3g}",
             "-" if plan.time_bound_s is None else f"{plan.time_bound_s:.3g}",

@@ -12,11 +12,13 @@ step-labelled sources (ProcessBench, PRM800K, Math-Shepherd) add ``"steps": list
 from __future__ import annotations
 
 import json
-import pathlib
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from etils import epath
+
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.jsonl import DataError, ListOf, PathLike, Schema, optional, read_jsonl, record_lines, require
 from edu_prm_jax.io.tfds import MISSING_RATING, write_tfds_dataset
 
@@ -49,7 +51,7 @@ def _answer_text(value: Any) -> str | None:
 # ------------------------------------------------------------------------------------- question sources
 def read_math_jsonl(path: PathLike, source: str = "math") -> Iterator[dict]:
     """MATH-style JSONL (e.g. MATH-500: problem, solution, answer, subject, level, unique_id)."""
-    stem = pathlib.Path(path).stem
+    stem = storage.as_path(path).stem
     for i, r in enumerate(read_jsonl(path, MATH_SCHEMA)):
         out = {
             "id": str(r.get("unique_id") or f"{source}-{stem}-{i}"),
@@ -75,7 +77,7 @@ def split_gsm8k_answer(answer: str) -> tuple[str, str]:
 
 def read_gsm8k_jsonl(path: PathLike, split: str | None = None) -> Iterator[dict]:
     """GSM8K JSONL (question, answer). ids are ``gsm8k-<split>-<0-based line index>``; split = file stem."""
-    split = split or pathlib.Path(path).stem
+    split = split or storage.as_path(path).stem
 
     def validate(r: dict) -> None:
         GSM8K_SCHEMA.validate(r)
@@ -89,7 +91,7 @@ def read_gsm8k_jsonl(path: PathLike, split: str | None = None) -> Iterator[dict]
 
 def read_generic_jsonl(path: PathLike, source: str | None = None) -> Iterator[dict]:
     """Any JSONL with ``id`` and ``problem`` (or ``question``); answer/solution optional; extras kept."""
-    source = source or pathlib.Path(path).stem
+    source = source or storage.as_path(path).stem
 
     def validate(r: dict) -> None:
         GENERIC_SCHEMA.validate(r)
@@ -129,7 +131,7 @@ def read_processbench(path: PathLike) -> Iterator[dict]:
     data = _load_json_document(path)
     if not isinstance(data, list):
         raise DataError(f"expected a JSON array of items, got {type(data).__name__}", path=path)
-    subset = pathlib.Path(path).stem
+    subset = storage.as_path(path).stem
     for i, r in enumerate(data):
         try:
             PROCESSBENCH_SCHEMA.validate(r)
@@ -206,7 +208,7 @@ def read_prm800k(path: PathLike) -> Iterator[dict]:
     Yields problem, ground-truth answer, the steps along the chosen path with their ratings (-1/0/1, or
     None for human-written steps) and ``finish_reason``. ids are ``prm800k-<file stem>-<object index>``.
     """
-    stem = pathlib.Path(path).stem
+    stem = storage.as_path(path).stem
     for k, (line, r) in enumerate(iter_concatenated_json(path)):
         try:
             if not isinstance(r, dict):
@@ -270,7 +272,7 @@ def parse_math_shepherd(text: str, labelled: str) -> tuple[str, list[str], list[
 
 def read_math_shepherd(path: PathLike) -> Iterator[dict]:
     """Math-Shepherd JSONL ({input, label, task?}); ids ``math_shepherd-<file stem>-<line index>``."""
-    stem = pathlib.Path(path).stem
+    stem = storage.as_path(path).stem
 
     def validate(r: dict) -> None:
         MATH_SHEPHERD_SCHEMA.validate(r)
@@ -305,7 +307,7 @@ QUESTION_FORMATS = ("math", "gsm8k", "generic")
 def _read_text(path: PathLike) -> str:
     """The whole file as text; a leading BOM is dropped (an encoding mark, not content) and bytes that are not
     UTF-8 are a DataError naming their line."""
-    raw = pathlib.Path(path).read_bytes()
+    raw = storage.as_path(path).read_bytes()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -406,7 +408,7 @@ def prepare_source(
     split: str = "train",
     fmt: str | None = None,
     num_shards: int | None = None,
-) -> pathlib.Path:
+) -> epath.Path:
     """Convert any supported source file (see `READERS`) into a TFDS dataset under `data_dir`.
 
     The whole source is read and validated before anything is written, so a bad line raises DataError
@@ -415,5 +417,5 @@ def prepare_source(
     fmt = fmt or detect_format(path)
     spec = SOURCE_SPECS[fmt]
     records = [_project(r, spec) for r in read_source(path, fmt)]
-    name = name or re.sub(r"[^a-z0-9_]", "_", f"{fmt}_{pathlib.Path(path).stem}".lower())
+    name = name or re.sub(r"[^a-z0-9_]", "_", f"{fmt}_{storage.as_path(path).stem}".lower())
     return write_tfds_dataset(records, data_dir, name, spec, split=split, num_shards=num_shards)

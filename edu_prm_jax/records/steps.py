@@ -8,13 +8,13 @@ only `TrainingRecord`'s fields (all the TFDS copy carries), and other tools writ
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.jsonl import PathLike
 from edu_prm_jax.records.codec import Record, TokenId, read_record_shards
 
@@ -123,10 +123,10 @@ def training_record_from_tfds(example: dict[str, Any]) -> dict[str, Any]:
             "labels": [float(x) for x in example["labels"]]}
 
 
-def load_label_records(labels_dir: pathlib.Path) -> list[dict[str, Any]]:
+def load_label_records(labels_dir: PathLike) -> list[dict[str, Any]]:
     """All labelled-step records of a `label` output as training dicts, from its TFDS dataset when present, else
     from its JSONL shards (validated: a bad line is a DataError naming the file, line and field)."""
-    tfds_dir = pathlib.Path(labels_dir) / "tfds"
+    tfds_dir = storage.as_path(labels_dir) / "tfds"
     if (tfds_dir / TFDS_NAME).is_dir():
         from edu_prm_jax.io.tfds import grain_loader, open_tfds_source  # TFDS loads only when a dataset is there
 

@@ -7,10 +7,10 @@ between stages"): the sampler builds it, `to_json()` is the line it writes, `rea
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Iterator, Sequence
 from typing import Annotated, Any
 
+from etils import epath
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
@@ -86,7 +86,7 @@ def read_tree_file(path: PathLike) -> Iterator[TreeRecord]:
     return read_records(path, TreeRecord)
 
 
-def tree_shard_paths(directory: PathLike) -> list[pathlib.Path]:
+def tree_shard_paths(directory: PathLike) -> list[epath.Path]:
     """All `trees-*` shards of `directory`, checked complete."""
     return shard_paths(directory, TREES_PREFIX, MADE_BY)
 

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from edu_prm_jax import parallel
+from edu_prm_jax import distributed, parallel
 from edu_prm_jax.sampling.decode import STOP_NAMES, DecodeParams, Tables, decode
 from edu_prm_jax.sampling.stopping import build_stop_tables
 from edu_prm_jax.sampling.symbols import symbol_token_mask
@@ -116,9 +116,12 @@ class Sampler:
             yield tree.leaves
 
     def sample_trees(self, prompts: Sequence[Sequence[int]], question_ids: Sequence[int]) -> Iterator[Tree]:
-        """A Tree per prompt (token ids), in order; question_ids key the randomness."""
+        """A Tree per prompt (token ids), in order; question_ids key the randomness. In a multi-host job it runs
+        on this process's devices (the sampler's mesh) and stops between decode batches when another process
+        has failed (`distributed.PeerFailedError`)."""
         p, bq = self.params, self.batch_questions
         for start in range(0, len(prompts), bq):
+            distributed.check_peers("sampling")
             chunk = list(prompts[start:start + bq])
             qids = list(question_ids[start:start + bq])
             n_real = len(chunk)

@@ -12,6 +12,7 @@ from typing import Any
 from absl import logging
 from tqdm import tqdm
 
+from edu_prm_jax import distributed
 from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint
 from edu_prm_jax.records.trees import TREES_PREFIX, LeafRecord, TreeRecord
 from edu_prm_jax.sampling.decode import DecodeParams
@@ -69,7 +70,13 @@ def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.P
                      too_long: str = "error") -> pathlib.Path:
     """Sample every question and write `trees-*` shards; finished shards from an earlier run are kept (only
     when `fingerprint` — the settings that make the shards — matches the one recorded in out_dir). Questions
-    that do not fit the policy's context are refused or skipped first (`fit_to_context`)."""
+    that do not fit the policy's context are refused or skipped first (`fit_to_context`).
+
+    In a multi-host job (`distributed`) every process calls it with the same arguments: process 0 checks the
+    fingerprint, each process samples and writes the pending shards it owns (shard i: process i % P) on its own
+    devices, and all return once every shard is written. A tree depends on its question's position alone (the
+    sampling key), and each shard is decoded in the same batches whichever process owns it, so the shards equal a
+    single-process run's."""
     tok = sampler.tokenizer
     prompts = [tok.apply_chat_template(q["problem"]) for q in questions]  # encoded once: checked, then sampled
     prompt_ids = [tok.encode(p) for p in prompts]
@@ -80,15 +87,24 @@ def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.P
     # a skipped question leaves a gap: every other question keeps its position in the input, which is both its
     # record `index` and its sampling key, so skipping one never changes another's tree
     num_shards = max(1, min(num_shards, len(positions)))
-    check_fingerprint(out_dir, {"params": dataclasses.asdict(sampler.params), "num_shards": num_shards,
-                                "questions": questions_digest([questions[i] for i in positions]),
-                                **(fingerprint or {})})
+    if num_shards < distributed.process_count():
+        logging.warning("%s: %d shards for %d processes: only processes 0-%d have questions to sample (shard i "
+                        "belongs to process i %% %d)", desc, num_shards, distributed.process_count(), num_shards - 1,
+                        distributed.process_count())
+    if distributed.is_lead():  # multi-host: process 0 checks the fingerprint and clears stale temps, alone
+        check_fingerprint(out_dir, {"params": dataclasses.asdict(sampler.params), "num_shards": num_shards,
+                                    "questions": questions_digest([questions[i] for i in positions]),
+                                    **(fingerprint or {})})
+        ShardedJsonlWriter(out_dir, TREES_PREFIX, num_shards).pending()
+    distributed.barrier(f"{desc}: {out_dir} checked")
     writer = ShardedJsonlWriter(out_dir, TREES_PREFIX, num_shards)
     bounds = [round(i * len(positions) / num_shards) for i in range(num_shards + 1)]
-    pending = writer.pending()
+    done = writer.completed()
+    pending = distributed.owned(i for i in range(num_shards) if i not in done)  # shard i: process i % P
     todo = sum(bounds[i + 1] - bounds[i] for i in pending)
     if not pending:
         logging.info("%s: all %d shards already complete in %s", desc, num_shards, out_dir)
+        distributed.barrier(f"{desc}: {out_dir} written")
         return out_dir
     start, n_tokens = time.time(), 0
     with tqdm(total=todo, desc=desc, unit="q") as bar:
@@ -103,6 +119,7 @@ def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.P
                 bar.update(1)
                 bar.set_postfix(tok_per_s=f"{n_tokens / max(time.time() - start, 1e-9):.0f}")
             writer.write(shard, [r.to_json() for r in records])
+    distributed.barrier(f"{desc}: {out_dir} written")  # every shard exists when any process returns
     return out_dir
 
 

@@ -10,22 +10,25 @@ import json
 import pathlib
 from typing import Any
 
+from etils import epath
+
+from edu_prm_jax.io import storage
 from edu_prm_jax.records import sources
 from edu_prm_jax.toy import world as toy
 
-ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
+ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"  # package data: always local
 TOY_POLICY_DIR = ASSETS / "toy_policy"
 
 
-def resolve_policy(path: str | None) -> pathlib.Path:
-    """'toy' (or empty) means the shipped toy policy; anything else is a user path."""
+def resolve_policy(path: str | None) -> epath.Path:
+    """'toy' (or empty) means the shipped toy policy; anything else is a user path (gs:// included)."""
     if not path or path == "toy":
-        return TOY_POLICY_DIR
-    return pathlib.Path(path)
+        return storage.as_path(TOY_POLICY_DIR)
+    return storage.as_path(path)
 
 
-def toy_config_of(policy_dir: pathlib.Path = TOY_POLICY_DIR) -> toy.ToyConfig:
-    report = policy_dir / "training_report.json"
+def toy_config_of(policy_dir: storage.PathLike = TOY_POLICY_DIR) -> toy.ToyConfig:
+    report = storage.as_path(policy_dir) / "training_report.json"
     if report.is_file():
         raw = json.loads(report.read_text()).get("toy_config")
         if raw:
@@ -44,7 +47,7 @@ def load_questions(spec: str, toy_config: toy.ToyConfig | None = None, limit: in
         items = toy.generate_split(parts[1], int(parts[2]), cfg, seed=seed)
         out = [{"id": it["id"], "problem": it["problem"], "answer": it["answer"], "source": "toy"} for it in items]
     else:
-        path = pathlib.Path(spec)
+        path = storage.as_path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"questions={spec!r}: no such file")
         out = list(sources.read_questions(path))

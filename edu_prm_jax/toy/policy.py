@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from edu_prm_jax.io import storage
 from edu_prm_jax.models.config import Qwen2Config
 from edu_prm_jax.models.qwen2 import Qwen2
 from edu_prm_jax.scoring.metrics import auroc  # re-exported: the report's entropy AUROC
@@ -209,7 +210,7 @@ def build_toy_policy(out_dir: str | os.PathLike, seed: int = 0, steps: int | Non
     if steps is not None:
         cfg = dataclasses.replace(cfg, steps=steps)
     t_start = time.perf_counter()
-    out = pathlib.Path(out_dir)
+    out = storage.as_path(out_dir)
     with tempfile.TemporaryDirectory(prefix="toy_policy_") as tmp:
         tmp = pathlib.Path(tmp)
         train = toy.generate_split("train", cfg.n_train, cfg.toy, seed)

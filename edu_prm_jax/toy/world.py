@@ -34,10 +34,11 @@ import os
 import random
 import re
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import sentencepiece as spm
+from etils import epath
 
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.atomic import write_bytes_atomic
 
 EOS = "<|endoftext|>"
@@ -241,7 +242,7 @@ def toy_corpus(n_train: int, cfg: ToyConfig, seed: int | None = None) -> Iterato
 
 def train_toy_tokenizer(
     texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 256, seed: int = 0
-) -> Path:
+) -> epath.Path:
     """Train a SentencePiece BPE model on `texts`; write out_dir/tokenizer.model and
     out_dir/tokenizer_config.json; return out_dir.
 
@@ -255,7 +256,7 @@ def train_toy_tokenizer(
     texts = list(texts)
     if not texts:
         raise ValueError("train_toy_tokenizer: no texts")
-    out = Path(out_dir)
+    out = storage.as_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()

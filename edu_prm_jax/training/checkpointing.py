@@ -24,8 +24,11 @@ from typing import Any, TypeVar
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import nnx
 
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.atomic import DiskFullError, write_text_atomic
+from edu_prm_jax.training import relayout
 
 T = TypeVar("T")
 
@@ -115,7 +118,7 @@ class Checkpointer:
             options = ocp.CheckpointManagerOptions(
                 preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
                 enable_async_checkpointing=async_save, create=True)
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = storage.absolute(directory)  # gs:// stays remote (Orbax writes it via tensorstore)
         self.best_metric = best_metric
         self.best_mode = best_mode
         self._mgr = ocp.CheckpointManager(self.directory, options=options)
@@ -200,21 +203,48 @@ class Checkpointer:
     def _read_metrics(self) -> dict[str, dict[str, float]]:
         return json.loads(self._metrics_path.read_text()) if self._metrics_path.is_file() else {}
 
+    def saved_layout(self, step: int) -> bool | None:
+        """Whether `step`'s train state holds stacked decoder layers (True: saved by a scanned model), per-layer
+        ones (False) or none (None), read from its tree metadata (no array is read)."""
+        meta = ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / "state")  # default step naming
+        tree = getattr(meta, "item_metadata", meta)
+        return relayout.layout_of(path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+    def _other_layout(self, step: int, like: Any) -> bool | None:
+        """The saved layout of `step` when it differs from `like`'s (an nnx.State or a mapping of them), else
+        None; logs the conversion."""
+        wanted = relayout.state_layout(nnx.State(dict(like)))
+        saved = self.saved_layout(step) if wanted is not None else None
+        if saved is None or saved == wanted:
+            return None
+        layouts = {True: "stacked (scanned)", False: "per-layer (unrolled)"}
+        logging.info("checkpoint step %d holds %s decoder layers; converting them to the %s layout this run "
+                     "builds", step, layouts[saved], layouts[wanted])
+        return saved
+
     def restore(self, step: int, like_state: Any) -> tuple[Any, dict, dict]:
         """(state, data_state, config) of `step`, the state placed like `like_state` (shapes, dtypes and
-        shardings)."""
+        shardings). A state saved with the other decoder-layer layout is converted (`training.relayout`)."""
+        saved = self._other_layout(step, like_state)
+        read_as = relayout.saved_like(like_state, saved) if saved is not None else like_state
         restored = self._mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(like_state)),
+            state=ocp.args.StandardRestore(_abstract(read_as)),
             data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
-        return restored["state"], dict(restored["data"]), dict(restored["config"])
+        state = restored["state"] if saved is None else relayout.convert(restored["state"], like_state)
+        return state, dict(restored["data"]), dict(restored["config"])
 
     def restore_part(self, step: int, target: Mapping[str, Any]) -> Any:
         """Only the part of `step`'s train state that `target` names (e.g. {'model': abstract params}), each leaf
         placed as its target says (shape, dtype, sharding). An Orbax partial restore: the leaves not named (the
-        optimizer moments) are never read, so memory holds the part alone."""
+        optimizer moments) are never read, so memory holds the part alone. A part saved with the other
+        decoder-layer layout is converted (`training.relayout`)."""
+        saved = self._other_layout(step, target)
+        read_as = relayout.saved_like(nnx.State(dict(target)), saved) if saved is not None else target
         restored = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
-        return restored["state"]
+            item=read_as, restore_args=ocp.checkpoint_utils.construct_restore_args(read_as), partial_restore=True)))
+        if saved is None:
+            return restored["state"]
+        return relayout.convert(nnx.State(dict(restored["state"])), nnx.State(dict(target)))
 
     def first_intact(self, steps: Sequence[int], restore: Callable[[int], T],
                      set_aside: bool = False) -> tuple[int, T]:

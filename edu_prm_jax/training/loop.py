@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from edu_prm_jax import parallel
+from edu_prm_jax.io import storage
 from edu_prm_jax.io.atomic import write_text_atomic
 from edu_prm_jax.models.qwen2 import Qwen2
 from edu_prm_jax.training.checkpointing import Checkpointer
@@ -155,9 +156,9 @@ class Trainer:
                              "for lm_loss), so that the accumulated update is normalised by the whole batch")
         self.count_key = count_key if accum > 1 else None
         self.cfg = train_cfg
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = storage.as_path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.mesh = mesh or parallel.make_mesh(devices=jax.devices()[:1])
+        self.mesh = mesh or parallel.make_mesh(devices=jax.local_devices()[:1])
         self.rules = parallel.as_rules(rules)  # params, batch rows and activations at block boundaries
         self.loss_fn = loss_fn
         self.eval_fn = eval_fn

@@ -12,7 +12,8 @@ from flax import nnx
 
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_model, load_tokenizer
-from edu_prm_jax.models.checkpoints import ORBAX_CONFIG, HFCheckpoint, is_orbax_dir
+from edu_prm_jax.io import storage
+from edu_prm_jax.models.checkpoints import ORBAX_CONFIG, HFCheckpoint, is_orbax_dir, read_config
 from edu_prm_jax.models.config import Qwen2Config, dtype_name
 from edu_prm_jax.models.expansion import expanded_layers_pattern
 from edu_prm_jax.models.heads import get_head
@@ -61,18 +62,18 @@ def sampler_options(s: ml_collections.ConfigDict) -> dict[str, Any]:
 def sampling_fingerprint(policy_dir: pathlib.Path, dtype: str, s: ml_collections.ConfigDict) -> dict[str, Any]:
     """What shapes tree shards besides DecodeParams and the questions (which `sample_to_shards` adds itself):
     the policy, its dtype, stop strings and the anchor symbol set. The layout written is unchanged."""
-    return {"policy": str(pathlib.Path(policy_dir).resolve()), "dtype": dtype_name(dtype),
+    return {"policy": str(storage.resolved(policy_dir)), "dtype": dtype_name(dtype),
             "stop_strings": s.stop_strings, "symbols": [s.extra_symbols, s.disable_symbols]}
 
 
 def saved_config(model_dir: str | pathlib.Path) -> Qwen2Config:
     """The architecture of the model (policy or PRM) saved at `model_dir`, an HF or Orbax directory, read from its
     config files alone (no weight is read)."""
-    model_dir = pathlib.Path(model_dir)
+    model_dir = storage.as_path(model_dir)
     if is_orbax_dir(model_dir):
         meta_path = model_dir / ORBAX_CONFIG
         return Qwen2Config.from_hf_dict(json.loads(meta_path.read_text())["model"], str(meta_path))
-    return Qwen2Config.from_file(model_dir)
+    return read_config(model_dir)
 
 
 def checkpoint_dtype(model_dir: str | pathlib.Path) -> str:
@@ -86,7 +87,7 @@ def build_sampler(policy: str, tokenizer_dir: str, s: ml_collections.ConfigDict,
                   batch_questions: int = 8, prompt_bucket: int = 32, **override: Any) -> Sampler:
     params = decode_params(s, **override)  # a bad field fails before the model loads
     policy_dir = resolve_policy(policy)
-    mesh = parallel.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+    mesh = parallel.local_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)  # multi-host: this host's devices
     rules = parallel.rules_from_config(mesh_cfg.rules)  # the sampling layout: this command's own mesh.rules
     model = load_model(policy_dir, dtype=dtype, param_dtype=checkpoint_dtype(policy_dir), mesh=mesh, rules=rules)
     tokenizer = load_tokenizer(tokenizer_dir or policy_dir)
@@ -117,7 +118,7 @@ def check_trainable(config: ml_collections.ConfigDict) -> None:
 
 def init_prm_expanded_layers(path: str) -> int:
     """How many blocks of the PRM at `path` block expansion appended (read from its config.json alone)."""
-    config_path = pathlib.Path(path) / "config.json"
+    config_path = storage.as_path(path) / "config.json"
     raw = json.loads(config_path.read_text())
     return expanded_layers_in(raw, Qwen2Config.from_hf_dict(raw, str(config_path)), config_path)
 
@@ -158,7 +159,7 @@ def abstract_prm(config: ml_collections.ConfigDict, backbone: Qwen2Config | None
         cfg = backbone.replace(num_hidden_layers=backbone.num_hidden_layers + config.expand_layers)
         head, sep, expanded = config.head, None, config.expand_layers
     elif config.init_prm:
-        directory = pathlib.Path(config.init_prm)
+        directory = storage.as_path(config.init_prm)
         config_path = directory / "config.json"
         raw = json.loads(config_path.read_text())
         cfg = Qwen2Config.from_hf_dict(raw, str(config_path))
@@ -171,7 +172,7 @@ def abstract_prm(config: ml_collections.ConfigDict, backbone: Qwen2Config | None
             meta_path = policy_dir / ORBAX_CONFIG
             cfg = Qwen2Config.from_hf_dict(json.loads(meta_path.read_text())["model"], str(meta_path))
         else:
-            cfg = Qwen2Config.from_file(policy_dir)
+            cfg = read_config(policy_dir)
         cfg = cfg.replace(num_hidden_layers=cfg.num_hidden_layers + config.expand_layers)
         head = config.head
         inserts_separator = get_head(head).inserts_separator
