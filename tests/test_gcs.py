@@ -6,8 +6,13 @@ reference is the local run, whose code path is the long-tested one). Orbax reach
 tensorstore's GCS driver (`TENSORSTORE_GCS_HTTP_URL`), epath through gcsfs (`STORAGE_EMULATOR_HOST`), TensorBoard
 through google-cloud-storage (the same variable). The emulator gets one fix, the generation headers GCS sends on
 downloads, without which tensorstore's conditional (OCDBT manifest) writes fail: see tests/gcs_emulator.py.
-Then `train` is killed with SIGKILL once its first checkpoint is committed in the bucket, and the rerun resumes
-from that checkpoint and ends with the uninterrupted run's PRM.
+The bucket run's `train` is a subprocess killed with SIGKILL once its first checkpoint is committed in the bucket;
+the rerun resumes from that checkpoint, and the rest of the bucket pipeline goes on from the resumed PRM, so the
+byte comparison with the local (uninterrupted) run also shows that the resumed run ends with the same PRM.
+
+Sizes are the smallest that run every stage (4 questions, 2 leaves, 4 train steps with a checkpoint every 2, one
+N): stages run in-process, so the bucket run reuses the local run's decode compiles (same shapes, same process);
+only the killed `train` is a process of its own.
 """
 
 from __future__ import annotations
@@ -31,10 +36,25 @@ from edu_prm_jax.io.destinations import OWNER_MARKER
 
 BUCKET = "bucket"
 EMULATOR = pathlib.Path(__file__).with_name("gcs_emulator.py")
-SAMPLE = ["--config.questions=toy:train:8", "--config.sampling.num_leaves=4", "--config.batch_questions=8"]
-TRAIN = ["--config.steps=12", "--config.rows=8", "--config.eval_every=0", "--config.checkpoint_every=3"]
-EVAL_BON = ["--config.questions=toy:test:4", "--config.n_grid=1,2", "--config.seeds=0",
-            "--config.batch_questions=4"]
+# 4 questions decoded as one batch of 4 by both `sample` (EDU, 2 leaves) and `eval-bon` (EDU at N=2): one compile
+SAMPLE = ["--config.questions=toy:train:4", "--config.sampling.num_leaves=2", "--config.batch_questions=4",
+          "--config.num_shards=2"]
+STEPS = 4
+TRAIN = [f"--config.steps={STEPS}", "--config.rows=8", "--config.seq_len=128", "--config.eval_every=0",
+         "--config.checkpoint_every=2"]
+EVAL_BON = ["--config.questions=toy:test:4", "--config.n_grid=2", "--config.seeds=0", "--config.batch_questions=4"]
+# `edu-prm train` whose first checkpoint save, once started, holds the process until the test kills it: the kill
+# lands during training with a checkpoint committed and steps left (a free-running process may finish first).
+HELD_TRAIN = """import sys, threading
+from edu_prm_jax import cli
+from edu_prm_jax.training import checkpointing
+save = checkpointing.Checkpointer.save
+def save_then_hold(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    threading.Event().wait()  # Orbax commits the save on its own thread meanwhile
+checkpointing.Checkpointer.save = save_then_hold
+sys.exit(cli.main(sys.argv[1:]))
+"""
 # Files whose bytes are not a function of the inputs: TensorBoard event files (host name and wall-clock time in
 # their names and records), Orbax's own checkpoint files (commit timestamps; their content is compared through
 # `export --config.which=latest`, which restores a checkpoint and writes its parameters) and the wall-clock
@@ -81,13 +101,32 @@ def gcs():
     proc.wait()
 
 
-def _pipeline(workdir: str) -> None:
+def _stages(workdir: str, *names: str) -> None:
+    """The named pipeline stages, in-process, on `workdir` (each must succeed)."""
     common = [f"--workdir={workdir}", "--config.policy=toy"]
-    assert cli.main(["sample", *common, *SAMPLE]) == 0
-    assert cli.main(["label", *common]) == 0
-    assert cli.main(["train", *common, *TRAIN]) == 0
-    assert cli.main(["export", f"--workdir={workdir}", "--config.which=latest"]) == 0
-    assert cli.main(["eval-bon", *common, *EVAL_BON]) == 0
+    argv = {"sample": ["sample", *common, *SAMPLE], "label": ["label", *common],
+            "export": ["export", f"--workdir={workdir}", "--config.which=latest"],
+            "eval-bon": ["eval-bon", *common, *EVAL_BON]}
+    for name in names:
+        assert cli.main(argv[name]) == 0, name
+
+
+def _train(workdir: str, cache: pathlib.Path, log: pathlib.Path, held: bool = False) -> subprocess.Popen:
+    """`edu-prm train` on `workdir` as a process of its own (stderr to `log`; `held`: HELD_TRAIN). Its compiles go
+    through JAX's persistent cache in `cache`, so only the first of the test's train processes compiles."""
+    code = ["-c", HELD_TRAIN] if held else ["-m", "edu_prm_jax.cli"]
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    with log.open("wb") as err:  # a file, not a pipe: nothing reads it while train runs
+        return subprocess.Popen([sys.executable, *code, "train", f"--workdir={workdir}", "--config.policy=toy",
+                                 *TRAIN], stdout=subprocess.DEVNULL, stderr=err, env=env)
+
+
+def _committed(checkpoints) -> list[int]:
+    """Steps with Orbax's `commit_success.txt` under `checkpoints` (an epath), ascending."""
+    if not checkpoints.is_dir():
+        return []
+    return sorted(int(p.name) for p in checkpoints.iterdir()
+                  if p.name.isdigit() and (p / "commit_success.txt").exists())
 
 
 def _files(root: str) -> dict[str, bytes]:
@@ -104,8 +143,35 @@ def _files(root: str) -> dict[str, bytes]:
 
 def test_gs_workdir_matches_a_local_one_byte_for_byte_and_resumes_after_kill_9(tmp_path, gcs):
     local, remote = str((tmp_path / "run").absolute()), f"gs://{BUCKET}/run"
-    _pipeline(local)
-    _pipeline(remote)
+    cache, logs = tmp_path / "jax_cache", [tmp_path / f"train_{i}.log" for i in range(3)]
+    _stages(local, "sample", "label")
+    assert _train(local, cache, logs[0]).wait(timeout=600) == 0, logs[0].read_text()[-3000:]
+    _stages(local, "export", "eval-bon")
+    _stages(remote, "sample", "label")
+
+    # kill -9 during train on the bucket, once a checkpoint is committed there; the rerun resumes from it
+    checkpoints = storage.as_path(remote) / "prm" / "checkpoints"
+    proc = _train(remote, cache, logs[1], held=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not _committed(checkpoints):
+            assert proc.poll() is None, logs[1].read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    saved = _committed(checkpoints)
+    assert saved and max(saved) < STEPS, saved  # killed mid-run
+    assert not (storage.as_path(remote) / "prm" / "train_summary.json").exists()
+    assert _train(remote, cache, logs[2]).wait(timeout=600) == 0, logs[2].read_text()[-3000:]
+    rerun = logs[2].read_text()
+    assert f"restored checkpoint step {max(saved)} from {checkpoints}" in rerun, rerun[-3000:]
+    _stages(remote, "export", "eval-bon")
     assert not os.path.exists("gs:")  # nothing went to a local directory `gs:` (what pathlib made of gs://)
 
     want, got = _files(local), _files(remote)
@@ -127,44 +193,15 @@ def test_gs_workdir_matches_a_local_one_byte_for_byte_and_resumes_after_kill_9(t
     for name in ("samples_edu", "labels/tfds", "prm/hf/model.safetensors", "prm/hf_latest/model.safetensors",
                  "eval_bon/results.json", "eval_bon/bon_accuracy_vs_n.png"):
         assert any(n.startswith(name) for n in want), name  # the comparison covered every stage
+    # the resumed run ends where the uninterrupted (local) one did: the same PRM, bit for bit
+    assert got["prm/hf/model.safetensors"] == want["prm/hf/model.safetensors"]
     summaries = [json.loads(storage.as_path(w).joinpath("prm/train_summary.json").read_text())
                  for w in (local, remote)]
-    assert summaries[0]["step"] == summaries[1]["step"] == 12
+    assert summaries[0]["step"] == summaries[1]["step"] == STEPS
     assert summaries[0]["loss"] == summaries[1]["loss"]
     bucket_prm = storage.as_path(remote) / "prm"
     assert any(p.name.startswith("events.out.tfevents") for p in storage.walk_files(bucket_prm / "tb"))
-    assert {p.name for p in (bucket_prm / "checkpoints").iterdir() if (p / "commit_success.txt").exists()}
-
-    # kill -9 during train on the bucket, once a checkpoint is committed there; the rerun resumes from it
-    killed = f"gs://{BUCKET}/killed"
-    argv = [sys.executable, "-m", "edu_prm_jax.cli", "train", f"--workdir={killed}", "--config.policy=toy",
-            f"--config.labels={remote}/labels", *TRAIN]
-    checkpoints = storage.as_path(killed) / "prm" / "checkpoints"
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **gcs})
-    try:
-        deadline = time.monotonic() + 300
-        while not (checkpoints.is_dir() and any((p / "commit_success.txt").exists() for p in checkpoints.iterdir()
-                                                 if p.name.isdigit())):
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    saved = sorted(int(p.name) for p in checkpoints.iterdir()
-                   if p.name.isdigit() and (p / "commit_success.txt").exists())
-    assert saved and max(saved) < 12, saved  # killed mid-run
-    assert not (storage.as_path(killed) / "prm" / "train_summary.json").exists()
-    rerun = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, **gcs})
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"restored checkpoint step {max(saved)} from {checkpoints}" in rerun.stderr, rerun.stderr[-3000:]
-    resumed = storage.as_path(killed) / "prm"
-    assert json.loads((resumed / "train_summary.json").read_text())["step"] == 12
-    # the resumed run ends where the uninterrupted one did: the same PRM, bit for bit
-    uninterrupted = storage.as_path(remote) / "prm" / "hf" / "model.safetensors"
-    assert (resumed / "hf" / "model.safetensors").read_bytes() == uninterrupted.read_bytes()
+    assert _committed(bucket_prm / "checkpoints")[-1] == STEPS
 
 
 def test_a_user_path_with_a_scheme_stays_remote():

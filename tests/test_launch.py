@@ -116,6 +116,23 @@ def test_tpu_launch_plan(bash_only_env: dict[str, str], tmp_path: Path) -> None:
     assert cmds[-1] == delete and "--quiet" in delete
 
 
+def test_tpu_pod_slice_runs_every_stage_on_all_workers_with_a_bucket_workdir(bash_only_env: dict[str, str],
+                                                                            tmp_path: Path) -> None:
+    """The launch/README walk-through on a multi-host slice (v5litepod-16: 4 workers): every edu-prm command goes
+    to all workers (`--worker=all`), each with the same gs:// workdir, passed through untouched."""
+    flags = ["--name", "edu", "--zone", "us-west4-a", "--accelerator-type", "v5litepod-16", "--version",
+             "v2-alpha-tpuv5-lite", "--dry-run"]
+    stages = [["sample", "--config=configs/sample.py", "--config.mesh.data=1", "--config.mesh.tensor=4",
+               "--workdir=gs://my-bucket/runs/math7b"],
+              ["label", "--config=configs/label.py", "--workdir=gs://my-bucket/runs/math7b"]]
+    for argv in stages:
+        res = run_script(TPU, ["run", *flags, "--", *argv], bash_only_env, tmp_path)
+        assert res.returncode == 0, res.stderr
+        (ssh,) = gcloud_calls(planned(res.stdout), "ssh")
+        assert "--worker=all" in ssh
+        assert edu_argv(flag_value(ssh, "--command")) == argv
+
+
 def test_tpu_reuse_skips_create(bash_only_env: dict[str, str], tmp_path: Path) -> None:
     res = run_script(TPU, ["create", *CREATE_FLAGS, "--dry-run", "--assume-exists"], bash_only_env, tmp_path)
     assert res.returncode == 0, res.stderr

@@ -1,5 +1,6 @@
 """`edu-prm pipeline` end to end at a tiny scale on the shipped toy policy: every stage's files, the report, and
-that a rerun resumes (finished stages are not redone) instead of starting over."""
+that a rerun resumes (finished stages are not redone) instead of starting over. One N in the eval_bon grid (each N
+compiles its own EDU and P-EDU decode programs); test_eval_bon.py covers a grid of several N and seeds."""
 
 import json
 
@@ -8,9 +9,9 @@ from edu_prm_jax.commands import pipeline
 from edu_prm_jax.configs import pipeline as pipeline_config
 
 TINY = ["--config.stages=sample,label,train,eval_bon", "--config.sample.questions=toy:train:12",
-        "--config.sample.sampling.num_leaves=4", "--config.sample.batch_questions=12", "--config.train.steps=6",
+        "--config.sample.sampling.num_leaves=4", "--config.sample.batch_questions=12", "--config.train.steps=2",
         "--config.train.rows=8", "--config.train.eval_every=0", "--config.train.checkpoint_every=0",
-        "--config.eval_bon.questions=toy:test:6", "--config.eval_bon.n_grid=1,2", "--config.eval_bon.seeds=0,1",
+        "--config.eval_bon.questions=toy:test:6", "--config.eval_bon.n_grid=2", "--config.eval_bon.seeds=0,1",
         "--config.eval_bon.batch_questions=6"]
 
 

@@ -330,6 +330,8 @@ def test_decode_is_planned_on_one_hosts_devices():
     target = hardware.get_target("v5e-16")
     program, mesh = planner.decode("decode", have["decode"], target, 1, {})
     assert mesh.devices.size == 4 and len({d.process_index for d in mesh.devices.flat}) == 1
+    assert [hardware.host_target(hardware.get_target(n)).name for n in ("v5e-16", "v5p-128", "v4-8", "h100-8")] \
+        == ["v5e-4", "v5p-8", "v4-8", "h100-8"]
     assert "on one host's 4 devices" in program.description
     _, train_mesh = planner.train(have["train"], target, 1, {})
     assert train_mesh.devices.size == 16

@@ -118,10 +118,9 @@ class Planner:
         shape = {"data": mesh_cfg.data, "fsdp": mesh_cfg.fsdp, "tensor": mesh_cfg.tensor}
         if fill and -1 not in shape.values():  # a slice search: `fill` takes the devices the fixed axes leave
             shape[fill] = -1
-        chips = list(devices.target_devices(target))
-        if one_host:
-            chips = [d for d in chips if d.process_index == chips[0].process_index]
-        mesh = parallel.make_mesh(**shape, devices=chips)
+        if one_host:  # libtpu compiles for a whole topology: a host of a pod is the one-host slice of its family
+            target = hardware.host_target(target)
+        mesh = parallel.make_mesh(**shape, devices=list(devices.target_devices(target)))
         return mesh, parallel.rules_from_config(mesh_cfg.rules)
 
     def _prm_shape(self, stage: Stage, cfg: ml_collections.ConfigDict, depth: int | None) -> PRM:

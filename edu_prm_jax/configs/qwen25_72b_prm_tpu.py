@@ -1,17 +1,18 @@
 """Training a 72B PRM (Qwen2.5-72B-Instruct backbone, Qwen2.5-Math-PRM head) on a TPU v5p-128 pod slice.
 
   launch/tpu_vm.sh launch --name prm72b --zone us-east5-a --accelerator-type v5p-128 --version v2-alpha-tpuv5 \
-      -- train --config=configs/qwen25_72b_prm_tpu.py --config.labels=gs-mounted/labels --workdir=/runs/prm72b
-Every worker runs the same command; jax.distributed initialises itself from the TPU environment.
+      -- train --config=configs/qwen25_72b_prm_tpu.py --config.labels=gs://my-bucket/runs/math7b/labels \
+      --workdir=gs://my-bucket/runs/prm72b
+Every worker runs the same command; jax.distributed initialises itself from the TPU environment, and the gs://
+workdir holds the checkpoints every host writes and resumes from (launch/README.md walks through it).
 
 Memory per chip, from `edu-prm plan` (compiled for a v5p-128 on a CPU; README "Planning for a slice"):
   edu-prm plan --config=configs/plan.py:qwen25_72b_prm_tpu --config.arch=Qwen2.5-72B-Instruct
-      --config.topology=v5p-128 --config.layers=4,8   (one command line)
+      --config.topology=v5p-128   (one command line; all 80 scanned layers, splash attention: 234 s to compile)
 - arguments 16.7 GiB: float32 master weights + AdamW moments + the accumulated gradient (accum_steps=4),
   16 B x 72.7e9 parameters over fsdp x tensor = 64 chips;
-- the train step in all 69.2 GiB of the 95.74 a v5p chip lets a program use (extrapolated to 80 layers from
-  4- and 8-layer compiles; 63.2 from 2 and 4), the temporaries of the remat="full" step being most of it.
-- The same mesh on a v4-128 (64 chips) would need the same ~69 GiB per chip, more than a v4's 30.75.
+- the train step in all 31.6 GiB of the 95.74 a v5p chip lets a program use (of which 14.9 GiB temporaries);
+- the same step planned with unrolled layers and extrapolated from 4- and 8-layer compiles needed 66-69 GiB.
 """
 
 from __future__ import annotations

@@ -8,10 +8,13 @@ Run on a Cloud TPU VM (see launch/tpu_vm.sh):
 The /models and /data paths below are placeholders: point them at your copies (ProcessBench is skipped while
 processbench.data is empty).
 
-Memory per chip, from `edu-prm plan` (compiled for the slices below on a CPU; README "Planning for a slice"):
-sampling and evaluation on a TPU v4-8 (4 chips, mesh data=4), PRM training on a v4-32 (16 chips, fsdp=16).
+Memory per chip, from `edu-prm plan` (compiled for the slices below on a CPU, scanned layers and splash
+attention; README "Planning for a slice"): sampling and evaluation on a TPU v4-8 (4 chips, mesh data=4: 18.7
+and 22.9 GiB of 30.75), PRM training on a v4-32 (16 chips, fsdp=16: 12.7 GiB).
   edu-prm plan --config=configs/plan.py:qwen25_math_7b --config.arch=Qwen2.5-Math-7B-Instruct
       --config.train_topology=v4-32 --config.decode_topology=v4-8   (one command line)
+On 16-GiB chips (v5e) the replicated weights do not fit beside the cache: sample with the weights sharded
+instead, `--config.sample.mesh.data=1 --config.sample.mesh.tensor=4` per 4-chip host (launch/README.md).
 - sampling loads the policy in its checkpoint's dtype (bf16: 15.2 GB of weights per chip, replicated);
 - eval_bon decodes 64 slots per question at N=64, so 4 questions per batch keep its KV cache within a v4 chip;
 - training keeps float32 master weights + AdamW (16 B per parameter, fsdp=16) and recomputes each layer in the

@@ -130,9 +130,21 @@ class KVCache:
         return self.k.shape[2] if self.stacked else self.k[0].shape[1]
 
     def gather_rows(self, rows: jax.Array) -> KVCache:
-        """Cache rows `rows` (a fork copies its parent's row into a new slot this way)."""
+        """Cache rows `rows` (a fork copies its parent's row into a new slot this way).
+
+        A stacked cache is gathered one layer at a time, written back in place: `k[:, rows]` in one go makes
+        the TPU compiler hold a second copy of the whole cache (measured on a compile for v5p: 1.06x the cache
+        in temporaries, vs 0.08x layer by layer), which is what a 7B EDU decode at N = 64 cannot spare."""
         if self.stacked:
-            return KVCache(self.k[:, rows], self.v[:, rows]).constrained()
+            def take(cache: jax.Array) -> jax.Array:
+                if rows.shape[0] != cache.shape[1]:  # a new row count (prefill rows to slots): a new buffer anyway
+                    return cache[:, rows]
+
+                def one(layer: jax.Array, c: jax.Array) -> jax.Array:
+                    picked = jnp.take(jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False), rows, axis=0)
+                    return jax.lax.dynamic_update_index_in_dim(c, picked, layer, 0)
+                return jax.lax.fori_loop(0, cache.shape[0], one, cache)
+            return KVCache(take(self.k), take(self.v)).constrained()
         return KVCache(tuple(k[rows] for k in self.k), tuple(v[rows] for v in self.v)).constrained()
 
     def constrained(self) -> KVCache:

@@ -164,6 +164,17 @@ def get_target(name: str) -> Target:
         raise ValueError(f"unknown target {name!r}{hint}; targets: {', '.join(TARGETS)}") from None
 
 
+def host_target(target: Target) -> Target:
+    """The slice of one host of `target` (its family's target with as many chips as one host has: v5e-16 ->
+    v5e-4, v5p-128 -> v5p-8); `target` itself when it is one host (a GPU host, a v5e-4)."""
+    per_host = 1
+    for n in target.chips_per_host if target.chip.platform == "tpu" else (target.devices,):
+        per_host *= n
+    if per_host >= target.devices:
+        return target
+    return next(t for t in family_targets(target) if t.devices == per_host)
+
+
 def family_targets(target: Target) -> list[Target]:
     """The targets of `target`'s family, smallest first: what a slice search walks through."""
     return sorted((t for t in TARGETS.values() if t.family == target.family), key=lambda t: t.devices)
