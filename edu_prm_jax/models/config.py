@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
+import os
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
+
+from edu_prm_jax.io import storage
 
 REQUIRED_FIELDS = (
     "vocab_size",
@@ -216,8 +218,10 @@ class Qwen2Config:
             raise ConfigError(f"{source}: {e}") from e
 
     @classmethod
-    def from_file(cls, path: str | pathlib.Path) -> Qwen2Config:
-        path = pathlib.Path(path)
+    def from_file(cls, path: str | os.PathLike) -> Qwen2Config:
+        """The config.json at `path` (the file or its model directory; a local path or a gs:// URI). Raises
+        ConfigError naming the file when it is missing or not JSON."""
+        path = storage.as_path(path)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():

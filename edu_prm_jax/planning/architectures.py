@@ -8,8 +8,8 @@ when a config names a model directory that is not here (the shipped 7B/72B confi
 from __future__ import annotations
 
 import json
-import pathlib
 
+from edu_prm_jax.io import storage
 from edu_prm_jax.models.config import Qwen2Config
 
 _QWEN = {"rms_norm_eps": 1e-6, "torch_dtype": "bfloat16", "use_sliding_window": False}
@@ -42,7 +42,7 @@ def architecture(spec: str, field: str = "arch") -> Qwen2Config:
     if spec.lower() in by_lower:
         name = by_lower[spec.lower()]
         return Qwen2Config.from_hf_dict(dict(ARCHITECTURES[name]), f"{field}={name}")
-    path = pathlib.Path(spec)
+    path = storage.as_path(spec)  # a local path or a gs:// URI
     if path.is_dir() and (path / "config.json").is_file():
         path = path / "config.json"
     if path.is_file():
