@@ -11,8 +11,9 @@ the rerun resumes from that checkpoint, and the rest of the bucket pipeline goes
 byte comparison with the local (uninterrupted) run also shows that the resumed run ends with the same PRM.
 
 Sizes are the smallest that run every stage (4 questions, 2 leaves, 4 train steps with a checkpoint every 2, one
-N): stages run in-process, so the bucket run reuses the local run's decode compiles (same shapes, same process);
-only the killed `train` is a process of its own.
+N). `sample`, `label`, `export` and `eval-bon` run in-process, so the bucket run reuses the local run's decode
+compiles (same shapes, same process); the three `train`s (local, killed, rerun) are processes of their own sharing
+JAX's persistent compilation cache, so only the first compiles (an in-process `train` jits its step anew each time).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import urllib.request
 
 import portpicker
 import pytest
+from etils import epath
 
 from edu_prm_jax import cli
 from edu_prm_jax.io import storage
@@ -42,7 +44,9 @@ SAMPLE = ["--config.questions=toy:train:4", "--config.sampling.num_leaves=2", "-
 STEPS = 4
 TRAIN = [f"--config.steps={STEPS}", "--config.rows=8", "--config.seq_len=128", "--config.eval_every=0",
          "--config.checkpoint_every=2"]
-EVAL_BON = ["--config.questions=toy:test:4", "--config.n_grid=2", "--config.seeds=0", "--config.batch_questions=4"]
+# P-EDU off: a fourth sampler whose runs are written like the EDU and HT ones (its own compile, ~10 s)
+EVAL_BON = ["--config.questions=toy:test:4", "--config.n_grid=2", "--config.seeds=0", "--config.batch_questions=4",
+            "--config.p_edu=False"]
 # `edu-prm train` whose first checkpoint save, once started, holds the process until the test kills it: the kill
 # lands during training with a checkpoint committed and steps left (a free-running process may finish first).
 HELD_TRAIN = """import sys, threading
@@ -121,8 +125,26 @@ def _train(workdir: str, cache: pathlib.Path, log: pathlib.Path, held: bool = Fa
                                  *TRAIN], stdout=subprocess.DEVNULL, stderr=err, env=env)
 
 
+def _finished(proc: subprocess.Popen, log: pathlib.Path) -> None:
+    """Waits for a `_train` process (10 min at most, then kills it); it must have succeeded."""
+    try:
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+def _forget_listings() -> None:
+    """Drops this process's gcsfs listing cache (it never expires, and invalidating a path spares the listings
+    below it), so that what another process wrote in the bucket since is seen."""
+    epath.backend.fsspec_backend.fs(f"gs://{BUCKET}").invalidate_cache()
+
+
 def _committed(checkpoints) -> list[int]:
-    """Steps with Orbax's `commit_success.txt` under `checkpoints` (an epath), ascending."""
+    """Steps with Orbax's `commit_success.txt` under `checkpoints` (an epath in the bucket), ascending."""
+    _forget_listings()
     if not checkpoints.is_dir():
         return []
     return sorted(int(p.name) for p in checkpoints.iterdir()
@@ -145,7 +167,7 @@ def test_gs_workdir_matches_a_local_one_byte_for_byte_and_resumes_after_kill_9(t
     local, remote = str((tmp_path / "run").absolute()), f"gs://{BUCKET}/run"
     cache, logs = tmp_path / "jax_cache", [tmp_path / f"train_{i}.log" for i in range(3)]
     _stages(local, "sample", "label")
-    assert _train(local, cache, logs[0]).wait(timeout=600) == 0, logs[0].read_text()[-3000:]
+    _finished(_train(local, cache, logs[0]), logs[0])
     _stages(local, "export", "eval-bon")
     _stages(remote, "sample", "label")
 
@@ -168,8 +190,9 @@ def test_gs_workdir_matches_a_local_one_byte_for_byte_and_resumes_after_kill_9(t
     saved = _committed(checkpoints)
     assert saved and max(saved) < STEPS, saved  # killed mid-run
     assert not (storage.as_path(remote) / "prm" / "train_summary.json").exists()
-    assert _train(remote, cache, logs[2]).wait(timeout=600) == 0, logs[2].read_text()[-3000:]
+    _finished(_train(remote, cache, logs[2]), logs[2])
     rerun = logs[2].read_text()
+    _forget_listings()  # the train processes wrote in the bucket
     assert f"restored checkpoint step {max(saved)} from {checkpoints}" in rerun, rerun[-3000:]
     _stages(remote, "export", "eval-bon")
     assert not os.path.exists("gs:")  # nothing went to a local directory `gs:` (what pathlib made of gs://)
@@ -210,6 +233,19 @@ def test_a_user_path_with_a_scheme_stays_remote():
     assert str(storage.as_path("gs://b/x") / "y") == "gs://b/x/y" and not storage.is_local("gs://b/x")
     assert str(storage.absolute("gs://b/x")) == "gs://b/x" and str(storage.resolved("gs://b/x")) == "gs://b/x"
     assert storage.is_local("rel/x") and storage.is_local("/abs/x") and str(storage.as_path("file:///a/b")) == "/a/b"
+
+
+def test_a_listing_sees_what_another_process_wrote_since(gcs):
+    """A directory listed once and then written by someone else (another host's shard, a rerun's checkpoint) is
+    listed afresh: fsspec's listing cache, which never expires, is off for object stores (io/storage.py)."""
+    import gcsfs
+
+    other = gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True)  # stands for another process
+    directory = storage.as_path(f"gs://{BUCKET}/listing")
+    (directory / "a.txt").write_text("a")
+    assert sorted(p.name for p in directory.iterdir()) == ["a.txt"]
+    other.pipe(f"{BUCKET}/listing/b.txt", b"b")
+    assert sorted(p.name for p in directory.iterdir()) == ["a.txt", "b.txt"]
 
 
 def test_object_writes_and_shard_markers_on_the_emulator(gcs):

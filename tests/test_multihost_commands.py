@@ -192,8 +192,9 @@ def test_score_shares_cover_every_example_once_with_single_process_scores(proces
                       num_key_value_heads=2, head_dim=8)
     prm = PRM(cfg, "scalar", rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
-    examples = [build_example({"prompt_ids": rng.integers(1, 64, rng.integers(2, 40)).tolist(),
-                               "step_ids": [rng.integers(1, 64, rng.integers(1, 30)).tolist() for _ in range(3)],
+    # short examples (5..38 tokens, still more than one 16-token bucket): each bucket and batch shape is a compile
+    examples = [build_example({"prompt_ids": rng.integers(1, 64, rng.integers(2, 12)).tolist(),
+                               "step_ids": [rng.integers(1, 64, rng.integers(1, 10)).tolist() for _ in range(3)],
                                "labels": [0.0] * 3}, head="scalar", record_id=i) for i in range(11)]
     reference = score_examples(prm, examples, batch_size=3, bucket=16)
     shares = [score_share(prm, examples, p, processes, batch_size=3, bucket=16) for p in range(processes)]

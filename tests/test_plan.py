@@ -222,12 +222,14 @@ def test_a_model_too_large_for_the_chip_does_not_fit_and_the_compiler_says_how_m
 def test_search_finds_the_largest_batch_that_fits(tmp_path):
     """`--config.search=batch` from the console entry point on a v5e-4: the largest rows (a multiple of the
     data=4 split) that fit, and the next multiple does not. Run as its own process: the console entry raises the
-    stack limit libtpu needs for programs this large (in-process, pytest's 8 MiB stack would be overflowed)."""
+    stack limit libtpu needs for programs this large (in-process, pytest's 8 MiB stack would be overflowed). The
+    search starts at 4096 rows, near the boundary (~4360 rows of 2048 tokens at one layer): each doubling below it
+    is one more compile, and the bisection steps depend only on the gap to the first failure."""
     out = tmp_path / "plan.json"
     env = {k: v for k, v in os.environ.items() if k != cli.STACK_RAISED}
     proc = subprocess.run([sys.executable, "-m", "edu_prm_jax.cli", "plan", f"--workdir={tmp_path}",
                            "--config.programs=score", "--config.layers=1", "--config.run.train.seq_len=2048",
-                           "--config.run.train.rows=256",
+                           "--config.run.train.rows=4096",
                            "--config.search=batch", f"--config.output={out}"], env={**env, "JAX_PLATFORMS": "cpu"},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -23,6 +23,20 @@ from etils import epath
 PathLike = str | os.PathLike
 Path = epath.Path
 
+
+def _fresh_listings() -> None:
+    """Open object stores without fsspec's directory-listing cache, which never expires: a process that once
+    listed a directory would not see what another process wrote there later (in a multi-host job, the lead
+    reading the other hosts' shards; a rerun's checkpoint steps). Set before any filesystem is created; a
+    user's own fsspec configuration of the option wins."""
+    import fsspec
+
+    for protocol in ("gs", "gcs", "s3"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_fresh_listings()
+
 # A completion marker of object `x` is the empty object `.x.complete` beside it (hidden: never an output itself).
 COMPLETE_SUFFIX = ".complete"
 _LOCAL_SCHEMES = ("", "file")
