@@ -112,9 +112,9 @@ class Planner:
 
     # ------------------------------------------------------------------------------------------ builders
     def _mesh(self, mesh_cfg: Any, target: hardware.Target, fill: str, one_host: bool = False):
-        """The stage's mesh on the target's devices; `one_host`: on the first host's devices only, as rollouts
-        run (each process decodes its own questions on a process-local mesh, README "How work is split across
-        hosts")."""
+        """The stage's mesh on the target's devices; `one_host`: on one host's, as rollouts run (each process
+        decodes its own questions on a process-local mesh, README "How work is split across hosts"), compiled
+        for the one-host slice of the target's family (`hardware.host_target`)."""
         shape = {"data": mesh_cfg.data, "fsdp": mesh_cfg.fsdp, "tensor": mesh_cfg.tensor}
         if fill and -1 not in shape.values():  # a slice search: `fill` takes the devices the fixed axes leave
             shape[fill] = -1
