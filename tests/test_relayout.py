@@ -45,7 +45,7 @@ def _per_layer(state: nnx.State) -> dict[str, np.ndarray]:
     for part in ("model", "optimizer"):
         for name, (var, i) in layer_view(state[part]).items() if part == "model" else []:
             out[f"model.{name}"] = np.asarray(var[...] if i is None else var[...][i])
-    for path, var in state["optimizer"].flat_state():
+    for path, var in nnx.to_flat_state(state["optimizer"]):
         value = np.asarray(var[...])
         j = relayout._layers_at(path)
         if j is not None and not relayout._is_index(path[j + 1]):  # stacked moment: one entry per layer

@@ -63,7 +63,7 @@ def layout_of(paths: Iterable[Sequence[Any]]) -> bool | None:
 
 def state_layout(state: nnx.State) -> bool | None:
     """`layout_of` an nnx.State (a model's or a train state's)."""
-    return layout_of(path for path, _ in state.flat_state())
+    return layout_of(path for path, _ in nnx.to_flat_state(state))
 
 
 def _stacked_path(path: Path, j: int) -> Path:
@@ -99,7 +99,7 @@ def saved_like(like: nnx.State, stacked: bool) -> nnx.State:
     replicated (the `layers` rule's default) and every other axis keeps its sharding."""
     out: dict[Path, Any] = {}
     groups: dict[Path, list[tuple[int, Any]]] = {}
-    for path, var in like.flat_state():
+    for path, var in nnx.to_flat_state(like):
         j = _layers_at(path)
         leaf = _leaf(var)
         if j is None:
@@ -124,15 +124,15 @@ def saved_like(like: nnx.State, stacked: bool) -> nnx.State:
                  if isinstance(sharding, NamedSharding) else sharding)
         out[path] = _with_value(var, jax.ShapeDtypeStruct((len(layers), *leaf.shape), leaf.dtype, sharding=whole),
                                 drop_layer_axis=False)
-    return nnx.State.from_flat_path(out)
+    return nnx.from_flat_state(out)
 
 
 def convert(restored: nnx.State, like: nnx.State) -> nnx.State:
     """`restored` (read in the other layout) in `like`'s layout, each leaf placed on `like`'s sharding:
     stacked[i] == layer i, for parameters and optimizer moments alike."""
-    source = {path: _leaf(var) for path, var in restored.flat_state()}
+    source = {path: _leaf(var) for path, var in nnx.to_flat_state(restored)}
     out: dict[Path, Any] = {}
-    for path, var in like.flat_state():
+    for path, var in nnx.to_flat_state(like):
         want = _leaf(var)
         j = _layers_at(path)
         if j is None:
@@ -142,4 +142,4 @@ def convert(restored: nnx.State, like: nnx.State) -> nnx.State:
         else:  # wanted stacked: the per-layer leaves stacked
             value = jnp.stack([source[_layer_path(path, j, i)] for i in range(want.shape[0])])
         out[path] = _with_value(var, jax.device_put(value, want.sharding) if want.sharding is not None else value)
-    return nnx.State.from_flat_path(out)
+    return nnx.from_flat_state(out)
