@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.timing import timed_runs
+
 SHAPES: dict[str, dict[str, int]] = {  # the architecture part of each model's config.json, plus tiny for CI
     "0.5B": {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
              "num_attention_heads": 14, "num_key_value_heads": 2},
@@ -65,24 +67,17 @@ class Timing:
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[Timing, Any]:
     """Run `fn` once (compile + run) and `repeats` more times; `fn` must block until its result is ready."""
-    t0 = time.perf_counter()
-    out = fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
+    first, times, out = timed_runs(fn, repeats)
     med = statistics.median(times)
     return Timing(max(first - med, 0.0), med, min(times), max(times)), out
 
 
-def model_cfg(shape: str, scan: bool | None = None):
+def model_cfg(shape: str):
     from edu_prm_jax.models.config import Qwen2Config
 
     head_dim = SHAPES[shape]["hidden_size"] // SHAPES[shape]["num_attention_heads"]
     return Qwen2Config(**SHAPES[shape], head_dim=head_dim, tie_word_embeddings=True, param_dtype="bfloat16",
-                       dtype="bfloat16", scan_layers=scan)
+                       dtype="bfloat16")  # layers and attention kernel: the platform's defaults
 
 
 def prefill(shape: str, args: argparse.Namespace, peak: float | None) -> dict[str, Any]:

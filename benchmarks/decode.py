@@ -27,13 +27,13 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from benchmarks.model_args import add_model_args, build_hf_weights
+from benchmarks.timing import timed_runs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,14 +74,7 @@ def open_tables(vocab: int) -> Any:
 def median_time(fn: Callable[[], Any], repeats: int, warmup: Callable[[], Any] | None = None
                 ) -> tuple[float, float, Any]:
     """(warm-up seconds, median timed seconds, last result); the warm-up is `fn` itself unless given."""
-    t0 = time.perf_counter()
-    out = (warmup or fn)()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
+    first, times, out = timed_runs(fn, repeats, warmup)
     return first, statistics.median(times), out
 
 

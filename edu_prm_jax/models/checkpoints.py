@@ -30,7 +30,7 @@ from jax.typing import DTypeLike
 from edu_prm_jax import parallel
 from edu_prm_jax.io import storage
 from edu_prm_jax.io.destinations import staged_directory
-from edu_prm_jax.models.config import ConfigError, Qwen2Config, as_dtype, dtype_name
+from edu_prm_jax.models.config import Qwen2Config, as_dtype, dtype_name
 from edu_prm_jax.models.qwen2 import LAYERS_AXIS, Qwen2, is_stacked, scan_layers_in, set_scan_layers
 from edu_prm_jax.models.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 
@@ -63,22 +63,6 @@ TOKENIZER_FILES = (
 def tokenizer_files(src: str | os.PathLike) -> list[epath.Path]:
     """The `TOKENIZER_FILES` present in directory `src` (for `copy_files=` of the export functions)."""
     return [storage.as_path(src) / name for name in TOKENIZER_FILES if (storage.as_path(src) / name).is_file()]
-
-
-def read_config(path: str | os.PathLike) -> Qwen2Config:
-    """`Qwen2Config.from_file` for any storage path (a model directory or its config.json; gs:// included).
-
-    Raises ConfigError naming the file when it is missing or not JSON (the `from_file` messages)."""
-    path = storage.as_path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: config.json not found")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
-    return Qwen2Config.from_hf_dict(raw, str(path))
 
 
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -333,7 +317,7 @@ def load_hf_model(directory: str | os.PathLike, *, param_dtype: DTypeLike | None
     on `mesh`. `param_dtype`/`dtype` take any spelling `config.dtype_name` accepts; None keeps float32.
     `scan_layers` picks the layers' layout (None: the platform's default, `Qwen2Config.scan_layers`).
     Raises ConfigError / CheckpointError naming the file and field or tensor."""
-    cfg = read_config(directory).with_dtypes(param_dtype, dtype).replace(scan_layers=scan_layers)
+    cfg = Qwen2Config.from_file(directory).with_dtypes(param_dtype, dtype).replace(scan_layers=scan_layers)
     ckpt = HFCheckpoint(directory, tied_embeddings=cfg.tie_word_embeddings)
     abstract = nnx.eval_shape(lambda: Qwen2(cfg, nnx.Rngs(0)))
     # A tied model has no lm_head: its shared tensor loads as the embedding, whichever of `TIED_NAMES` stores

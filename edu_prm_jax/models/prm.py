@@ -294,7 +294,7 @@ def load_prm(
     """
     directory = storage.as_path(path)
     config_path = directory / "config.json"
-    cfg = checkpoints.read_config(directory)
+    cfg = Qwen2Config.from_file(directory)
     cfg = cfg.with_dtypes(param_dtype, dtype).replace(scan_layers=scan_layers)
     raw = json.loads(config_path.read_text())
     ckpt = checkpoints.HFCheckpoint(directory)

@@ -13,7 +13,7 @@ from flax import nnx
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_model, load_tokenizer
 from edu_prm_jax.io import storage
-from edu_prm_jax.models.checkpoints import ORBAX_CONFIG, HFCheckpoint, is_orbax_dir, read_config
+from edu_prm_jax.models.checkpoints import ORBAX_CONFIG, HFCheckpoint, is_orbax_dir
 from edu_prm_jax.models.config import Qwen2Config, dtype_name
 from edu_prm_jax.models.expansion import expanded_layers_pattern
 from edu_prm_jax.models.heads import get_head
@@ -73,7 +73,7 @@ def saved_config(model_dir: str | pathlib.Path) -> Qwen2Config:
     if is_orbax_dir(model_dir):
         meta_path = model_dir / ORBAX_CONFIG
         return Qwen2Config.from_hf_dict(json.loads(meta_path.read_text())["model"], str(meta_path))
-    return read_config(model_dir)
+    return Qwen2Config.from_file(model_dir)
 
 
 def checkpoint_dtype(model_dir: str | pathlib.Path) -> str:
@@ -172,7 +172,7 @@ def abstract_prm(config: ml_collections.ConfigDict, backbone: Qwen2Config | None
             meta_path = policy_dir / ORBAX_CONFIG
             cfg = Qwen2Config.from_hf_dict(json.loads(meta_path.read_text())["model"], str(meta_path))
         else:
-            cfg = read_config(policy_dir)
+            cfg = Qwen2Config.from_file(policy_dir)
         cfg = cfg.replace(num_hidden_layers=cfg.num_hidden_layers + config.expand_layers)
         head = config.head
         inserts_separator = get_head(head).inserts_separator
