@@ -33,3 +33,15 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def make_peaked_qwen2(directory, vocab: int = 48, seed: int = 3):
+    """A random tiny HF Qwen2 (hidden 32, 2 layers) whose LM head is scaled up 12x, saved to `directory`, so its
+    next-token entropies range from near 0 to near log V: a model whose anchors a test can find."""
+    import torch
+
+    hf = make_hf_qwen2(directory, vocab=vocab, hidden=32, layers=2, seed=seed)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(12.0)
+    hf.save_pretrained(directory, safe_serialization=True)
+    return hf

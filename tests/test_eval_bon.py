@@ -19,14 +19,17 @@ def test_eval_bon_writes_report_and_counts_tokens(tmp_path):
     save_prm(PRM.from_policy(load_hf_model(policy), head="scalar", seed=1), tmp_path / "w" / "prm" / "hf")
     argv = ["eval-bon", f"--workdir={tmp_path / 'w'}", f"--config.policy={policy}", "--config.questions=toy:test:4",
             "--config.n_grid=1,2", "--config.seeds=0,1", "--config.sampling.max_new_tokens=10",
-            "--config.sampling.tau=0.5", "--config.batch_questions=4"]
+            "--config.sampling.tau=0.5", "--config.batch_questions=4", "--config.mcts=True"]
     assert cli.main(argv) == 0
     out = tmp_path / "w" / "eval_bon"
     for name in ("report.md", "results.json", "bon_accuracy_vs_n.png", "bon_accuracy_vs_tokens.png"):
         assert (out / name).is_file(), name
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert {(r["sampler"], r["n"], r["seed"]) for r in runs} == {
-        (s, n, seed) for s in ("ht", "edu", "p-edu") for n in (1, 2) for seed in (0, 1)}
+        (s, n, seed) for s in ("ht", "edu", "p-edu", "mcts-edu") for n in (1, 2) for seed in (0, 1)}
+    for r in (r for r in runs if r["sampler"] == "mcts-edu"):  # HT's tokens were its budget: a question stops
+        budget = next(h["tokens"] for h in runs if (h["sampler"], h["n"], h["seed"]) == ("ht", r["n"], r["seed"]))
+        assert 0 < r["tokens"] < round(budget) + 2 * 10  # spending once past it, by <= K paths of <= 10 tokens
     ht_trees = list(read_shards(out / "runs" / "ht_n2_s1", "trees"))
     for n in (1, 2):
         expected = sum(len(leaf["token_ids"]) for t in ht_trees for leaf in t["leaves"][:n]) / len(ht_trees)

@@ -30,6 +30,7 @@ import urllib.request
 
 import portpicker
 import pytest
+from determinism import comparable
 from etils import epath
 
 from edu_prm_jax import cli
@@ -153,13 +154,14 @@ def _committed(checkpoints) -> list[int]:
 
 def _files(root: str) -> dict[str, bytes]:
     """Relative name -> bytes of every file under `root`; the workdir's own spelling replaced by `<workdir>` (it
-    is recorded in fingerprints and summaries, and naturally differs between the two runs)."""
+    is recorded in fingerprints and summaries, and naturally differs between the two runs), wall times left out
+    (`determinism.comparable`)."""
     base = str(storage.as_path(root))
     out = {}
     for f in storage.walk_files(root):
         rel = str(f)[len(base):].lstrip("/")
         if not rel.startswith(NOT_DETERMINISTIC):
-            out[rel] = f.read_bytes().replace(base.encode(), b"<workdir>")
+            out[rel] = comparable(rel, f.read_bytes().replace(base.encode(), b"<workdir>"))
     return out
 
 

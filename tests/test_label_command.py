@@ -100,6 +100,14 @@ def test_label_records_stats_tfds_and_resume(policy, samples, tmp_path, capsys):
     assert stats["toy_right_answers_through_a_wrong_step"] == 1.0
     unreachable = sum(v <= 0 for r in records for v in r["provenance"]["values"])
     assert stats["toy_step_agreement"] == pytest.approx(unreachable / steps, abs=1e-6)
+    # cost: tree labels need no rollouts, so they cost what sampling the trees did: each generated token once
+    # (counted here from the leaves' own fork positions) and one query per leaf
+    cost = stats["cost"]
+    generated = sum(len(lf["token_ids"]) - lf["fork_pos"] for t in trees.values() for lf in t["leaves"])
+    assert cost["sample_tokens"] == cost["tokens"] == generated > 0
+    assert cost["sample_queries"] == cost["queries"] == sum(len(t["leaves"]) for t in trees.values())
+    assert cost["rollout_tokens"] == cost["rollout_queries"] == 0
+    assert cost["sample_wall_seconds"] > 0 and cost["wall_seconds"] >= cost["sample_wall_seconds"]
 
     source = tfds_io.open_tfds_source(out / "tfds", "labels")
     assert len(source) == len(records)
@@ -164,7 +172,7 @@ def test_shepherd_method_labels_line_steps(policy, samples, tmp_path):
     assert _label(policy, lined, out, "--config.method=shepherd", "--config.shepherd_k=2",
                   "--config.sampling.max_new_tokens=4", "--config.tfds=False") == 0
     trees = {str(t["id"]): t for t in read_shards(lined, "trees")}
-    multi = 0
+    multi, prefixes = 0, set()
     for r in read_shards(out, "steps"):
         slot = int(r["id"].rsplit("/", 1)[1])
         lf = next(x for x in trees[r["question_id"]]["leaves"] if x["slot"] == slot)
@@ -177,7 +185,14 @@ def test_shepherd_method_labels_line_steps(policy, samples, tmp_path):
         if len(r["steps"]) > 1:
             assert r["provenance"]["rollout_params"]["num_leaves"] == 2
             multi += 1
+        prefixes.update((r["question_id"], tuple(lf["token_ids"][:e])) for e in ends[:-1])
     assert multi > 0
+    # cost: k = 2 continuations of every distinct step prefix, each 1-4 tokens (max_new_tokens=4); the copied
+    # trees carry no sampling cost, so the totals are unknown (null), never the rollouts alone
+    cost = json.loads((out / "label_stats.json").read_text())["cost"]
+    assert cost["rollout_queries"] == 2 * len(prefixes)
+    assert cost["rollout_queries"] <= cost["rollout_tokens"] <= 4 * cost["rollout_queries"]
+    assert cost["sample_tokens"] is cost["tokens"] is cost["queries"] is cost["wall_seconds"] is None
 
 
 def test_malformed_sample_record_names_file_line_and_field(policy, samples, tmp_path, capsys):
@@ -210,3 +225,29 @@ def test_ht_trees_are_refused_unless_asked_for(policy, samples, tmp_path, capsys
     assert not out.exists()  # refused before anything (a fingerprint included) was written
     assert _label(policy, ht, out, "--config.allow_ht_trees=True") == 0
     assert all(len(r["steps"]) == 1 for r in read_shards(out, "steps"))
+
+
+def test_omega_method_searches_from_questions_and_reports_its_cost(tmp_path):
+    """OmegaPRM on 4 toy questions with the shipped toy policy (which solves most of them): every record is a path
+    of the search tree whose labels are its nodes' MC values, every MC value is a count over k rollouts (or a
+    node's own verdict), and the cost is the rollouts alone (no samples are read)."""
+    out = tmp_path / "labels"
+    assert cli.main(["label", f"--workdir={tmp_path}", "--config.method=omega", "--config.questions=toy:train:4",
+                     "--config.target=soft", "--config.omega.k=4", "--config.omega.max_search_count=2",
+                     "--config.omega.rollout_budget=16", "--config.tfds=False", f"--config.output={out}"]) == 0
+    records = list(read_shards(out, "steps"))
+    assert records and {r["provenance"]["method"] for r in records} == {"omega"}
+    for r in records:
+        p = r["provenance"]
+        assert r["labels"] == p["values"] and p["mode"] == "omega"
+        for value, leaves, correct, rollouts in zip(p["values"], p["node_leaves"], p["node_correct"],
+                                                    p["node_rollouts"]):
+            assert value == correct / leaves and rollouts in (0, 4)  # k rollouts, or the node's own verdict
+        assert r["final_correct"] == (p["values"][-1] == 1.0 and p["node_rollouts"][-1] == 0)
+    cost = json.loads((out / "label_stats.json").read_text())["cost"]
+    assert cost["sample_tokens"] == cost["sample_queries"] == 0
+    assert cost["queries"] == cost["rollout_queries"] > 0 and cost["queries"] % 4 == 0
+    assert cost["rollout_queries"] <= cost["tokens"] <= 96 * cost["rollout_queries"]
+    # per question: k = 4 at the root, then at most 2 searches of at most 3 estimations each (a binary search
+    # over a toy solution's <= 5 lines) of k rollouts
+    assert cost["rollout_queries"] <= 4 * (4 + 2 * 3 * 4)

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import portpicker
 import pytest
+from determinism import comparable
 
 from edu_prm_jax.io.shards import read_shards
 
@@ -110,7 +111,9 @@ def job(tmp_path_factory):
 
 
 def _files(directory):
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Relative name -> bytes, wall times left out (`determinism.comparable`)."""
+    return {str(p.relative_to(directory)): comparable(p.name, p.read_bytes())
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_two_process_outputs_equal_single_process_byte_for_byte(job):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_reference import make_hf_qwen2
+from hf_reference import make_hf_qwen2, make_peaked_qwen2
 from tree_reference import distinct_prefixes
 
 from edu_prm_jax import parallel
@@ -28,10 +28,7 @@ decode_module = importlib.import_module("edu_prm_jax.sampling.decode")  # the pa
 def peaked_model(tmp_path_factory):
     """A random tiny Qwen2 whose LM head is scaled up, so entropies range from near 0 to near log V."""
     d = tmp_path_factory.mktemp("peaked")
-    hf = make_hf_qwen2(d, vocab=V, hidden=32, layers=2, seed=3)
-    with torch.no_grad():
-        hf.lm_head.weight.mul_(12.0)
-    hf.save_pretrained(d, safe_serialization=True)
+    hf = make_peaked_qwen2(d, vocab=V, seed=3)
     return hf, load_hf_model(d)
 
 

@@ -34,3 +34,14 @@ def test_label_stats_audit_counts_compensated_slips():
     assert stats["toy_step_agreement"] == round(4 / 6, 6)  # label_stats rounds to 6 places
     assert stats["toy_right_answers_through_a_wrong_step"] == 1 / 2
     assert "toy_step_agreement" not in label_stats(iter(records[3:]))
+
+
+def test_label_agreement_reads_the_emitted_label_not_the_value():
+    """A soft label 0.25 on a right step: v > 0 agrees with the truth, the label (< 0.5) teaches 'wrong'."""
+    soft = record(PROBLEM, ["2 + 3 = 5\n", "5 * 4 = 20\nThe answer is \\boxed{20}."], [0.25, 1.0], True)
+    soft["labels"] = [0.25, 1.0]
+    wrong = record(PROBLEM, ["2 + 3 = 6\n", "6 * 4 = 24\nThe answer is \\boxed{24}."], [0.75, 0.0], False)
+    wrong["labels"] = [0.75, 0.0]  # step 0 is wrong but labelled 0.75: disagrees; step 1 agrees
+    stats = label_stats(iter([soft, wrong]))
+    assert stats["toy_step_agreement"] == round(3 / 4, 6)  # v > 0: T,T (right, right); T,F vs F,F: 1 of 2
+    assert stats["toy_label_agreement"] == round(2 / 4, 6)  # labels >= 0.5: F,T vs T,T; T,F vs F,F

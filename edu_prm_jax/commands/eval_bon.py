@@ -20,6 +20,7 @@ from edu_prm_jax.commands.common.builders import checkpoint_dtype, decode_params
 from edu_prm_jax.commands.common.paths import prm_dir
 from edu_prm_jax.evaluation.bon import SELECTORS, select_all
 from edu_prm_jax.evaluation.candidates import count_undecided, score_records
+from edu_prm_jax.evaluation.mcts import MCTSConfig, mcts_edu
 from edu_prm_jax.evaluation.report import write_bon_report
 from edu_prm_jax.grading.answers import solution_verdict
 from edu_prm_jax.io import storage
@@ -57,6 +58,25 @@ def require_gold(questions: list[dict], spec: str) -> None:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"questions={spec!r}: {len(missing)} of {len(questions)} questions have no gold answer "
                          f"({shown}); Best-of-N accuracy needs one per question")
+
+
+def mcts_runs(config: ml_collections.ConfigDict, model: Any, prm: Any, tokenizer: Any, questions: list[dict],
+              runs: list[dict[str, Any]], mesh: Any, rules: Any, s: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """MCTS-EDU with the PRM at the token budget of each HT run (same N, same seed), as Best-of-N result rows
+    (sampler "mcts-edu"; every selector applied to the terminal leaves the search found)."""
+    prompts = [tokenizer.apply_chat_template(q["problem"]) for q in questions]
+    golds = [str(q["answer"]) for q in questions]
+    out = []
+    for ht in [r for r in runs if r["sampler"] == "ht"]:
+        results = mcts_edu(model, prm, tokenizer, prompts, golds, budget_tokens=max(1, round(ht["tokens"])),
+                           params=decode_params(s, seed=ht["seed"]),
+                           config=MCTSConfig(c_uct=config.mcts_c, aggregator=config.aggregator), mesh=mesh,
+                           rules=rules, **sampler_options(s))
+        acc = _accuracies([r.candidates for r in results])  # prm_<aggregator>: the search's own pick
+        out.append({"sampler": "mcts-edu", "n": ht["n"], "seed": ht["seed"],
+                    "tokens": sum(r.tokens_spent for r in results) / len(results),
+                    "candidates": sum(len(r.candidates) for r in results) / len(results), **acc})
+    return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -123,12 +143,18 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                 candidates = sum(len(r["leaves"]) for r in trees) / len(trees)  # a tree may not fill its budget
                 runs.append({"sampler": name, "n": n, "seed": seed, "tokens": tokens, "candidates": candidates,
                              **acc})
+    if config.mcts:  # MCTS-EDU at HT's token cost for each N: its own line in the table and plots
+        runs += mcts_runs(config, model, prm, tokenizer, questions, runs, mesh, rules, s)
     notes = ("HT candidates are split into steps at their high-entropy positions (the policy's in-graph "
              "entropy of the sampled tokens); EDU leaves at their anchors. An EDU tree has at most N leaves but "
              "fewer when too few positions exceed tau: compare its token cost with HT at the same number of "
              "candidates (column 'candidates / question'), not only at the same N. ")
     if s.edu_greedy:
         notes += "EDU/P-EDU trees are greedy between anchors, hence identical across seeds (std 0). "
+    if config.mcts:
+        notes += ("MCTS-EDU (`evaluation/mcts.py`) searches with the PRM under a budget of distinct generated tokens "
+                  "equal to HT's mean tokens per question at each N (and seed); its candidates are the terminal "
+                  "leaves it found, and its N is the HT run whose budget it had. ")
     sampled_once = [r["undecided"] for r in runs if r["sampler"] == "ht" and r["n"] == max(n_grid)]
     undecided["candidates"] = sum(sampled_once) + sum(int(v["undecided"]) for v in scored.values())
     notes += (f"Answer checks left undecided (out of their CPU bound; counted as not correct): {undecided['greedy']} "

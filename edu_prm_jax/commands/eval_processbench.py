@@ -3,6 +3,11 @@
 Three thresholds are reported, each labelled: the fixed one (0.5), one tuned on the GSM8K subset and applied
 to all, and the best-theta upper bound (tuned on the test labels themselves, an oracle). The trivial
 predictors "always -1" and "always step 0" are scored by the same harness as a sanity line.
+
+`--config.data=toy` (or `toy:N[:SEED]`, N items per subset) evaluates on the toy benchmark instead
+(`toy.processbench`: held-out toy problems with exact step labels, subsets `policy` and `corrupted`), built once
+and cached under <workdir>/toy_processbench/; the 'chosen' threshold is then tuned on `config.toy.theta_split`
+and steps are joined with `config.toy.step_joiner`. Items are scored exactly as ProcessBench's are.
 """
 
 from __future__ import annotations
@@ -12,39 +17,18 @@ from typing import Any
 
 import ml_collections
 from absl import logging
-from tqdm import tqdm
 
 from edu_prm_jax import distributed, parallel
 from edu_prm_jax.api import load_tokenizer
 from edu_prm_jax.commands.common.paths import find_tokenizer_dir, prm_dir
-from edu_prm_jax.evaluation.processbench import best_theta, evaluate_processbench, processbench_f1, theta_from_split
+from edu_prm_jax.evaluation.processbench_prm import processbench_results, score_items
 from edu_prm_jax.io import storage
 from edu_prm_jax.io.atomic import write_json_atomic, write_text_atomic
 from edu_prm_jax.models.prm import load_prm
 from edu_prm_jax.records.sources import read_processbench
-from edu_prm_jax.scoring.examples import build_example, joined_steps
-from edu_prm_jax.scoring.multihost import score_examples_across_processes
+from edu_prm_jax.toy import processbench as toy_processbench
 
 DESCRIPTION = "ProcessBench F1 (per subset and average) of a PRM, at fixed, GSM8K-tuned and best theta."
-
-
-def item_example(prm: Any, tokenizer: Any, item: dict, joiner: str, max_tokens: int):
-    """The item as PRM input, keeping only the steps that fit in max_tokens (the rest stay unscored)."""
-    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(item["problem"]))
-    steps = [tokenizer.encode(s) for s in joined_steps(item["steps"], joiner)]
-    steps = [s if s else [tokenizer.pad_token_id] for s in steps]
-    sep = 1 if prm.head_spec.inserts_separator else 0
-    total, kept = len(prompt_ids), []
-    for s in steps:
-        if total + len(s) + sep > max_tokens:
-            break
-        kept.append(s)
-        total += len(s) + sep
-    if not kept:
-        return None, len(steps)
-    record = {"prompt_ids": prompt_ids, "step_ids": kept, "labels": [0.0] * len(kept)}
-    ex = build_example(record, head=prm.head_spec.name, separator_id=prm.separator_id, record_id=item["id"])
-    return ex, len(steps) - len(kept)
 
 
 def stratified_head(items: list[dict], limit: int) -> list[dict]:
@@ -57,14 +41,6 @@ def stratified_head(items: list[dict], limit: int) -> list[dict]:
     return [it for i, it in enumerate(items) if i in keep]
 
 
-def trivial_baselines(labels_by_subset: dict[str, list[int]]) -> dict[str, dict]:
-    out = {}
-    for name, pred in (("always -1", lambda lab: -1), ("always step 0", lambda lab: 0)):
-        per = {s: processbench_f1(labels, [pred(x) for x in labels]) for s, labels in labels_by_subset.items()}
-        out[name] = {"subsets": per, "average_f1": sum(m["f1"] for m in per.values()) / len(per)}
-    return out
-
-
 def _table(title: str, result: dict) -> list[str]:
     lines = [f"### {title} (theta = {result['theta']:.4g})", "", "| subset | acc_err | acc_corr | F1 |",
              "|---|---|---|---|"]
@@ -75,45 +51,66 @@ def _table(title: str, result: dict) -> list[str]:
     return lines
 
 
+def _toy_items(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, rules) -> tuple[dict, str]:
+    """The toy benchmark's items by subset (built or reused) and the report line naming it."""
+    n, seed = toy_processbench.parse_toy_spec(config.data)
+    spec = toy_processbench.ToyBenchSpec(
+        n=n, seed=seed, policy=config.toy.policy,
+        temperatures=toy_processbench.parse_temperatures(config.toy.temperatures),
+        samples_per_temperature=config.toy.num_leaves, max_new_tokens=config.toy.max_new_tokens)
+    items, bench = toy_processbench.load_or_build(spec, workdir / "toy_processbench", mesh=mesh, rules=rules)
+    return toy_processbench.items_by_subset(items), (
+        f"Data: toy benchmark `{config.data}` (`{bench}`): held-out toy problems, exact labels "
+        f"({toy_processbench.LABELS}); policy `{config.toy.policy}`.")
+
+
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     if not config.data:  # ProcessBench is not shipped: no default
         raise ValueError("config.data is not set (pass --config.data=DIR, the dir holding ProcessBench's "
-                         "gsm8k.json, math.json, olympiadbench.json and omnimath.json)")
-    if not storage.as_path(config.data).is_dir():
+                         "gsm8k.json, math.json, olympiadbench.json and omnimath.json, or --config.data=toy)")
+    toy = toy_processbench.is_toy_spec(config.data)
+    if toy:
+        toy_processbench.parse_toy_spec(config.data)  # a bad spec fails before anything loads
+    elif not storage.as_path(config.data).is_dir():
         raise FileNotFoundError(f"config.data={config.data!r}: no such directory")
     mesh = parallel.local_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)  # this host's devices
     rules = parallel.rules_from_config(config.mesh.rules)
+    if toy:  # built (sampling the policy) before the PRM loads
+        by_subset, data_line = _toy_items(config, workdir, mesh, rules)
+        subsets, theta_split, joiner = list(by_subset), config.toy.theta_split, config.toy.step_joiner
+    else:
+        data = storage.as_path(config.data)
+        subsets = [s for s in config.subsets.split(",") if s]
+        by_subset = {name: list(read_processbench(data / f"{name}.json")) for name in subsets}
+        theta_split, joiner, data_line = config.theta_split, config.step_joiner, ""
     prm_path = prm_dir(workdir, config.prm)
     prm = load_prm(prm_path, mesh, dtype=config.dtype, rules=rules)
     tokenizer = load_tokenizer(find_tokenizer_dir(prm_path, config.tokenizer))
-    data = storage.as_path(config.data)
-    subsets = [s for s in config.subsets.split(",") if s]
     scores, labels, unscored = {}, {}, {}
     for name in subsets:
-        items = list(read_processbench(data / f"{name}.json"))
+        items = by_subset[name]
         if config.limit:
             items = stratified_head(items, config.limit)
-        built = [item_example(prm, tokenizer, it, config.step_joiner, config.max_tokens)
-                 for it in tqdm(items, desc=f"encode {name}", unit="item")]
-        examples = [ex for ex, _ in built if ex is not None]
         # multi-host: each process scores its share of the batches; all get every score, process 0 writes
-        scored = iter(score_examples_across_processes(prm, examples, batch_size=config.batch_size,
-                                                      name=f"processbench {name}"))
-        scores[name] = [next(scored) if ex is not None else [] for ex, _ in built]
+        scores[name], unscored[name] = score_items(prm, tokenizer, items, joiner=joiner, max_tokens=config.max_tokens,
+                                                   batch_size=config.batch_size, name=name)
         labels[name] = [int(it["label"]) for it in items]
-        unscored[name] = sum(1 for _, n in built if n)
-    fixed = evaluate_processbench(scores, labels, config.theta)
+    computed = processbench_results(scores, labels, config.theta, theta_split)
+    fixed = computed["fixed"]
     results: dict[str, Any] = {"fixed": fixed, "items": {s: len(labels[s]) for s in subsets},
-                               "items_with_unscored_steps": unscored, "trivial": trivial_baselines(labels)}
-    lines = ["## ProcessBench", "", f"PRM: `{prm_path}`; items per subset: "
+                               "items_with_unscored_steps": unscored, "trivial": computed["trivial"]}
+    if toy:
+        results["data"] = config.data
+    lines = ["## ProcessBench" + (" (toy benchmark)" if toy else ""), "", f"PRM: `{prm_path}`; items per subset: "
              + ", ".join(f"{s} {len(labels[s])}" for s in subsets)
              + (" (a partial run: `limit` is set)" if config.limit else ""), ""]
+    if data_line:
+        lines += [data_line, ""]
     lines += _table("fixed threshold", fixed)
-    if config.theta_split in subsets:
-        theta, chosen = theta_from_split(scores, labels, config.theta_split)
-        results["chosen"] = chosen
-        lines += _table(f"threshold tuned on {config.theta_split}", chosen)
-    theta, best = best_theta(scores, labels)
+    if "chosen" in computed:
+        results["chosen"] = computed["chosen"]
+        lines += _table(f"threshold tuned on {theta_split}", computed["chosen"])
+    best = computed["best"]
     results["best"] = best
     lines += _table("best threshold (oracle upper bound, tuned on the test labels)", best)
     lines += ["### Trivial predictors (same harness)", "", "| predictor | " + " | ".join(subsets) + " | average |",

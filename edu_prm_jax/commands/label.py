@@ -13,9 +13,11 @@ one stops the run with a DataError naming the file, line and field. Output under
   `scoring.examples.build_example` reads.
 - `undecided-0000i-of-0000n.jsonl`: one line per shard: `undecided_leaves` (ids `<question id>/<slot>` of leaves
   whose answer check stayed undecided, `grading.answers.answers_verdict` None: out of its CPU bound twice),
-  `rollouts` and `undecided_rollouts` (extra / Math-Shepherd rollouts judged, and how many were undecided),
-  `unlabelled_paths` (ids of paths with no record: a step of theirs had only undecided verdicts below it, so it
-  has no label). Undecided verdicts are left out of the MC counts, never counted as wrong.
+  `rollouts` and `undecided_rollouts` (extra / Math-Shepherd / OmegaPRM rollouts judged, and how many were
+  undecided), `unlabelled_paths` (ids of paths with no record: a step of theirs had only undecided verdicts below
+  it, so it has no label), and the shard's cost: `rollout_tokens`, `rollout_queries` (the rollouts sampled) and
+  `wall_seconds` (labelling time of the shard). Undecided verdicts are left out of the MC counts, never counted as
+  wrong.
 - `tfds/labels/1.0.0`: the same records for training as TFDS array_record, features: `id`, `question_id`
   (string), `prompt_ids`, `step_ids_flat` (int32[], the steps concatenated), `step_lengths` (int32[], tokens
   per step: split `step_ids_flat` with them), `labels` (float32[]), `label_kind` (string[]),
@@ -27,7 +29,14 @@ one stops the run with a DataError naming the file, line and field. Output under
   matches exact step correctness) and `toy_right_answers_through_a_wrong_step` (share of right answers whose path
   has a wrong line). Records written before labels carried `problem` are not audited. `undecided` (undecided
   verdicts: leaves + rollouts), `undecided_leaves`, `undecided_rollouts`, `unlabelled_paths` come from the
-  `undecided-*` shards (null for an output made before they were written).
+  `undecided-*` shards (null for an output made before they were written). `toy_label_agreement` scores the
+  emitted labels (label >= 0.5) against exact step correctness. `cost` (`label_cost`): policy tokens generated,
+  queries (sampled sequences) and wall seconds of the labels, sampling of the trees included (from the sample
+  output's `cost-*` shards).
+
+Methods: `edu` (tree labels), `shepherd` (line steps of the sampled solutions, k completions per step prefix) and
+`omega` (OmegaPRM, `labeling/omega.py`: an MCTS with binary search for the first error per question of
+`config.questions`; it reads no samples, its records are the search tree's root-to-node paths, `mode` "omega").
 
 Output shard j holds input records [j*N/n, (j+1)*N/n) in input order; finished shards are skipped on rerun.
 Questions without a gold answer cannot be labelled and are skipped (logged).
@@ -38,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -56,17 +66,20 @@ from edu_prm_jax.io.atomic import write_json_atomic
 from edu_prm_jax.io.jsonl import count_records
 from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint, content_digest, read_shards
 from edu_prm_jax.labeling.mc import TARGETS, JudgedTree, PathLabels, apply_target, label_trees
+from edu_prm_jax.labeling.omega import OmegaConfig, label_omega
 from edu_prm_jax.labeling.shepherd import label_shepherd
 from edu_prm_jax.records.steps import STEPS_PREFIX, TFDS_FEATURES, TFDS_NAME, Provenance, StepRecord, read_step_shards
 from edu_prm_jax.records.trees import TreeRecord, read_tree_file, tree_shard_paths
 from edu_prm_jax.sampling.engine import Leaf
+from edu_prm_jax.sampling.shards import questions_digest, sampling_cost
 from edu_prm_jax.toy.audit import ToyLabelAudit
 from edu_prm_jax.toy.defaults import resolve_policy
 
 DESCRIPTION = "Monte Carlo step labels (EDU tree or Math-Shepherd) of sample shards, as JSONL + TFDS."
 
-METHODS = ("edu", "shepherd")
+METHODS = ("edu", "shepherd", "omega")
 UNDECIDED_PREFIX = "undecided"  # per-shard summary of undecided answer checks (module docstring)
+NO_SAMPLING = {"tokens": 0, "queries": 0, "wall_seconds": 0.0}  # OmegaPRM labels no sampled trees
 
 
 # ------------------------------------------------------------------------------------------- input
@@ -85,6 +98,19 @@ def records_in_range(shards: Sequence[pathlib.Path], sizes: Sequence[int], lo: i
 
 
 # ----------------------------------------------------------------------------------------- rollouts
+@dataclasses.dataclass
+class RolloutCost:
+    """Policy work of a labeller's own rollouts: `tokens` generated (every continuation counted whole),
+    `queries` sampled sequences, `calls` batched sampler calls."""
+
+    tokens: int = 0
+    queries: int = 0
+    calls: int = 0
+
+    def add(self, tokens: int, queries: int) -> None:
+        self.tokens, self.queries, self.calls = self.tokens + tokens, self.queries + queries, self.calls + 1
+
+
 class SamplerRollout:
     """`rollout(prompt_ids_list) -> [[continuation text] * k]` via HT sampling of the policy.
 
@@ -99,14 +125,21 @@ class SamplerRollout:
             raise ValueError(f"rollouts need k >= 1 samples per prompt, got {k}")
         self.sampler = build_sampler(config.policy, config.tokenizer, config.sampling, config.mesh, config.dtype,
                                      config.batch_questions, config.prompt_bucket, mode="ht", num_leaves=k)
+        self.cost = RolloutCost()
 
     @property
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self.sampler.params)
 
     def __call__(self, prompts: list[list[int]]) -> list[list[str]]:
+        return [[leaf.text for leaf in leaves] for leaves in self.leaves(prompts)]
+
+    def leaves(self, prompts: list[list[int]]) -> list[list[Leaf]]:
+        """The k sampled continuations (`Leaf`: token ids and text) of each prompt; counted in `cost`."""
         keys = [zlib.crc32(np.asarray(p, np.int64).tobytes()) & 0x7FFFFFFF for p in prompts]
-        return [[leaf.text for leaf in leaves] for leaves in self.sampler.sample_ids(prompts, keys)]
+        out = list(self.sampler.sample_ids(prompts, keys))
+        self.cost.add(sum(len(leaf.token_ids) for leaves in out for leaf in leaves), sum(map(len, out)))
+        return out
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -188,6 +221,69 @@ def label_records(items: Sequence[tuple[TreeRecord, str]], config: ml_collection
     return out, summary
 
 
+@dataclasses.dataclass(frozen=True)
+class QuestionItem:
+    """A question OmegaPRM searches from (it reads no sampled tree): what `path_record` takes of a tree record."""
+
+    question_id: str
+    problem: str
+    prompt: str
+    prompt_ids: list[int]
+    answer: str | None
+    params: dict[str, Any]
+    mode: str = "omega"
+
+
+def question_items(config: ml_collections.ConfigDict, tokenizer: Any) -> list[QuestionItem]:
+    """The questions of `config.questions` (first `limit`) with their chat prompts, for method=omega."""
+    from edu_prm_jax.toy.defaults import load_questions
+
+    if not config.questions:
+        raise ValueError("method=omega searches from questions, not sampled trees: set --config.questions "
+                         "(a JSONL file or toy:<split>:<n>)")
+    questions = load_questions(config.questions, limit=config.limit)
+    if not questions:
+        raise ValueError(f"questions={config.questions!r}: no questions")
+    params = config.omega.to_dict()
+    out = []
+    for q in questions:
+        prompt = tokenizer.apply_chat_template(q["problem"])
+        gold = q.get("answer")
+        out.append(QuestionItem(str(q["id"]), q["problem"], prompt, tokenizer.encode(prompt),
+                                None if gold in (None, "") else str(gold), params))
+    return out
+
+
+def label_omega_records(items: Sequence[QuestionItem], config: ml_collections.ConfigDict, tokenizer: Any,
+                        rollout: SamplerRollout, source: str) -> tuple[list[StepRecord], dict[str, Any]]:
+    """OmegaPRM labels of the questions (all searches in lockstep, one batched rollout call per round): one record
+    per emitted root-to-node path (labeling/omega.py), and the shard's summary line as `label_records` gives it."""
+    kept = [it for it in items if it.answer is not None]
+    for it in items:
+        if it.answer is None:
+            logging.warning("%s: question %s has no gold answer; not labelled", source, it.question_id)
+    verdicts: list[bool | None] = []
+
+    def judge(text: str, gold: str | None) -> bool | None:
+        verdicts.append(answers.solution_verdict(text, gold))
+        return verdicts[-1]
+
+    result = label_omega([JudgedTree([], [], it.prompt_ids, it.answer) for it in kept],
+                         tokenizer.decoded_token_texts(), rollout=rollout.leaves, decode=tokenizer.decode, judge=judge,
+                         config=OmegaConfig(**config.omega.to_dict()))
+    out, unlabelled = [], []
+    for it, paths in zip(kept, result.paths):
+        for p in paths:
+            if not p.labels.labelled:
+                unlabelled.append(f"{it.question_id}/{p.slot}")
+                continue
+            out.append(path_record(it, source, p.leaf(), p.labels, config.target, "omega", tokenizer.decode,
+                                   rollout.params))
+    summary = {"undecided_leaves": [], "rollouts": len(verdicts), "undecided_rollouts": verdicts.count(None),
+               "unlabelled_paths": unlabelled}
+    return out, summary
+
+
 # ------------------------------------------------------------------------------------- stats, TFDS
 def label_stats(records: Iterator[dict], undecided: Sequence[dict] | None = None) -> dict[str, Any]:
     """Summary of labelled-step records (the paper reports 52% hard labels); for toy questions also how the MC
@@ -226,6 +322,27 @@ def undecided_stats(summaries: Sequence[dict] | None) -> dict[str, int | None]:
     rollouts = sum(int(u["undecided_rollouts"]) for u in summaries)
     return {"undecided": leaves + rollouts, "undecided_leaves": leaves, "undecided_rollouts": rollouts,
             "unlabelled_paths": sum(len(u["unlabelled_paths"]) for u in summaries)}
+
+
+def label_cost(sampling: dict[str, Any] | None, summaries: Sequence[dict] | None) -> dict[str, Any]:
+    """What the labels cost the policy, in the units every labeller reports (issue: equal-cost comparisons):
+    `tokens` (generated tokens: the sampled trees' distinct tokens plus every rollout token), `queries`
+    (sampled sequences: tree leaves plus rollouts) and `wall_seconds` (sampling plus labelling, summed over
+    shards), each also split into `sample_*` (the `sample` run the labels were cut from; null when its output
+    has no `cost-*` shards) and `rollout_*` / `label_wall_seconds` (this command's own rollouts). A total is null
+    when a part is unknown, never a partial sum."""
+    known = summaries is not None and all("rollout_tokens" in u for u in summaries)
+    roll = {k: sum(u[k] for u in summaries) if known else None
+            for k in ("rollout_tokens", "rollout_queries", "wall_seconds")}
+    sample = sampling or {}
+    out = {"sample_tokens": sample.get("tokens"), "sample_queries": sample.get("queries"),
+           "sample_wall_seconds": sample.get("wall_seconds"), "rollout_tokens": roll["rollout_tokens"],
+           "rollout_queries": roll["rollout_queries"],
+           "label_wall_seconds": None if roll["wall_seconds"] is None else round(roll["wall_seconds"], 3)}
+    for total, a, b in (("tokens", "sample_tokens", "rollout_tokens"), ("queries", "sample_queries", "rollout_queries"),
+                        ("wall_seconds", "sample_wall_seconds", "label_wall_seconds")):
+        out[total] = None if out[a] is None or out[b] is None else round(out[a] + out[b], 3)
+    return out
 
 
 def write_tfds(out: pathlib.Path, rebuild: bool) -> pathlib.Path:
@@ -267,24 +384,36 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         raise ValueError(f"target must be one of {TARGETS}, got {config.target!r}")
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
-    samples = storage.as_path(config.samples) if config.samples else workdir / "samples_edu"
     out = storage.as_path(config.output) if config.output else workdir / "labels"
-    shards = tree_shard_paths(samples)
-    sizes = [count_records(p) for p in shards]
-    total = sum(sizes)
-    num_shards = max(1, min(config.num_shards or len(shards), total))
+    omega = config.method == "omega"
+    if omega:  # searches from questions: no tree shards are read
+        OmegaConfig(**config.omega.to_dict())  # a bad setting stops here, before any model loads
+        tokenizer = load_tokenizer(config.tokenizer or resolve_policy(config.policy))
+        items = question_items(config, tokenizer)
+        samples, shards, total = None, [], len(items)
+        num_shards = max(1, min(config.num_shards or 4, total))
+        input_identity = {"questions": questions_digest([{"id": it.question_id, "problem": it.problem,
+                                                          "answer": it.answer} for it in items])}
+    else:
+        samples = storage.as_path(config.samples) if config.samples else workdir / "samples_edu"
+        shards = tree_shard_paths(samples)
+        sizes = [count_records(p) for p in shards]
+        total = sum(sizes)
+        num_shards = max(1, min(config.num_shards or len(shards), total))
+        input_identity = {"samples": str(storage.resolved(samples)), "input_shards": content_digest(shards)}
     if config.method == "edu":
         check_tree_modes(shards, sizes, samples, config.allow_ht_trees)
     settings = {k: config[k] for k in ("target", "method", "extra_rollouts_min_leaves", "extra_rollouts_k",
                                        "shepherd_k")}
+    if omega:
+        settings["omega"] = config.omega.to_dict()
     shaping = {"policy": str(resolve_policy(config.policy)), "tokenizer": config.tokenizer,
                "sampling": config.sampling.to_dict()}  # the rollouts and the decoded step texts depend on these
     # multi-host: process 0 checks the fingerprint and clears stale temps; shard i is labelled and written by
     # process i % P (its rollouts on that process's devices); process 0 writes the TFDS copy and the stats
     rewritten = False  # whether any shard is (re)written this run: the TFDS copy is then rebuilt (process 0)
     if distributed.is_lead():
-        check_fingerprint(out, {"samples": str(storage.resolved(samples)), "input_shards": content_digest(shards),
-                                "num_shards": num_shards, **settings, **shaping})
+        check_fingerprint(out, {**input_identity, "num_shards": num_shards, **settings, **shaping})
         ShardedJsonlWriter(out, UNDECIDED_PREFIX, num_shards).pending()  # removes temp files a crash left behind
         rewritten = bool(ShardedJsonlWriter(out, STEPS_PREFIX, num_shards).pending())
     distributed.barrier(f"label: {out} checked")
@@ -293,16 +422,25 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     bounds = [round(i * total / num_shards) for i in range(num_shards + 1)]
     done = writer.completed()
     pending = distributed.owned(i for i in range(num_shards) if i not in done)
-    tokenizer = load_tokenizer(config.tokenizer or resolve_policy(config.policy)) if pending else None
-    needs_rollouts = config.method == "shepherd" or config.extra_rollouts_min_leaves > 0
+    if not omega:
+        tokenizer = load_tokenizer(config.tokenizer or resolve_policy(config.policy)) if pending else None
+    needs_rollouts = config.method != "edu" or config.extra_rollouts_min_leaves > 0
     rollout = None
     if pending and needs_rollouts:
-        k = config.shepherd_k if config.method == "shepherd" else config.extra_rollouts_k
+        k = {"shepherd": config.shepherd_k, "omega": config.omega.k}.get(config.method, config.extra_rollouts_k)
         rollout = SamplerRollout(config, k)
     for shard in tqdm(pending, desc=f"label[{config.method}/{config.target}]", unit="shard"):
         distributed.check_peers("labelling")  # another process failed: stop here, not at the next barrier
-        items = list(records_in_range(shards, sizes, bounds[shard], bounds[shard + 1]))
-        records, summary = label_records(items, config, tokenizer, rollout)
+        start, before = time.perf_counter(), dataclasses.replace(rollout.cost) if rollout else RolloutCost()
+        if omega:
+            records, summary = label_omega_records(items[bounds[shard]:bounds[shard + 1]], config, tokenizer,
+                                                   rollout, f"{config.questions}[{bounds[shard]}:{bounds[shard + 1]}]")
+        else:
+            records, summary = label_records(list(records_in_range(shards, sizes, bounds[shard], bounds[shard + 1])),
+                                             config, tokenizer, rollout)
+        after = rollout.cost if rollout else RolloutCost()
+        summary.update(rollout_tokens=after.tokens - before.tokens, rollout_queries=after.queries - before.queries,
+                       wall_seconds=round(time.perf_counter() - start, 3))
         undecided_writer.write(shard, [summary])  # before the steps shard, whose presence marks the shard done
         writer.write(shard, [r.to_json() for r in records])
     if pending:  # this run's checks: decided without sympy, symbolically, attempts out of their CPU bound, undecided
@@ -322,7 +460,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         logging.warning("label: %s was made before undecided answer checks were recorded; their counts are null",
                         out)
     stats = {"method": config.method, "target": config.target,
-             **label_stats((r.to_json() for r in read_step_shards(out)), undecided)}
+             **label_stats((r.to_json() for r in read_step_shards(out)), undecided),
+             "cost": label_cost(NO_SAMPLING if omega else sampling_cost(samples), undecided)}
     write_json_atomic(out / "label_stats.json", stats)
     print(json.dumps(stats, indent=2))
     distributed.barrier(f"label: {out} summarised")

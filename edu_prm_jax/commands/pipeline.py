@@ -26,6 +26,7 @@ from edu_prm_jax.commands.common.paths import train_finished
 from edu_prm_jax.configs.pipeline import SHARED
 from edu_prm_jax.io import storage
 from edu_prm_jax.io.atomic import write_text_atomic
+from edu_prm_jax.toy.processbench import is_toy_spec
 
 DESCRIPTION = "Run the whole method (sample, label, train, eval-bon, eval-processbench) and write report.md."
 
@@ -108,6 +109,8 @@ def processbench_skip_reason(config: ml_collections.ConfigDict) -> str | None:
     data = config.processbench.data
     if not data:
         return f"no ProcessBench data dir ({PROCESSBENCH_HINT})"
+    if is_toy_spec(data):  # toy-processbench is built from the policy, nothing to find
+        return None
     if not storage.as_path(data).is_dir():
         raise FileNotFoundError(f"processbench.data={data!r}: no such directory ({PROCESSBENCH_HINT})")
     return None

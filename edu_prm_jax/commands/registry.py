@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES = ("pipeline", "build-toy", "sample", "label", "train", "score", "export", "convert", "eval-bon",
+NAMES = ("pipeline", "experiment", "build-toy", "sample", "label", "train", "score", "export", "convert", "eval-bon",
          "eval-processbench", "prepare-data", "plan")
 # Command name -> module that implements it (`DESCRIPTION` and `run(config, workdir)`).
 COMMANDS: dict[str, str] = {n: f"edu_prm_jax.commands.{n.replace('-', '_')}" for n in NAMES}

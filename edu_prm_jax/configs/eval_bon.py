@@ -24,6 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.ht_temperature = 0.7  # Temperature of the HT baseline.
     config.p_edu = True  # Also run P-EDU (needs a scalar-head PRM): prune paths whose newest step scores low.
     config.prune_below = 0.2  # P-EDU pruning threshold on the step score.
+    config.mcts = False  # Also MCTS-EDU with the PRM at HT's token cost per N (its own line in the report).
+    config.mcts_c = 1.0  # MCTS-EDU exploration constant c of UCT = Q + c * sqrt(ln N_parent / N_child).
     config.aggregator = "min"  # Aggregator highlighted in plots (all of min/last/product/mean are reported).
     config.batch_questions = 16  # Questions decoded together.
     config.prompt_bucket = 32  # Prompt lengths padded to a multiple of this.

@@ -45,7 +45,10 @@ PROBABILITY = Range(0, 1)
 MESH_AXIS = Range(1, also=(-1,))  # a mesh dimension: a size, or -1 for the devices left over
 
 FIELD_RANGES: dict[str, Range] = {
-    "accum_steps": AT_LEAST_1, "batch_questions": AT_LEAST_1, "batch_size": AT_LEAST_1, "branch_k": Range(2),
+    "accum_steps": AT_LEAST_1, "alpha": Range(0, 1, low_open=True), "beta": Range(0, 1, low_open=True),
+    "c_puct": AT_LEAST_0, "k": AT_LEAST_1, "length_scale": POSITIVE, "max_search_count": AT_LEAST_0,
+    "rollout_budget": AT_LEAST_0, "solutions": AT_LEAST_1, "toy_processbench_n": Range(2), "mcts_c": AT_LEAST_0,
+    "batch_questions": AT_LEAST_1, "batch_size": AT_LEAST_1, "branch_k": Range(2),
     "checkpoint_every": AT_LEAST_0, "clip_norm": Range(), "data": MESH_AXIS, "end_lr_fraction": PROBABILITY,
     "eval_every": AT_LEAST_0, "eval_fraction": Range(0, 1, high_open=True), "expand_layers": AT_LEAST_0,
     "extra_rollouts_k": AT_LEAST_1, "extra_rollouts_min_leaves": AT_LEAST_0, "fsdp": MESH_AXIS,

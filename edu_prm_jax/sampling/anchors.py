@@ -31,6 +31,13 @@ def branch_candidates(active: jax.Array, qualifies: jax.Array, n_anchors: jax.Ar
     return active & qualifies & (n_anchors < max_anchors)
 
 
+def spent_anchor(active: jax.Array, qualifies: jax.Array, n_anchors: jax.Array, max_anchors: int) -> jax.Array:
+    """Paths at a qualifying position that may fork no more (running, `max_anchors` anchors already on the path):
+    where an MCTS-EDU expansion stops a path (`decode.ExpansionParams`), the complement of `branch_candidates`
+    among running qualifying paths. All [B]: bool, bool, int32 -> bool."""
+    return active & qualifies & (n_anchors >= max_anchors)
+
+
 def fork_priority(entropy: jax.Array, slot: jax.Array, threshold_mode: str) -> jax.Array:
     """Who gets the free slots first when candidates outnumber them (higher priority first, ties: lower slot).
 

@@ -9,6 +9,7 @@ Both samplers run here. A question owns M slots (rows q*M .. q*M+M-1 of the batc
 One loop step runs these phases, in this order (`_decode_loop`'s `body`):
   1. read the next-token distribution of every row (entropy, top-K, the anchor rule) and propose a token;
   2. P-EDU only: at a step boundary, prune a path whose just-finished step scored low (frees its slot);
+     MCTS-EDU expansions only (`ExpansionParams`): a path that may fork no more stops at its next anchor;
   3. EDU only: plan the forks and apply them (record anchors, copy parent rows into the children's slots);
   4. record the chosen token (id, logprob, entropy, high-entropy flag);
   5. detect stops (EOS, a closed \\boxed{...}, a stop string, the length limit);
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +34,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edu_prm_jax import parallel
 from edu_prm_jax.models.qwen2 import KVCache
-from edu_prm_jax.sampling.anchors import anchor_qualifies, branch_candidates, fork_plan, fork_priority
+from edu_prm_jax.sampling.anchors import (
+    anchor_qualifies,
+    branch_candidates,
+    fork_plan,
+    fork_priority,
+    spent_anchor,
+)
 from edu_prm_jax.sampling.stats import entropy_and_logz, mask_logits, sample_tokens, top_k_small
 from edu_prm_jax.sampling.stopping import StopTables
 
-RUNNING, STOP_EOS, STOP_ANSWER, STOP_STRING, STOP_LENGTH, STOP_PRUNED = range(6)
+RUNNING, STOP_EOS, STOP_ANSWER, STOP_STRING, STOP_LENGTH, STOP_PRUNED, STOP_ANCHOR = range(7)
 STOP_NAMES = {RUNNING: "running", STOP_EOS: "eos", STOP_ANSWER: "answer", STOP_STRING: "stop_string",
-              STOP_LENGTH: "max_new_tokens", STOP_PRUNED: "pruned"}
+              STOP_LENGTH: "max_new_tokens", STOP_PRUNED: "pruned", STOP_ANCHOR: "anchor"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +69,10 @@ class DecodeParams:
     stop_at_answer: bool = True  # stop a path when its \boxed{...} closes
     seed: int = 0
     prune_below: float = 0.2  # P-EDU (when a PRM is passed): prune a path whose newest step scores below this
+    # Stop a path at a qualifying position where it may fork no more (it has max_anchors anchors), before it emits
+    # that position's token: stop reason "anchor". A class constant, not a field, so it is in no tree record's
+    # `params` and no sampling fingerprint: plain sampling never stops there; `ExpansionParams` turns it on.
+    stop_at_anchor: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("edu", "ht", "greedy"):
@@ -72,6 +83,23 @@ class DecodeParams:
             raise ValueError(f"threshold_mode must be 'fixed' or 'budget', got {self.threshold_mode!r}")
         if self.branch_k < 2 and self.mode == "edu":
             raise ValueError("branch_k must be >= 2 for EDU sampling")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpansionParams(DecodeParams):
+    """DecodeParams of an MCTS-EDU expansion (`evaluation.mcts`): EDU sampling whose paths stop at the first
+    anchor they may not fork at. With num_leaves = branch_k and max_anchors = 1, a prefix decodes greedily to its
+    next anchor, forks the top-K tokens there (the same in-graph fork as EDU sampling), and each of the K paths
+    stops just before ITS next anchor (reason "anchor"), or earlier at EOS, an answer, a stop string or
+    max_new_tokens. Raises ValueError for a mode other than "edu"."""
+
+    stop_at_anchor: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode != "edu":
+            raise ValueError(f"ExpansionParams: mode must be 'edu' (the stop at an anchor follows EDU's forks), "
+                             f"got {self.mode!r}")
 
 
 # Settings that only change values, never shapes or code paths: traced, so changing them recompiles nothing.
@@ -302,6 +330,17 @@ def _prune_weak_paths(state: DecodeState, qualifies: jax.Array, prune_below: jax
                                pruned_tokens=state.pruned_tokens + own_tokens.reshape(q_n, m_n).sum(-1))
 
 
+def _stop_at_spent_anchor(state: DecodeState, qualifies: jax.Array, max_anchors: int) -> DecodeState:
+    """Phase 2, MCTS-EDU expansions (`ExpansionParams`): a running path at a qualifying position that may fork no
+    more (`spent_anchor`) stops before emitting this position's token, reason STOP_ANCHOR, so its tokens end
+    exactly where its next step would begin. Its slot stays used: it is a leaf. Runs before the fork phase, so
+    a path still below max_anchors forks here instead (its children, copied from it, run on)."""
+    paths = state.paths
+    spent = spent_anchor(paths.active, qualifies, paths.n_anchors, max_anchors)
+    paths = dataclasses.replace(paths, stop=jnp.where(spent, STOP_ANCHOR, paths.stop), active=paths.active & ~spent)
+    return dataclasses.replace(state, paths=paths)
+
+
 def _copy_parent_rows(is_child: jax.Array, source_row: jax.Array, state: DecodeState,
                       next_token: NextToken) -> tuple[DecodeState, NextToken]:
     """A new child's row becomes a copy of its parent's: path record, next-token view and KV cache(s).
@@ -439,6 +478,8 @@ def _decode_loop(p: DecodeParams, knobs: dict[str, jax.Array], model: nnx.Module
         next_token, topk, token = _read_next_token(p, knobs, tables, question_ids, state)
         if prm is not None:
             state = _prune_weak_paths(state, next_token.qualifies, knobs["prune_below"], p.num_leaves)
+        if p.stop_at_anchor:
+            state = _stop_at_spent_anchor(state, next_token.qualifies, p.max_anchors)
         if p.mode == "edu":
             state, next_token, token = _fork(p, state, next_token, topk, token)
         running = state.paths.active  # the rows that emit a token this step

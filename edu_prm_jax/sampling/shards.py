@@ -13,10 +13,12 @@ from absl import logging
 from tqdm import tqdm
 
 from edu_prm_jax import distributed
-from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint
+from edu_prm_jax.io.shards import ShardedJsonlWriter, check_fingerprint, completed_shards, read_shards, shard_paths
 from edu_prm_jax.records.trees import TREES_PREFIX, LeafRecord, TreeRecord
 from edu_prm_jax.sampling.decode import DecodeParams
 from edu_prm_jax.sampling.engine import Sampler, Tree
+
+COST_PREFIX = "cost"  # per-shard sampling cost next to the tree shards (`sampling_cost`)
 
 
 def tree_record(question: dict, index: int, prompt: str, prompt_ids: list[int], params: DecodeParams,
@@ -65,6 +67,26 @@ def fit_to_context(questions: list[dict], prompt_lengths: list[int], context: in
     return kept
 
 
+def shard_cost(records: list[TreeRecord], wall_seconds: float) -> dict[str, Any]:
+    """One line of a `cost-*` shard: what sampling these trees cost the policy. `tokens`: generated tokens,
+    each counted once (a tree's `distinct_tokens`, P-EDU's pruned tokens included); `queries`: sampled sequences
+    (leaves, and paths P-EDU pruned are not counted: they left no leaf); `wall_seconds`: time of the shard's
+    sampling on the process that wrote it (varies run to run; everything else is deterministic)."""
+    return {"trees": len(records), "tokens": sum(r.distinct_tokens for r in records),
+            "queries": sum(len(r.leaves) for r in records), "wall_seconds": round(wall_seconds, 3)}
+
+
+def sampling_cost(samples_dir: Any) -> dict[str, Any] | None:
+    """Totals of a sample output's `cost-*` shards ({trees, tokens, queries, wall_seconds}); None when the output
+    has none for every tree shard (made before sampling cost was recorded)."""
+    trees = shard_paths(samples_dir, TREES_PREFIX)
+    if completed_shards(samples_dir, COST_PREFIX, len(trees)) != set(range(len(trees))):
+        return None
+    lines = list(read_shards(samples_dir, COST_PREFIX))
+    total = {k: sum(line[k] for line in lines) for k in ("trees", "tokens", "queries")}
+    return {**total, "wall_seconds": round(sum(line["wall_seconds"] for line in lines), 3)}
+
+
 def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.Path, num_shards: int,
                      desc: str = "sample", fingerprint: dict[str, Any] | None = None,
                      too_long: str = "error") -> pathlib.Path:
@@ -96,8 +118,10 @@ def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.P
                                     "questions": questions_digest([questions[i] for i in positions]),
                                     **(fingerprint or {})})
         ShardedJsonlWriter(out_dir, TREES_PREFIX, num_shards).pending()
+        ShardedJsonlWriter(out_dir, COST_PREFIX, num_shards).pending()  # removes temp files a crash left behind
     distributed.barrier(f"{desc}: {out_dir} checked")
     writer = ShardedJsonlWriter(out_dir, TREES_PREFIX, num_shards)
+    cost_writer = ShardedJsonlWriter(out_dir, COST_PREFIX, num_shards)
     bounds = [round(i * len(positions) / num_shards) for i in range(num_shards + 1)]
     done = writer.completed()
     pending = distributed.owned(i for i in range(num_shards) if i not in done)  # shard i: process i % P
@@ -111,13 +135,14 @@ def sample_to_shards(sampler: Sampler, questions: list[dict], out_dir: pathlib.P
         for shard in pending:
             lo, hi = bounds[shard], bounds[shard + 1]
             chunk = positions[lo:hi]  # positions in the input, of the questions that fit
-            records = []
+            records, shard_start = [], time.perf_counter()
             for position, tree in zip(chunk, sampler.sample_trees([prompt_ids[i] for i in chunk], chunk)):
                 records.append(tree_record(questions[position], position, prompts[position], prompt_ids[position],
                                            sampler.params, tree))
                 n_tokens += records[-1].distinct_tokens
                 bar.update(1)
                 bar.set_postfix(tok_per_s=f"{n_tokens / max(time.time() - start, 1e-9):.0f}")
+            cost_writer.write(shard, [shard_cost(records, time.perf_counter() - shard_start)])  # before the trees
             writer.write(shard, [r.to_json() for r in records])
     distributed.barrier(f"{desc}: {out_dir} written")  # every shard exists when any process returns
     return out_dir

@@ -30,10 +30,14 @@ def exact_step_correctness(problem: str, steps: Sequence[str]) -> list[bool] | N
 
 
 class ToyLabelAudit:
-    """Accumulates, over labelled-step records of toy questions, how MC values compare with exact correctness."""
+    """Accumulates, over labelled-step records of toy questions, how MC values and the emitted labels compare
+    with exact correctness: `toy_step_agreement` reads "a right answer is reachable below" (v > 0),
+    `toy_label_agreement` the label a PRM is trained on (label >= 0.5, i.e. what BCE pushes the step towards),
+    so labellers with different targets (hard 1[v > 0], soft v) are scored on what they teach."""
 
     def __init__(self) -> None:
         self.solutions = self.steps = self.agree = self.right_answers = self.right_through_wrong = 0
+        self.label_agree = 0
 
     def add(self, record: dict) -> None:
         exact = exact_step_correctness(record.get("problem", ""), record["steps"])
@@ -45,6 +49,7 @@ class ToyLabelAudit:
         self.solutions += 1
         self.steps += len(exact)
         self.agree += sum(a == b for a, b in zip(exact, reachable))
+        self.label_agree += sum(a == (label >= 0.5) for a, label in zip(exact, record["labels"]))
         if record["final_correct"]:
             self.right_answers += 1
             self.right_through_wrong += not all(exact)
@@ -55,5 +60,6 @@ class ToyLabelAudit:
             return {}
         return {"toy_audited_solutions": self.solutions,
                 "toy_step_agreement": round(self.agree / self.steps, 6),
+                "toy_label_agreement": round(self.label_agree / self.steps, 6),
                 "toy_right_answers_through_a_wrong_step": round(self.right_through_wrong / self.right_answers, 6)
                 if self.right_answers else 0.0}
