@@ -30,14 +30,16 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from edu_prm_jax import config_utils
+from edu_prm_jax import config_utils, distributed
 from edu_prm_jax.commands import registry
 from edu_prm_jax.commands.common.paths import prm_dir
 from edu_prm_jax.configs import label as label_config
 from edu_prm_jax.configs import sample as sample_config
 from edu_prm_jax.io import storage
+from edu_prm_jax.io.shards import check_fingerprint
 from edu_prm_jax.sampling.shards import questions_digest
-from edu_prm_jax.toy.defaults import load_questions
+from edu_prm_jax.toy import processbench as toy_pb
+from edu_prm_jax.toy.defaults import load_questions, resolve_policy
 
 DESCRIPTION = "Label cost vs PRM quality: EDU, Math-Shepherd and OmegaPRM labels, matched budgets, ablations."
 
@@ -58,7 +60,8 @@ class Arm:
 
     @property
     def slug(self) -> str:
-        """A directory name that changes whenever anything that makes the arm's labels changes."""
+        """The arm's directory name: it differs between arms of one experiment. What else makes a run (the base
+        labeller section, the training recipe, the policy) is bound by each run's fingerprint (`label_run`)."""
         key = json.dumps([self.labeller, self.questions, list(self.overrides)], sort_keys=True)
         return f"{self.labeller}-q{self.questions}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
@@ -104,8 +107,31 @@ def labeller_section(config: ml_collections.ConfigDict, arm: Arm) -> ml_collecti
         target = section
         for part in parent.split(".") if parent else []:
             target = target[part]
-        target[leaf] = type(target[leaf])(value) if not isinstance(target[leaf], bool) else bool(value)
+        if field in FIXED_BY_EXPERIMENT:
+            raise ValueError(f"arm {arm.name!r}: {arm.labeller}.{field} is set by the experiment for every arm "
+                             "(max_new_tokens, the seeds and each labeller's sampling mode); it cannot be ablated")
+        target[leaf] = _typed(value, target[leaf], f"arm {arm.name!r}: {arm.labeller}.{field}")
     return section
+
+
+FIXED_BY_EXPERIMENT = ("sampling.mode", "sampling.seed", "sampling.max_new_tokens")
+
+
+def _typed(value: Any, current: Any, where: str) -> Any:
+    """`value` as the type of the field's current value; a lossy or unparsable conversion is an error."""
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}={value!r}: expected true or false")
+        return value
+    if isinstance(current, int) and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise ValueError(f"{where}={value!r}: expected an integer")
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where}={value!r}: expected a number")
+        return float(value)
+    if isinstance(current, str) and not isinstance(value, str):
+        return str(value)
+    return value
 
 
 # ------------------------------------------------------------------------------------- stage configs
@@ -142,7 +168,6 @@ def label_stage(config: ml_collections.ConfigDict, method: str, target: str, sam
     return c
 
 
-
 def run_stage(name: str, stage_config: ml_collections.ConfigDict, workdir: Any) -> None:
     config_utils.write_config_json(stage_config, storage.as_path(workdir) / f"{name}_config.json")
     registry.load(name).run(stage_config, storage.as_path(workdir))
@@ -164,6 +189,12 @@ def label_run(config: ml_collections.ConfigDict, root: Any, arm: Arm, seed: int)
     work = storage.as_path(root) / "runs" / arm.slug / f"s{seed}"
     work.mkdir(parents=True, exist_ok=True)
     section = labeller_section(config, arm)
+    # everything that makes this run's labels and PRM: a rerun with other settings is refused, never reused
+    asked = questions_digest(load_questions(config.train_questions, limit=arm.questions))
+    check_fingerprint(work, {"labeller": arm.labeller, "section": section.to_dict(), "train": config.train.to_dict(),
+                             "policy": str(storage.resolved(resolve_policy(config.policy))), "dtype": config.dtype,
+                             "max_new_tokens": config.max_new_tokens, "seed": seed, "questions": asked},
+                      has_outputs=lambda: (work / "labels").exists() or (work / "prm").exists())
     labels = work / "labels"
     if arm.labeller == "edu":
         sampling = sampling_for(config, "edu", section.sampling.num_leaves, seed, section.sampling.temperature,
@@ -208,6 +239,15 @@ def plan_arms(config: ml_collections.ConfigDict, n_questions: int) -> list[Arm]:
     unknown = sorted(set(labellers) - set(LABELLERS))
     if unknown or not labellers:
         raise ValueError(f"labellers={config.labellers!r}: choose from {list(LABELLERS)}")
+    if config.tune_subset not in toy_pb.SUBSETS:
+        raise ValueError(f"tune_subset={config.tune_subset!r}: toy-processbench's subsets are {list(toy_pb.SUBSETS)}")
+    if (config.prune_grid or config.mcts) and "edu" not in labellers:
+        raise ValueError("prune_grid and mcts search with the EDU-labelled PRM: add edu to labellers")
+    n_grid = [int(x) for x in str(config.n_grid).split(",") if x.strip()]
+    missing = [int(x) for x in str(config.mcts_n).split(",") if x.strip() and int(x) not in n_grid]
+    if config.mcts and missing:
+        raise ValueError(f"mcts_n={config.mcts_n!r}: {missing} not in n_grid={config.n_grid!r} (MCTS-EDU takes the "
+                         "token budgets of those Best-of-N runs)")
     arms = [Arm(name, name, n_questions) for name in labellers]
     for name, overrides in parse_ablations(config.ablations):
         arms.append(Arm(f"edu {name}", "edu", n_questions, overrides, group="ablations"))
@@ -255,6 +295,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         for seed in seeds:
             logging.info("experiment: %s (%d questions), seed %d", arm.name, arm.questions, seed)
             cfg = config if arm.questions <= len(questions) else _with_questions(config, arm.questions)
+            evaluator.release()  # the evaluation's policy copy is not held while the run trains
             work = label_run(cfg, workdir, arm, seed)
             done.append({"arm": arm.name, "group": arm.group, "labeller": arm.labeller, "questions": arm.questions,
                          "overrides": dict(arm.overrides), "seed": seed,
@@ -281,8 +322,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
             extras["prune"] = evaluator.prune_sweep(edu_prms)
         if config.mcts:
             extras["mcts"] = evaluator.mcts(edu_prms, baselines)
-    text = write_results(workdir, runs, baselines, extras, evaluator.n_grid, config.to_dict())
-    print(text)
+    if distributed.is_lead():  # every process computed the same numbers; process 0 writes them
+        print(write_results(workdir, runs, baselines, extras, evaluator.n_grid, config.to_dict()))
+    distributed.barrier("experiment: results written")
 
 
 def aggregator_table(runs: Sequence[dict[str, Any]], n_grid: Sequence[int]) -> str:

@@ -54,12 +54,12 @@ class ToyLabelAudit:
             self.right_answers += 1
             self.right_through_wrong += not all(exact)
 
-    def summary(self) -> dict[str, float | int]:
-        """Empty when no toy record was seen."""
+    def summary(self) -> dict[str, float | int | None]:
+        """Empty when no toy record was seen; the right-answer share is None when no audited path was right."""
         if not self.solutions:
             return {}
         return {"toy_audited_solutions": self.solutions,
                 "toy_step_agreement": round(self.agree / self.steps, 6),
                 "toy_label_agreement": round(self.label_agree / self.steps, 6),
                 "toy_right_answers_through_a_wrong_step": round(self.right_through_wrong / self.right_answers, 6)
-                if self.right_answers else 0.0}
+                if self.right_answers else None}  # no right answer: a share of nothing

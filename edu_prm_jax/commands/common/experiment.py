@@ -9,6 +9,8 @@ rerun of the experiment recomputes only what changed.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -61,6 +63,10 @@ class Evaluator:
         self._benchmark = None
 
     # ---------------------------------------------------------------------------------- shared inputs
+    def release(self) -> None:
+        """Drop the policy copy (reloaded when next needed), so it holds no device memory while a run trains."""
+        self._policy = None
+
     @property
     def policy(self) -> tuple[Any, Any]:
         if self._policy is None:
@@ -85,9 +91,13 @@ class Evaluator:
         params = decode_params(s, seed=seed, **override)
         sampler = Sampler(model, tokenizer, params, mesh=self.mesh, batch_questions=self.config.batch_questions,
                           prm=prm, **sampler_options(s))
-        out = self.workdir / "bon" / name
         fingerprint = {**sampling_fingerprint(resolve_policy(self.config.policy), self.config.dtype, s),
-                       "prm": prm_identity}
+                       "prm": prm_identity, "sampling": s.to_dict(), "params": dataclasses.asdict(params),
+                       "questions": self.config.test_questions}
+        # what made the candidates is in the directory's name: other settings (or a retrained PRM for P-EDU) get
+        # a directory of their own, never a refused or stale one
+        digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        out = self.workdir / "bon" / f"{name}-{digest}"
         sample_to_shards(sampler, self.questions, out, 1, desc=f"experiment/{name}", fingerprint=fingerprint)
         records = [t.to_json() for t in read_tree_shards(out)]
         if prm is None:
@@ -99,8 +109,11 @@ class Evaluator:
                             temperature=self.config.ht_temperature)
 
     def edu(self, n: int, seed: int) -> list[dict]:
-        tree_seed = 0 if self.config.edu.sampling.edu_greedy else seed
-        return self.sampled(f"edu_n{n}_s{tree_seed}", tree_seed, mode="edu", num_leaves=n)
+        return self.sampled(f"edu_n{n}_s{self.tree_seed(seed)}", self.tree_seed(seed), mode="edu", num_leaves=n)
+
+    def tree_seed(self, seed: int) -> int:
+        """EDU trees greedy between anchors do not depend on the seed: sampled once (seed 0) for all seeds."""
+        return 0 if self.config.edu.sampling.edu_greedy else seed
 
     def greedy(self) -> list[dict]:
         return self.sampled("greedy", 0, mode="greedy", num_leaves=1)
@@ -123,6 +136,7 @@ class Evaluator:
         EDU candidates at every N, as flat keys (`bon_<sampler><N>_<selector>`); cached beside the PRM."""
         prm_path = storage.as_path(prm_path)
         cache = prm_path.parent.parent / "metrics.json"
+        # the run's fingerprint (commands/experiment.py `label_run`) binds its policy and dtype, which evaluate it
         identity = {"prm": prm_files(prm_path), "seed": seed, "n_grid": self.n_grid,
                     "test_questions": self.config.test_questions,
                     "items": self.config.toy_processbench_n, "tune_subset": self.config.tune_subset,
@@ -159,7 +173,8 @@ class Evaluator:
                 (_accuracies("x", score_records(prm, edu, "anchors"))["x_prm_min"],
                  sum(r["distinct_tokens"] for r in edu) / len(edu)))
             for threshold in parse_grid(self.config.prune_grid, "prune_grid", float):
-                trees = self.sampled(f"p-edu_n{n}_t{threshold}_s{seed}", 0, prm=prm, prm_identity=prm_files(path),
+                trees = self.sampled(f"p-edu_n{n}_t{threshold}_s{seed}", self.tree_seed(seed), prm=prm,
+                                     prm_identity=prm_files(path),
                                      mode="edu", num_leaves=n, prune_below=threshold)
                 rows.setdefault(f"P-EDU, prune below {threshold:g}", []).append(
                     (_accuracies("x", score_records(prm, trees, "anchors"))["x_prm_min"],
@@ -204,6 +219,9 @@ class Evaluator:
                         (sum(r["correct"] for r in results) / len(results),
                          sum(r["tokens"] for r in results) / len(results)))
         lines = ["## MCTS-EDU vs Best-of-N at equal token budgets (EDU-labelled PRM, min)", "",
+                 "MCTS-EDU's budget is the mean distinct tokens per question of the Best-of-N run named; a search "
+                 "stops once past it, so it may spend up to one expansion (K paths) more: its column gives what "
+                 "it spent.", "",
                  "| search | accuracy, % | distinct tokens / question | seeds |", "|---|---|---|---|"]
         for (name, _), values in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             lines.append(f"| {name} | {_pm(mean_std([v[0] for v in values]))} | "
@@ -216,7 +234,8 @@ class Evaluator:
         PRM's identity (a retrained PRM searches again)."""
         cache = self.workdir / "mcts" / f"{name}.json"
         identity = {"prm": prm_files(prm_path), "sampling": self.sampling().to_dict(), "c": self.config.mcts_c,
-                    "questions": self.config.test_questions}
+                    "questions": self.config.test_questions, "dtype": self.config.dtype,
+                    "policy": str(storage.resolved(resolve_policy(self.config.policy)))}
         if cache.is_file() and json.loads(cache.read_text()).get("identity") == identity:
             return json.loads(cache.read_text())["results"]
         results = [{"correct": r.correct, "tokens": r.tokens_spent, "candidates": len(r.candidates)}
@@ -310,7 +329,8 @@ def _pm(ms: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) -
 
 def cost_to_reach(points: Sequence[tuple[float, float]], target: float) -> float | None:
     """The token cost at which a labeller's quality first reaches `target`, interpolated linearly in log cost
-    between its measured (cost, quality) points (sorted by cost); None when no point reaches it."""
+    between its measured (cost, quality) points (sorted by cost); None when no point reaches it. When its
+    cheapest point already reaches it, that point's cost is returned: an upper bound (`reach_lines` says so)."""
     pts = sorted(points)
     for i, (cost, quality) in enumerate(pts):
         if quality >= target:
@@ -345,9 +365,10 @@ def results_markdown(summary: Mapping[str, Mapping[str, Any]], baselines: Mappin
     free = {k: mean_std([b[k] for b in by_seed]) for k in by_seed[0]}
     md = ["# Label cost vs PRM quality (toy world)", "",
           "Mean ± std over seeds. Label tokens / queries / wall s: what producing the labels cost the policy "
-          "(sampled trees or solutions plus every rollout). Label agreement: share of steps whose label (>= 0.5) "
-          "matches exact step correctness. PB: toy-processbench F1 (exact first-error truth). HT/EDU@N: Best-of-N "
-          "accuracy (%) on the toy test questions with PRM (min) selection.", ""]
+          "(sampled trees or solutions plus every rollout). Label agreement (%): share of steps whose label "
+          "(>= 0.5) matches exact step correctness; right answer through a wrong step (%): share of the labelled "
+          "right answers whose path has a wrong line. PB: toy-processbench F1 (exact first-error truth). "
+          "HT/EDU@N: Best-of-N accuracy (%) on the toy test questions with PRM (min) selection.", ""]
     for group in ("labellers", "matched budget", "ablations"):
         rows = [row(name, s) for name, s in summary.items() if s["group"] == group]
         if rows:
@@ -382,7 +403,8 @@ def reach_lines(summary: Mapping[str, Mapping[str, Any]], n: int = HEADLINE_N) -
                 continue
             cost = cost_to_reach(points, edu[key][0])
             best = max(points, key=lambda p: p[1])
-            verdict = (f"{cost / edu['tokens'][0]:.2f}x" if cost is not None else
+            bound = cost is not None and cost == min(points)[0]  # reached at its cheapest measured point
+            verdict = (f"{'<= ' if bound else ''}{cost / edu['tokens'][0]:.2f}x" if cost is not None else
                        f"not reached (best {scale * best[1]:.1f} at {best[0] / edu['tokens'][0]:.2f}x)")
             out.append(f"| {labeller} | {title} | {scale * edu[key][0]:.1f} | {verdict} |")
     return [*out, ""]
