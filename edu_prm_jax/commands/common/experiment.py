@@ -407,7 +407,7 @@ def reach_lines(summary: Mapping[str, Mapping[str, Any]], n: int = HEADLINE_N) -
             verdict = (f"{'<= ' if bound else ''}{cost / edu['tokens'][0]:.2f}x" if cost is not None else
                        f"not reached (best {scale * best[1]:.1f} at {best[0] / edu['tokens'][0]:.2f}x)")
             out.append(f"| {labeller} | {title} | {scale * edu[key][0]:.1f} | {verdict} |")
-    return [*out, ""]
+    return [*out, ""] if len(out) > 6 else []  # no baseline measured: no table
 
 
 def bon_curve_table(summary: Mapping[str, Mapping[str, Any]], free: Mapping[str, Any], n_grid: Sequence[int]
