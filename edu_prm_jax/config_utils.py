@@ -307,3 +307,15 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
 def write_config_json(config: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
     """The config as JSON, written atomically so a crash never leaves half a file."""
     write_text_atomic(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def parse_number_list(text: str, field: str, kind: type = int, allow_empty: bool = False) -> list:
+    """A comma-separated config field ("4,16,64") as a list of `kind`; ValueError naming `config.<field>` for a
+    value that does not parse, or for an empty list unless `allow_empty`."""
+    try:
+        values = [kind(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"config.{field}={text!r}: expected comma-separated {kind.__name__} values") from None
+    if not values and not allow_empty:
+        raise ValueError(f"config.{field} is empty")
+    return values

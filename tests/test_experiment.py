@@ -160,3 +160,15 @@ def test_prm_free_baselines_on_hand_built_candidates(tmp_path):
     assert row["bon_ht2_policy_logprob"] == 0.0  # the surest HT candidates: 5 (q1) and 3 (q2), both wrong
     assert row["tokens_ht2"] == (3 + 5 + 4 + 4) / 2 and row["tokens_edu2"] == (6 + 4) / 2
     assert not [k for k in row if "prm" in k or "weighted" in k]
+
+
+def test_number_lists_parse_or_name_the_field():
+    from edu_prm_jax.config_utils import parse_number_list
+
+    assert parse_number_list("4, 16,64", "n_grid") == [4, 16, 64]
+    assert parse_number_list("0.1,0.3", "prune_grid", float) == [0.1, 0.3]
+    assert parse_number_list("", "prune_grid", float, allow_empty=True) == []
+    with pytest.raises(ValueError, match="config.n_grid is empty"):
+        parse_number_list(" , ", "n_grid")
+    with pytest.raises(ValueError, match="config.mcts_n='4,x'"):
+        parse_number_list("4,x", "mcts_n")

@@ -18,7 +18,8 @@ from edu_prm_jax import distributed, parallel
 from edu_prm_jax.api import load_model, load_tokenizer
 from edu_prm_jax.commands.common.builders import checkpoint_dtype, decode_params, sampler_options, sampling_fingerprint
 from edu_prm_jax.commands.common.paths import prm_dir
-from edu_prm_jax.evaluation.bon import SELECTORS, select_all
+from edu_prm_jax.config_utils import parse_number_list
+from edu_prm_jax.evaluation.bon import SELECTORS, selector_accuracies
 from edu_prm_jax.evaluation.candidates import count_undecided, score_records
 from edu_prm_jax.evaluation.mcts import MCTSConfig, mcts_edu
 from edu_prm_jax.evaluation.report import write_bon_report
@@ -31,21 +32,6 @@ from edu_prm_jax.sampling.shards import sample_to_shards
 from edu_prm_jax.toy.defaults import load_questions, resolve_policy
 
 DESCRIPTION = "Best-of-N: HT vs EDU (vs P-EDU) sampling, PRM aggregators, votes, pass@N and token cost."
-
-
-def parse_ints(text: str, field: str) -> list[int]:
-    try:
-        values = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"config.{field}={text!r}: expected comma-separated integers") from None
-    if not values:
-        raise ValueError(f"config.{field} is empty")
-    return values
-
-
-def _accuracies(cands_per_q: list[list[Any]]) -> dict[str, float]:
-    per_q = [select_all(c) for c in cands_per_q]
-    return {s: sum(r[s] for r in per_q) / len(per_q) for s in SELECTORS}
 
 
 def require_gold(questions: list[dict], spec: str) -> None:
@@ -72,7 +58,7 @@ def mcts_runs(config: ml_collections.ConfigDict, model: Any, prm: Any, tokenizer
                            params=decode_params(s, seed=ht["seed"]),
                            config=MCTSConfig(c_uct=config.mcts_c, aggregator=config.aggregator), mesh=mesh,
                            rules=rules, **sampler_options(s))
-        acc = _accuracies([r.candidates for r in results])  # prm_<aggregator>: the search's own pick
+        acc = selector_accuracies([r.candidates for r in results])  # prm_<aggregator>: the search's own pick
         out.append({"sampler": "mcts-edu", "n": ht["n"], "seed": ht["seed"],
                     "tokens": sum(r.tokens_spent for r in results) / len(results),
                     "candidates": sum(len(r.candidates) for r in results) / len(results), **acc})
@@ -82,7 +68,7 @@ def mcts_runs(config: ml_collections.ConfigDict, model: Any, prm: Any, tokenizer
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     questions = load_questions(config.questions, limit=config.limit)
     require_gold(questions, config.questions)
-    n_grid, seeds = parse_ints(config.n_grid, "n_grid"), parse_ints(config.seeds, "seeds")
+    n_grid, seeds = parse_number_list(config.n_grid, "n_grid"), parse_number_list(config.seeds, "seeds")
     mesh = parallel.local_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)  # this host's devices
     rules = parallel.rules_from_config(config.mesh.rules)
     policy_dir = resolve_policy(config.policy)
@@ -124,7 +110,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                      temperature=config.ht_temperature)
         ht_cands = score_records(prm, ht, "high_entropy")
         for n in n_grid:
-            acc = _accuracies([c[:n] for c in ht_cands])
+            acc = selector_accuracies([c[:n] for c in ht_cands])
             tokens = sum(sum(len(leaf["token_ids"]) for leaf in r["leaves"][:n]) for r in ht) / len(ht)
             candidates = sum(len(r["leaves"][:n]) for r in ht) / len(ht)
             runs.append({"sampler": "ht", "n": n, "seed": seed, "tokens": tokens, "candidates": candidates, **acc,
@@ -137,7 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
                                 mode="edu", num_leaves=n, prune_below=config.prune_below)
                 if run_name not in scored:
                     cands = score_records(prm, trees, "anchors")
-                    scored[run_name] = {**_accuracies(cands), "undecided": count_undecided(cands)}
+                    scored[run_name] = {**selector_accuracies(cands), "undecided": count_undecided(cands)}
                 acc = scored[run_name]
                 tokens = sum(r["distinct_tokens"] for r in trees) / len(trees)
                 candidates = sum(len(r["leaves"]) for r in trees) / len(trees)  # a tree may not fill its budget

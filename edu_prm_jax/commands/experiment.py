@@ -243,8 +243,9 @@ def plan_arms(config: ml_collections.ConfigDict, n_questions: int) -> list[Arm]:
         raise ValueError(f"tune_subset={config.tune_subset!r}: toy-processbench's subsets are {list(toy_pb.SUBSETS)}")
     if (config.prune_grid or config.mcts) and "edu" not in labellers:
         raise ValueError("prune_grid and mcts search with the EDU-labelled PRM: add edu to labellers")
-    n_grid = [int(x) for x in str(config.n_grid).split(",") if x.strip()]
-    missing = [int(x) for x in str(config.mcts_n).split(",") if x.strip() and int(x) not in n_grid]
+    n_grid = config_utils.parse_number_list(config.n_grid, "n_grid")
+    missing = [n for n in config_utils.parse_number_list(config.mcts_n, "mcts_n", allow_empty=True)
+               if n not in n_grid]
     if config.mcts and missing:
         raise ValueError(f"mcts_n={config.mcts_n!r}: {missing} not in n_grid={config.n_grid!r} (MCTS-EDU takes the "
                          "token budgets of those Best-of-N runs)")
@@ -277,9 +278,7 @@ def matched_arms(config: ml_collections.ConfigDict, base: dict[str, Arm], tokens
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     from edu_prm_jax.commands.common.experiment import Evaluator, write_results
 
-    seeds = [int(s) for s in str(config.seeds).split(",") if s.strip()]
-    if not seeds:
-        raise ValueError("config.seeds is empty")
+    seeds = config_utils.parse_number_list(config.seeds, "seeds")
     questions = load_questions(config.train_questions)
     if not questions:
         raise ValueError(f"train_questions={config.train_questions!r}: no questions")

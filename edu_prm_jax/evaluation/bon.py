@@ -85,3 +85,12 @@ def select_all(cands: Sequence[Candidate]) -> dict[str, bool]:
 
 SELECTORS = tuple(f"prm_{a}" for a in AGGREGATORS) + ("majority", "weighted_vote", "policy_logprob", "pass@n")
 
+
+
+def selector_accuracies(cands_per_question: Sequence[Sequence[Candidate]]) -> dict[str, float]:
+    """Share of questions (0-1) each selector of `SELECTORS` gets right; ValueError for no questions (an
+    accuracy of nothing)."""
+    if not cands_per_question:
+        raise ValueError("selector_accuracies: no questions")
+    per_q = [select_all(c) for c in cands_per_question]
+    return {s: sum(r[s] for r in per_q) / len(per_q) for s in SELECTORS}

@@ -23,7 +23,8 @@ import numpy as np
 from edu_prm_jax import parallel
 from edu_prm_jax.api import load_model, load_tokenizer
 from edu_prm_jax.commands.common.builders import checkpoint_dtype, decode_params, sampler_options, sampling_fingerprint
-from edu_prm_jax.evaluation.bon import SELECTORS, Candidate, select_all
+from edu_prm_jax.config_utils import parse_number_list
+from edu_prm_jax.evaluation.bon import Candidate, selector_accuracies
 from edu_prm_jax.evaluation.candidates import score_records
 from edu_prm_jax.grading.answers import answers_verdict, extract_answer, solution_verdict
 from edu_prm_jax.io import storage
@@ -38,22 +39,12 @@ from edu_prm_jax.toy.defaults import load_questions, resolve_policy
 HEADLINE_N = 16  # the Best-of-N size the main table shows (the JSON has every N)
 
 
-def parse_grid(text: str, field: str, kind: type = int) -> list:
-    try:
-        values = [kind(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"config.{field}={text!r}: expected comma-separated numbers") from None
-    return values
-
-
 class Evaluator:
     """Scores PRMs on toy-processbench and Best-of-N candidates that are sampled once and shared."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: Any, seeds: Sequence[int]):
         self.config, self.workdir, self.seeds = config, storage.as_path(workdir), list(seeds)
-        self.n_grid = parse_grid(config.n_grid, "n_grid")
-        if not self.n_grid:
-            raise ValueError("config.n_grid is empty")
+        self.n_grid = parse_number_list(config.n_grid, "n_grid")
         self.questions = load_questions(config.test_questions)
         if not self.questions or any(q.get("answer") in (None, "") for q in self.questions):
             raise ValueError(f"test_questions={config.test_questions!r}: Best-of-N needs questions with gold answers")
@@ -172,7 +163,7 @@ class Evaluator:
             rows.setdefault("EDU (no pruning)", []).append(
                 (_accuracies("x", score_records(prm, edu, "anchors"))["x_prm_min"],
                  sum(r["distinct_tokens"] for r in edu) / len(edu)))
-            for threshold in parse_grid(self.config.prune_grid, "prune_grid", float):
+            for threshold in parse_number_list(self.config.prune_grid, "prune_grid", float):
                 trees = self.sampled(f"p-edu_n{n}_t{threshold}_s{seed}", self.tree_seed(seed), prm=prm,
                                      prm_identity=prm_files(path),
                                      mode="edu", num_leaves=n, prune_below=threshold)
@@ -193,7 +184,7 @@ class Evaluator:
         from edu_prm_jax.evaluation.mcts import MCTSConfig, mcts_edu
 
         model, tokenizer = self.policy
-        ns = [n for n in parse_grid(self.config.mcts_n, "mcts_n") if n in self.n_grid]
+        ns = [n for n in parse_number_list(self.config.mcts_n, "mcts_n") if n in self.n_grid]
         if not ns:
             raise ValueError(f"mcts_n={self.config.mcts_n!r}: no N of it is in n_grid={self.n_grid}")
         s = self.sampling()
@@ -292,8 +283,8 @@ def _plain_candidate(leaf: dict, gold: str) -> Candidate:
 
 
 def _accuracies(prefix: str, cands_per_q: Sequence[Sequence[Any]]) -> dict[str, float]:
-    per_q = [select_all(c) for c in cands_per_q]
-    return {f"{prefix}_{s}": sum(r[s] for r in per_q) / len(per_q) for s in SELECTORS}
+    """`bon.selector_accuracies` with each key prefixed (`bon_ht16_prm_min`)."""
+    return {f"{prefix}_{k}": v for k, v in selector_accuracies(cands_per_q).items()}
 
 
 # ---------------------------------------------------------------------------------------- results
