@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.timing import timed_runs
+from benchmarks import harness
 
 SHAPES: dict[str, dict[str, int]] = {  # the architecture part of each model's config.json, plus tiny for CI
     "0.5B": {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
@@ -67,9 +66,9 @@ class Timing:
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[Timing, Any]:
     """Run `fn` once (compile + run) and `repeats` more times; `fn` must block until its result is ready."""
-    first, times, out = timed_runs(fn, repeats)
-    med = statistics.median(times)
-    return Timing(max(first - med, 0.0), med, min(times), max(times)), out
+    timings, out, _ = harness.measure({"run": fn}, repeats)
+    t = timings["run"]
+    return Timing(max(t.warmup_s - t.median, 0.0), t.median, t.low, t.high), out["run"]
 
 
 def model_cfg(shape: str):

@@ -1,55 +1,52 @@
-"""Decode throughput of the jitted JAX sampler vs transformers `generate`, and EDU vs HT token cost.
+"""Greedy decode speed: the project's jitted sampler vs transformers `generate` and google-tunix's sampler, and EDU
+vs HT token cost.
 
-Part 1 (throughput): one random Qwen2 is built with `tests/hf_reference.make_hf_qwen2`, saved as safetensors
-and loaded by both sides, so both run identical float32 weights. Every row generates exactly --new-tokens
-tokens (EOS disabled on both sides: an empty EOS table and no answer stop for JAX; no eos_token_id for
-transformers). JAX runs `decode` in "greedy" mode (and "ht" sampling mode) with batch B as B questions of one
-slot; transformers runs `generate(do_sample=False, use_cache=True)` under `torch.no_grad`. Times are medians of
---repeats runs after one warm-up; the warm-up's extra time over a steady run is reported as JAX compile time.
+Part 1 (speed): one random Qwen2 (`tests/hf_reference.make_hf_qwen2`) is saved as safetensors and loaded by every
+side, so all run identical float32 weights. Every row generates exactly --new-tokens tokens after a --prompt-len
+prompt (EOS disabled on all sides). Sides: `jax` (`sampling.decode.decode`, greedy, batch B = B questions of one
+slot), `transformers` (`generate(do_sample=False)`, KV cache, `torch.no_grad`, sdpa attention) and `tunix`
+(`tunix.generate.sampler.Sampler`, optional: skipped with a message when not installed). Before timing, the sides'
+tokens are compared: the benchmark stops if any row differs (a near-tie argmax can flip in float32; then the
+seed must change, the figures would not be for the same work).
 
-Part 2 (EDU vs HT at equal N): on the same --questions prompts, the distinct tokens each method generates
-(EDU: shared prefixes counted once, `distinct_tokens`; HT: N independent paths) and the wall time of each.
-A random model's entropies sit near log(V) everywhere, so a fixed tau is meaningless: tau is set to the
---tau-quantile of the entropies along the greedy paths of the same prompts, and the output says so.
+Part 2 (EDU vs HT at equal N, --slots): distinct tokens each method generates (EDU shares prefixes) and wall time.
+A random model's entropies sit near log V, so tau is the --tau-quantile of the greedy-path entropies.
 
-On a CPU shared with other jobs, pass --threads 1: with torch's default of one thread per core, OpenMP
-barriers on busy cores made `generate` 10-100x slower, which measures the contention, not transformers.
+Timing, threads and load: `benchmarks.harness` (sides interleaved, warm-up excluded, medians and min-max, paired
+ratios). Run through `python -m benchmarks`, or alone:
 
-    python -m benchmarks.decode --threads 1 --batch-sizes 1 8 64 --slots 4 16 64 --json decode.json
+    python -m benchmarks.decode --threads 1 --batch-sizes 1 8 64 --json decode.json
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import pathlib
-import platform
-import statistics
 import sys
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from benchmarks.model_args import add_model_args, build_hf_weights
-from benchmarks.timing import timed_runs
+from benchmarks import harness
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from benchmarks.model_args import add_model_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--threads", type=int, default=1, help="cores for each side (pinned; see benchmarks.harness)")
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 8, 64])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per cell after the warm-up (median reported)")
-    p.add_argument("--jax-modes", nargs="+", choices=("greedy", "ht"), default=["greedy", "ht"])
-    p.add_argument("--temperature", type=float, default=0.7, help="HT sampling temperature")
-    p.add_argument("--hf-attn", choices=("sdpa", "eager"), default="sdpa", help="transformers attention")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads (0: all available; use 1 on a busy machine, see README)")
-    p.add_argument("--slots", type=int, nargs="*", default=[4, 16, 64], help="N for EDU vs HT (none: skip)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up")
+    p.add_argument("--sides", nargs="+", choices=("jax", "transformers", "tunix"),
+                   default=["jax", "transformers", "tunix"])
+    p.add_argument("--slots", type=int, nargs="*", default=[], help="N for EDU vs HT (none: skip)")
     p.add_argument("--questions", type=int, default=4, help="prompts for EDU vs HT")
     p.add_argument("--tau-quantile", type=float, default=0.9, help="tau = this quantile of greedy entropies")
+    p.add_argument("--temperature", type=float, default=0.7, help="HT sampling temperature")
     p.add_argument("--branch-k", type=int, default=2)
     add_model_args(p, vocab=4096, hidden=256, layers=4, heads=8, kv_heads=2, inter=768)
     p.add_argument("--seed", type=int, default=0)
@@ -59,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--repeats, --new-tokens and --prompt-len must be >= 1")
     if not 0.0 < args.tau_quantile < 1.0:
         p.error("--tau-quantile must be in (0, 1)")
+    if "jax" not in args.sides:
+        p.error("--sides must include jax (the ratios are its speed-ups)")
     return args
 
 
@@ -71,14 +70,9 @@ def open_tables(vocab: int) -> Any:
     return Tables.build(stop, np.zeros(vocab, bool), vocab, vocab)
 
 
-def median_time(fn: Callable[[], Any], repeats: int, warmup: Callable[[], Any] | None = None
-                ) -> tuple[float, float, Any]:
-    """(warm-up seconds, median timed seconds, last result); the warm-up is `fn` itself unless given."""
-    first, times, out = timed_runs(fn, repeats, warmup)
-    return first, statistics.median(times), out
-
-
 class JaxSide:
+    """The project's sampler on the safetensors weights."""
+
     def __init__(self, weights: pathlib.Path, vocab: int):
         from edu_prm_jax.models.checkpoints import load_hf_model
 
@@ -93,14 +87,15 @@ class JaxSide:
                       np.arange(q, dtype=np.int32))
 
 
-def hf_generate(weights: pathlib.Path, attn: str) -> Callable[[np.ndarray, int], np.ndarray]:
+def hf_generate(weights: pathlib.Path, new_tokens: int) -> Any:
+    """prompts [B, P] -> greedy tokens [B, new_tokens] through transformers `generate` (sdpa, KV cache)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32, attn_implementation=attn).eval()
+    model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32, attn_implementation="sdpa").eval()
     model.generation_config.eos_token_id = None  # every row generates exactly max_new_tokens
 
-    def run(prompts: np.ndarray, new_tokens: int) -> np.ndarray:
+    def run(prompts: np.ndarray) -> np.ndarray:
         ids = torch.as_tensor(prompts, dtype=torch.long)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
@@ -110,138 +105,125 @@ def hf_generate(weights: pathlib.Path, attn: str) -> Callable[[np.ndarray, int],
     return run
 
 
-def throughput(args: argparse.Namespace, jax_side: JaxSide, hf: Callable, rng: np.random.Generator
-               ) -> list[dict[str, Any]]:
+def speed(args: argparse.Namespace, weights: pathlib.Path, threads: dict[str, Any]) -> tuple[list[harness.Cell],
+                                                                                             list[str]]:
+    """One Cell per batch size: each side's greedy decode of the same prompts, tokens cross-checked first."""
     from edu_prm_jax.sampling.decode import DecodeParams
 
-    rows = []
-    n = args.new_tokens
+    notes = []
+    jax_side = JaxSide(weights, args.vocab)
+    params = DecodeParams(mode="greedy", num_leaves=1, max_new_tokens=args.new_tokens, stop_at_answer=False,
+                          seed=args.seed)
+    runners = {"jax": lambda x: jax_side.run(params, x)["tokens"][:, :args.new_tokens]}
+    if "transformers" in args.sides:
+        runners["transformers"] = hf_generate(weights, args.new_tokens)
+    if "tunix" in args.sides:
+        from benchmarks import tunix_peer
+
+        why = tunix_peer.available()
+        if why is None:
+            config = json.loads((weights / "config.json").read_text())
+            runners["tunix"] = tunix_peer.tunix_generate(weights, config, args.prompt_len, args.new_tokens)
+        else:
+            notes.append(f"tunix skipped: {why}")
+            print(f"decode: {notes[-1]}", file=sys.stderr)
+    rng = np.random.default_rng(args.seed)
+    model = {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "inter")}
+    cells = []
     for batch in args.batch_sizes:
         prompts = rng.integers(0, args.vocab, size=(batch, args.prompt_len)).astype(np.int32)
-        row: dict[str, Any] = {"batch": batch, "new_tokens": batch * n}
-        for mode in args.jax_modes:
-            params = DecodeParams(mode=mode, num_leaves=1, max_new_tokens=n, temperature=args.temperature,
-                                  stop_at_answer=False, seed=args.seed)
-            first, med, out = median_time(lambda p=params, x=prompts: jax_side.run(p, x), args.repeats)
-            if not (out["gen_len"] == n).all():
-                raise RuntimeError(f"JAX {mode}: rows stopped early: gen_len {sorted(set(out['gen_len']))}")
-            row[f"jax_{mode}"] = {"median_s": med, "tokens_per_s": batch * n / med, "compile_s": first - med}
-            if mode == "greedy":
-                jax_tokens = out["tokens"]
-        # transformers compiles nothing: a 2-token warm-up suffices (allocator, first-call paths)
-        first, med, hf_tokens = median_time(lambda x=prompts: hf(x, n), args.repeats, lambda x=prompts: hf(x, 2))
-        if hf_tokens.shape != (batch, n):
-            raise RuntimeError(f"transformers generated {hf_tokens.shape}, expected {(batch, n)}")
-        row["hf"] = {"median_s": med, "tokens_per_s": batch * n / med, "warmup_s": first}
-        if "greedy" in args.jax_modes:
-            # near-uniform random logits can flip a near-tie argmax in float32; report, do not abort
-            row["greedy_rows_identical"] = float(np.mean((jax_tokens == hf_tokens).all(axis=1)))
-            row["greedy_first_token_agree"] = float(np.mean(jax_tokens[:, 0] == hf_tokens[:, 0]))
-        for mode in args.jax_modes:
-            row[f"ratio_{mode}"] = row[f"jax_{mode}"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
-        rows.append(row)
-        print(f"done batch={batch}", file=sys.stderr, flush=True)
-    return rows
+        sides = {name: (lambda fn=fn, x=prompts: fn(x)) for name, fn in runners.items()}
+        timings, outs, load = harness.measure(sides, args.repeats)
+        check = {}
+        for name, tokens in outs.items():
+            if name == "jax":
+                continue
+            same = float(np.mean((np.asarray(tokens) == outs["jax"]).all(axis=1)))
+            if same < 1.0:
+                raise RuntimeError(f"decode batch {batch}: {name}'s greedy tokens differ from jax's in "
+                                   f"{1 - same:.0%} of rows; the sides would not be doing the same work")
+            check[f"tokens = {name}"] = "all rows"
+        ratios = {f"jax vs {name}": harness.paired_ratio(timings["jax"], t) for name, t in timings.items()
+                  if name != "jax"}
+        cells.append(harness.Cell("decode (greedy)", {"batch": batch, "prompt": args.prompt_len,
+                                                      "new tokens": args.new_tokens},
+                                  timings, ratios, check, threads, load,
+                                  units={"tokens": batch * args.new_tokens, **{f"model {k}": v
+                                                                              for k, v in model.items()}}))
+        print(f"done batch={batch}: " + ", ".join(f"{k} {v.text()}" for k, v in ratios.items()), file=sys.stderr,
+              flush=True)
+    return cells, notes
 
 
-def edu_vs_ht(args: argparse.Namespace, jax_side: JaxSide, rng: np.random.Generator) -> dict[str, Any]:
+def edu_vs_ht(args: argparse.Namespace, weights: pathlib.Path) -> dict[str, Any]:
+    """Distinct tokens and wall time of EDU and HT at each N in --slots on --questions prompts."""
     from edu_prm_jax.sampling.decode import DecodeParams
     from edu_prm_jax.sampling.engine import distinct_tokens, slots_to_leaves
 
+    jax_side = JaxSide(weights, args.vocab)
     n, q = args.new_tokens, args.questions
-    prompts = rng.integers(0, args.vocab, size=(q, args.prompt_len)).astype(np.int32)
+    prompts = np.random.default_rng(args.seed + 1).integers(0, args.vocab, size=(q, args.prompt_len)).astype(np.int32)
     greedy = jax_side.run(DecodeParams(mode="greedy", num_leaves=1, max_new_tokens=n, stop_at_answer=False),
                           prompts)
     ents = greedy["entropies"][:, :n].ravel()
     tau = float(np.quantile(ents, args.tau_quantile))
-    info = {"tau": tau, "tau_quantile": args.tau_quantile, "log_vocab": float(np.log(args.vocab)),
-            "greedy_entropy_min": float(ents.min()), "greedy_entropy_median": float(np.median(ents)),
-            "greedy_entropy_max": float(ents.max()), "questions": q, "rows": []}
+    info: dict[str, Any] = {"tau": tau, "tau_quantile": args.tau_quantile, "log_vocab": float(np.log(args.vocab)),
+                            "questions": q, "rows": []}
     for m in args.slots:
-        row: dict[str, Any] = {"N": m}
+        sides, params = {}, {}
         for mode in ("edu", "ht"):
-            params = DecodeParams(mode=mode, num_leaves=m, max_new_tokens=n, temperature=args.temperature,
-                                  tau=tau, branch_k=args.branch_k, max_anchors=max(16, m), stop_at_answer=False,
-                                  seed=args.seed)
-            first, med, out = median_time(lambda p=params: jax_side.run(p, prompts), args.repeats)
-            leaves = [slots_to_leaves(out, i * m, m) for i in range(q)]
+            params[mode] = DecodeParams(mode=mode, num_leaves=m, max_new_tokens=n, temperature=args.temperature,
+                                        tau=tau, branch_k=args.branch_k, max_anchors=max(16, m),
+                                        stop_at_answer=False, seed=args.seed)
+            sides[mode] = lambda p=params[mode]: jax_side.run(p, prompts)
+        timings, outs, load = harness.measure(sides, args.repeats)
+        row: dict[str, Any] = {"N": m, "load": load.to_json()}
+        for mode in ("edu", "ht"):
+            leaves = [slots_to_leaves(outs[mode], i * m, m) for i in range(q)]
             row[mode] = {"distinct_tokens": sum(distinct_tokens(ls) for ls in leaves),
-                         "leaves": sum(len(ls) for ls in leaves), "median_s": med, "compile_s": first - med}
+                         "leaves": sum(len(ls) for ls in leaves), **timings[mode].to_json()}
         row["token_ratio"] = row["edu"]["distinct_tokens"] / row["ht"]["distinct_tokens"]
-        row["time_ratio"] = row["edu"]["median_s"] / row["ht"]["median_s"]
+        row["time_ratio"] = harness.paired_ratio(timings["ht"], timings["edu"]).to_json()  # EDU time / HT time
         info["rows"].append(row)
         print(f"done N={m}", file=sys.stderr, flush=True)
     return info
 
 
-def format_throughput(rows: list[dict[str, Any]], modes: list[str]) -> str:
-    head = ["batch", "new tokens"] + [f"jax {m} tok/s" for m in modes] + ["hf tok/s"]
-    head += [f"jax {m}/hf" for m in modes] + [f"{m} compile s" for m in modes]
-    if "greedy" in modes:
-        head.append("greedy = hf")
-    lines = [" | ".join(f"{h:>15}" for h in head)]
-    for r in rows:
-        cells = [str(r["batch"]), str(r["new_tokens"])] + [f"{r[f'jax_{m}']['tokens_per_s']:.0f}" for m in modes]
-        cells += [f"{r['hf']['tokens_per_s']:.0f}"] + [f"{r[f'ratio_{m}']:.2f}" for m in modes]
-        cells += [f"{r[f'jax_{m}']['compile_s']:.1f}" for m in modes]
-        if "greedy" in modes:
-            cells.append(f"{r['greedy_rows_identical']:.0%} rows")
-        lines.append(" | ".join(f"{c:>15}" for c in cells))
-    return "\n".join(lines)
-
-
 def format_edu(info: dict[str, Any]) -> str:
     lines = [f"tau = {info['tau']:.4f} nats = the {info['tau_quantile']:.0%} quantile of greedy-path entropies "
-             f"(min {info['greedy_entropy_min']:.3f}, median {info['greedy_entropy_median']:.3f}, max "
-             f"{info['greedy_entropy_max']:.3f}; log V = {info['log_vocab']:.3f}): a random model's entropies "
-             f"are near log V everywhere, so tau is set relative to them, not to a fixed value",
-             f"{info['questions']} questions"]
-    head = ["N", "EDU tokens", "HT tokens", "EDU/HT tokens", "EDU leaves", "EDU s", "HT s", "EDU/HT time"]
-    lines.append(" | ".join(f"{h:>13}" for h in head))
+             f"(log V = {info['log_vocab']:.3f}); {info['questions']} questions",
+             "| N | EDU tokens | HT tokens | EDU/HT tokens | EDU leaves | EDU/HT time, median (min-max) |",
+             "|---|---|---|---|---|---|"]
     for r in info["rows"]:
-        cells = [r["N"], r["edu"]["distinct_tokens"], r["ht"]["distinct_tokens"], f"{r['token_ratio']:.3f}",
-                 r["edu"]["leaves"], f"{r['edu']['median_s']:.3f}", f"{r['ht']['median_s']:.3f}",
-                 f"{r['time_ratio']:.2f}"]
-        lines.append(" | ".join(f"{c!s:>13}" for c in cells))
+        t = r["time_ratio"]
+        lines.append(f"| {r['N']} | {r['edu']['distinct_tokens']} | {r['ht']['distinct_tokens']} | "
+                     f"{r['token_ratio']:.3f} | {r['edu']['leaves']} | {t['median']:.2f} ({t['min']:.2f}-"
+                     f"{t['max']:.2f}) |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import torch
+    pinned = harness.pin_threads(args.threads)
+    harness.set_torch_threads(args.threads)
+    from benchmarks.model_args import build_hf_weights
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    import jax
-
-    rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         weights = pathlib.Path(tmp) / "weights"
         build_hf_weights(args, weights, max_pos=max(256, args.prompt_len + args.new_tokens))
-        jax_side = JaxSide(weights, args.vocab)
-        hf = hf_generate(weights, args.hf_attn)
-        rows = throughput(args, jax_side, hf, rng) if args.batch_sizes else []
-        edu = edu_vs_ht(args, jax_side, rng) if args.slots else None
-
-    env = {"jax": jax.__version__, "jax_backend": jax.default_backend(), "jax_devices": jax.device_count(),
-           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-           "hf_attn": args.hf_attn, "platform": platform.platform()}
-    model = {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "inter")}
-    print(f"model {model}, float32, prompt {args.prompt_len}, new tokens {args.new_tokens}, "
-          f"repeats {args.repeats} (median), EOS disabled on both sides")
-    print(f"env {env}")
-    if rows:
-        print("\n== decode throughput: JAX sampler vs transformers generate (compile excluded) ==")
-        print(format_throughput(rows, args.jax_modes))
+        threads = {**pinned, **harness.thread_report()}
+        cells, notes = speed(args, weights, threads) if args.batch_sizes else ([], [])
+        edu = edu_vs_ht(args, weights) if args.slots else None
+    if cells:
+        print(harness.markdown_table([c.to_json() for c in cells]))
+    for note in notes:
+        print(note)
     if edu:
-        print("\n== EDU vs HT at equal N (distinct generated tokens, wall time) ==")
+        print("\nEDU vs HT at equal N (distinct generated tokens, wall time)")
         print(format_edu(edu))
     if args.json:
-        result = {"benchmark": "decode", "model": model, "env": env, "args": {
-            k: v for k, v in vars(args).items() if k != "json"}, "throughput": rows, "edu_vs_ht": edu}
-        from edu_prm_jax.io.atomic import write_json_atomic
-
-        write_json_atomic(args.json, result)
+        harness.write_json(str(args.json), cells, {"benchmark": "decode", "notes": notes, "edu_vs_ht": edu,
+                                                    "args": {k: str(v) for k, v in vars(args).items()}})
     return 0
 
 

@@ -1,0 +1,113 @@
+"""`python -m benchmarks`: every speed benchmark at every thread count, one results file, one markdown table.
+
+Each (benchmark, threads) pair runs in its own process (`python -m benchmarks.<name> --threads N`), because the
+thread pools of XLA and torch are sized when they are imported (`benchmarks.harness.pin_threads`). The cells of
+all runs go to `<out>/results.json` (with the environment and the machine's load) and `<out>/results.md`;
+`--readme README.md` rewrites the performance table between the README's `benchmarks:begin` / `benchmarks:end`
+markers with the same table, dated.
+
+    python -m benchmarks                       # decode, train_step, forward at 1 and 2 threads
+    python -m benchmarks --only decode --threads 1
+    python -m benchmarks --readme README.md    # and regenerate the README's table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from benchmarks import harness
+
+# (module, its arguments): the figures the README quotes. Keep each under a few minutes on 2 cores.
+SUITE: dict[str, list[str]] = {
+    "decode": ["--batch-sizes", "1", "8", "64", "--new-tokens", "64", "--repeats", "5"],
+    "train_step": ["--seq-lens", "256", "--repeats", "7"],
+    "forward": ["--batch-sizes", "1", "8", "--seq-lens", "128", "512", "--impls", "jax", "sdpa", "--repeats", "5"],
+}
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", choices=sorted(SUITE), default=list(SUITE))
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts, each side pinned")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
+    p.add_argument("--readme", type=pathlib.Path, default=None, help="rewrite this README's benchmark table")
+    return p.parse_args(argv)
+
+
+def run_one(name: str, threads: int, extra: list[str]) -> dict[str, Any]:
+    """Run one benchmark module in a fresh process; returns its JSON. Raises RuntimeError when it fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", f"benchmarks.{name}", "--threads", str(threads), "--json", str(out), *extra]
+        print("+ " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmarks.{name} --threads {threads} failed (exit {proc.returncode})")
+        return json.loads(out.read_text())
+
+
+def table_block(results: dict[str, Any]) -> str:
+    """The dated table the README carries: machine, load, then one row per cell."""
+    env = results["environment"]
+    loads = [c["load"]["load_1m_before"] for c in results["cells"]]
+    busy = [c["load"]["other_cores_busy"] for c in results["cells"]]
+    head = (f"Measured {env['date']} by `python -m benchmarks` on {env['cpu']} ({env['cpu_count']} cores), "
+            f"jax {env.get('jax', '?')}, torch {env.get('torch', '?')}, transformers "
+            f"{env.get('transformers', '?')}, tunix {env.get('tunix', 'absent')}; 1-minute load "
+            f"{min(loads):.2f}-{max(loads):.2f}, other processes kept {min(busy):.2f}-{max(busy):.2f} cores busy "
+            "while timing. Speed-up = the other side's time / ours, per interleaved round: median (min-max).")
+    notes = "".join(f"\n\n{n}" for n in results.get("notes", []))
+    return f"{head}\n\n{harness.markdown_table(results['cells'])}{notes}"
+
+
+def update_readme(readme: pathlib.Path, block: str) -> None:
+    """Replace the text between the BEGIN and END markers; raises ValueError naming the file if they are absent."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme}: no '{BEGIN}' ... '{END}' markers to put the table between")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    from edu_prm_jax.io.atomic import write_text_atomic
+
+    write_text_atomic(readme, f"{head}{BEGIN}\n{block}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"benchmarks: 1-minute load is {load:.2f}: the machine is not idle, figures will spread more",
+              file=sys.stderr)
+    cells: list[dict[str, Any]] = []
+    notes: list[str] = []
+    env: dict[str, Any] = {}
+    for threads in args.threads:
+        for name in args.only:
+            result = run_one(name, threads, SUITE[name])
+            cells += result["cells"]
+            notes += [n for n in result.get("notes", []) if n not in notes]
+            env = {**result["environment"], **env}
+    results = {"environment": env, "cells": cells, "notes": notes}
+    args.out.mkdir(parents=True, exist_ok=True)
+    from edu_prm_jax.io.atomic import write_json_atomic, write_text_atomic
+
+    write_json_atomic(args.out / "results.json", results)
+    block = table_block(results)
+    write_text_atomic(args.out / "results.md", block + "\n")
+    print(block)
+    if args.readme:
+        update_readme(args.readme, block)
+        print(f"updated {args.readme}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
