@@ -1,4 +1,15 @@
-"""Test setup: 8 simulated CPU devices, shared paths, tiny-model factories."""
+"""Test setup: 8 simulated CPU devices, shared paths, tiny-model factories, the `needs_devices(n)` marker.
+
+A run on a GPU (`JAX_PLATFORMS=cuda`, what `benchmarks/accelerator.sh` does) gets the numerics the CPU run has:
+- float32 matmuls in full float32 (`jax_default_matmul_precision="highest"`). XLA:GPU's default runs them in
+  TF32 (10 mantissa bits, ~5e-4 relative error) on NVIDIA GPUs, far above the float32 tolerances of the checks
+  against transformers (float32, on the CPU) and numpy float64;
+- run-to-run deterministic kernels (`--xla_gpu_deterministic_ops=true`, set before JAX initialises): no atomics
+  in scatter-adds (the embedding gradient) or reductions, and no autotuning, so a resumed run can be bitwise
+  equal to an uninterrupted one, as the checkpoint tests require.
+A GPU has 1 device where the CPU run simulates 8: tests that build a bigger mesh carry `needs_devices(n)` and
+are skipped, with the count in the reason, when fewer devices are present.
+"""
 
 import os
 
@@ -11,12 +22,43 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+_platforms = [p.strip().lower() for p in os.environ["JAX_PLATFORMS"].split(",") if p.strip()]
+# The default backend is the first platform listed; an empty JAX_PLATFORMS lets JAX pick, possibly a GPU.
+MAY_RUN_ON_GPU = not _platforms or _platforms[0] in GPU_PLATFORMS
+if MAY_RUN_ON_GPU and "xla_gpu_deterministic_ops" not in os.environ["XLA_FLAGS"]:  # an explicit choice stays
+    os.environ["XLA_FLAGS"] += " --xla_gpu_deterministic_ops=true"
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+if MAY_RUN_ON_GPU:  # a CPU run does not touch JAX here; JAX_PLATFORMS=cuda initialises no backend here either
+    import jax
+
+    if (_platforms[0] if _platforms else jax.default_backend()) in GPU_PLATFORMS:
+        jax.config.update("jax_default_matmul_precision", "highest")  # 32-bit inputs only: bf16 stays bf16
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs_devices(n): skip unless JAX sees at least n devices (the CPU run simulates 8)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip a test marked `needs_devices(n)` when this process has fewer than n devices (e.g. one GPU)."""
+    marker = item.get_closest_marker("needs_devices")
+    if marker is None:
+        return
+    import jax
+
+    need, have = int(marker.args[0]), len(jax.devices())
+    if have < need:
+        pytest.skip(f"needs {need} devices for its mesh, {have} {jax.default_backend()} device(s) here "
+                    f"(the CPU run simulates 8)")
 
 
 @pytest.fixture(scope="session")

@@ -281,10 +281,9 @@ def test_load_rejects_mixed_or_missing_head(tmp_path):
         load_prm(tmp_path)
 
 
-def test_from_policy_shares_backbone_and_shards(tmp_path):
+def test_from_policy_shares_backbone():
     policy = Qwen2(tiny_cfg(), nnx.Rngs(3))
     prm = PRM.from_policy(policy, "qwen_math", seed=1, separator_id=SEP)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 11)))
     policy_params = checkpoints.flat_params(nnx.state(policy))
     shared = checkpoints.flat_params(nnx.state(prm.backbone))
     assert set(policy_params) - set(shared) == {"lm_head"}
@@ -292,6 +291,14 @@ def test_from_policy_shares_backbone_and_shards(tmp_path):
     assert prm.backbone.lm_head is None
     axes = prm.head.hidden.kernel.get_metadata()["out_sharding"]
     assert axes == ("embed", "mlp")
+
+
+@pytest.mark.needs_devices(8)
+def test_from_policy_shards_over_a_mesh():
+    """Built onto a data x fsdp x tensor = 2 x 2 x 2 mesh: the head's kernel split by the rules, the same logits."""
+    policy = Qwen2(tiny_cfg(), nnx.Rngs(3))
+    prm = PRM.from_policy(policy, "qwen_math", seed=1, separator_id=SEP)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 11)))
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
     sharded = PRM.from_policy(policy, "qwen_math", seed=1, separator_id=SEP, mesh=mesh)
     assert sharded.head.hidden.kernel[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")

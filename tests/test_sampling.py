@@ -227,6 +227,7 @@ def test_top_k_and_top_p_filters():
     assert kept(filter_logits(z, 1.0, 0, 0.81)).tolist() == [True, True, True, False]
 
 
+@pytest.mark.needs_devices(8)
 @pytest.mark.parametrize("mode", ["edu", "ht"])
 def test_sharded_rollouts_equal_single_device(peaked_model, mode, monkeypatch):
     _, model = peaked_model

@@ -139,7 +139,8 @@ def test_a_decode_step_writes_the_stacked_cache_in_place():
 
         compiled = jax.jit(steps, donate_argnums=1).lower(state, cache).compile()
         temps[scan] = compiled.memory_analysis().temp_size_in_bytes
-        assert temps[scan] < size / 2, (scan, temps[scan], size)
+    # both layouts are measured before either is judged, so that a failure reports the two (keyed by scan_layers)
+    assert all(t < size / 2 for t in temps.values()), (temps, size)
     assert temps[True] < 1.1 * temps[False], temps
 
 
@@ -203,6 +204,7 @@ def test_missing_or_misshapen_layer_tensor_is_named_for_a_scanned_model(tmp_path
         checkpoints.load_hf_model(tmp_path, scan_layers=True)
 
 
+@pytest.mark.needs_devices(4)
 @pytest.mark.parametrize("saved,restored", [(True, False), (False, True), (True, True)])
 def test_orbax_save_restores_into_either_layout(tmp_path, saved, restored):
     unrolled, scanned = _pair(tmp_path / "hf", heads=4, kv_heads=2, vocab=103)
@@ -237,7 +239,8 @@ def test_stacking_round_trip_and_metadata():
     set_scan_layers(abstract, True)  # shapes only
     assert abstract.layers.mlp.down_proj.kernel.shape == (3, 24, 16) and abstract.cfg.scan_layers
     assert default_scan_layers("tpu") and default_scan_layers("gpu") and not default_scan_layers("cpu")
-    assert not Qwen2(cfg, nnx.Rngs(0)).stacked  # this process is a CPU one
+    # scan_layers=None takes this process's default: unrolled in the plain (CPU) run, scanned on a GPU or TPU
+    assert Qwen2(cfg, nnx.Rngs(0)).stacked is default_scan_layers(jax.default_backend())
     assert cfg.for_platform("tpu").scan_layers is True and cfg.for_platform("tpu").attention == "splash"
     with pytest.raises(ConfigError, match="scan_layers"):
         cfg.replace(scan_layers="yes")

@@ -314,10 +314,9 @@ def test_best_checkpoint_kept_beside_last(tmp_path):
     assert tr.checkpointer.best_step() == 4
 
 
+@pytest.mark.needs_devices(8)
 @pytest.mark.parametrize("shape", [(2, 2, 2)])
 def test_eight_devices_match_one(tmp_path, shape):
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 (simulated) devices")
     rows = _rows(32)
     batch = {k: v[:8] for k, v in rows.items()}
     optim = OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=4)
