@@ -26,7 +26,7 @@ if [[ -z "${SKIP_TESTS:-}" ]]; then
   # sampling, PRM loss/heads, bf16 training, the training loop, the planner's public programs
   tests=(tests/test_model.py tests/test_attention.py tests/test_scan_layers.py tests/test_sampling.py
          tests/test_prm.py tests/test_bf16_train.py tests/test_training_loop.py tests/test_relayout.py
-         tests/test_expansion.py tests/test_dtypes.py)
+         tests/test_expansion.py tests/test_dtypes.py tests/test_fast_kernels.py)
   [[ -n "${ALL_TESTS:-}" ]] && tests=(tests)
   echo "+ JAX_PLATFORMS=$platform python -m pytest -q -n ${WORKERS:-4} ${tests[*]}"
   JAX_PLATFORMS=$platform timeout "${TEST_TIMEOUT:-360}" python -m pytest -q -n "${WORKERS:-4}" "${tests[@]}" \

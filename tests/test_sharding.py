@@ -222,7 +222,7 @@ def _spy_constraints(monkeypatch) -> list:
 
 
 def test_kv_cache_and_activations_follow_the_rules(monkeypatch):
-    from edu_prm_jax.models.qwen2 import ACTIVATION_AXES, CACHE_AXES, KVCache
+    from edu_prm_jax.models.qwen2 import ACTIVATION_AXES, K_CACHE_AXES, V_CACHE_AXES, KVCache
 
     cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
@@ -241,10 +241,13 @@ def test_kv_cache_and_activations_follow_the_rules(monkeypatch):
             return cache
 
     cache = prefill(state, jnp.ones((8, 4), jnp.int32))
-    assert _trimmed(cache.k[0].sharding.spec) == ("data", None, "tensor")  # cache_batch: data, kv_heads: tensor
-    cache_specs = {spec for axes, spec in seen if axes == CACHE_AXES}
+    # keys [batch, kv_heads, head_dim, seq], values [batch, kv_heads, seq, head_dim]: cache_batch on data,
+    # kv_heads on tensor
+    assert _trimmed(cache.k[0].sharding.spec) == ("data", "tensor")
+    assert _trimmed(cache.v[0].sharding.spec) == ("data", "tensor")
+    cache_specs = {spec for axes, spec in seen if axes in (K_CACHE_AXES, V_CACHE_AXES)}
     act_specs = [spec for axes, spec in seen if axes == ACTIVATION_AXES]
-    assert cache_specs == {("data", None, "tensor")}
+    assert cache_specs == {("data", "tensor")}
     assert act_specs == [("data", None, "tensor")] * (cfg.num_hidden_layers + 1)  # embedding + every block
 
     # inside a shard_map manual over the rollout axis ('data'), only the other axes are named
@@ -256,7 +259,7 @@ def test_kv_cache_and_activations_follow_the_rules(monkeypatch):
 
     jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P("data"), axis_names={"data"},
                           check_vma=False))(jnp.ones((8, 4), jnp.float32))
-    assert {spec for axes, spec in seen if axes == CACHE_AXES} == {(None, None, "tensor")}
+    assert {spec for axes, spec in seen if axes in (K_CACHE_AXES, V_CACHE_AXES)} == {(None, "tensor")}
 
 
 def test_constraints_are_no_ops_outside_a_context_and_on_one_device():
@@ -337,13 +340,13 @@ def test_rollout_axis_mapped_to_fsdp_matches_one_device(peaked_model, mode, monk
 
 
 def test_rollouts_with_a_tensor_parallel_cache_match_one_device(peaked_model, monkeypatch):
-    from edu_prm_jax.models.qwen2 import CACHE_AXES
+    from edu_prm_jax.models.qwen2 import K_CACHE_AXES, V_CACHE_AXES
 
     args = _rollout_args(peaked_model, "edu")
     single = decode_module.decode(*args)
     seen = _spy_constraints(monkeypatch)
     decode_module._sharded_decode.cache_clear()  # trace again, so the constraints are seen
     sharded = decode_module.decode(*args, mesh=parallel.make_mesh(data=4, tensor=2))
-    cache_specs = {spec for axes, spec in seen if axes == CACHE_AXES}
-    assert cache_specs == {(None, None, "tensor")}  # rows are manual ('data'); heads over 'tensor'
+    cache_specs = {spec for axes, spec in seen if axes in (K_CACHE_AXES, V_CACHE_AXES)}
+    assert cache_specs == {(None, "tensor")}  # rows are manual ('data'); heads over 'tensor'
     _assert_same_rollouts(single, sharded)

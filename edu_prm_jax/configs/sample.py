@@ -26,6 +26,7 @@ def get_config(mode: str | None = None) -> ml_collections.ConfigDict:
     config.too_long = "error"  # Prompt + max_new_tokens beyond the policy's context: error (naming it) or skip.
     config.batch_questions = 8  # Questions decoded together (padded to a multiple of the data axis).
     config.prompt_bucket = 32  # Prompt lengths are padded to a multiple of this (one compile per bucket).
+    config.refill = True  # A finished question's slots go to the next one at once (same trees; 1-device meshes).
     config.dtype = "float32"  # Compute dtype of the policy.
     config.mesh = common.mesh_config()  # Device mesh; questions are sharded over 'data'.
     return config

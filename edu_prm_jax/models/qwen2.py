@@ -3,9 +3,9 @@
 Attention takes explicit positions and a boolean mask, so packed training rows (segment ids), right-padded
 prompt batches and branched tree decoding (each slot its own cache row) all run through this one model.
 Parameters carry logical axis names (`out_sharding` metadata) that `parallel.ShardingRules` maps onto a device
-mesh; so do the KV cache (`CACHE_AXES`) and the residual stream between decoder layers (`ACTIVATION_AXES`), which
-are pinned to their layout inside a `parallel.sharding_context` (the Trainer's step, the decode loop).
-Kernels are stored [in, out]; the HF mapping (transposes included) lives in `checkpoints.py`.
+mesh; so do the KV cache (`K_CACHE_AXES`, `V_CACHE_AXES`) and the residual stream between decoder layers
+(`ACTIVATION_AXES`), which are pinned to their layout inside a `parallel.sharding_context` (the Trainer's step,
+the decode loop). Kernels are stored [in, out]; the HF mapping (transposes included) lives in `checkpoints.py`.
 
 Two layouts of the decoder layers (`Qwen2Config.scan_layers`), one function:
 - unrolled: `layers` is a list of `DecoderLayer`s run by a Python loop; the KV cache is one array per layer.
@@ -21,6 +21,7 @@ same per-layer names (`checkpoints.layer_view`). Attention kernels: `attention.p
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,14 @@ from edu_prm_jax.models import attention
 from edu_prm_jax.models.attention import NEG_INF  # noqa: F401  (re-exported: older callers import it here)
 from edu_prm_jax.models.config import Qwen2Config, default_scan_layers
 
-CACHE_AXES = ("cache_batch", "cache_seq", "kv_heads", "head_dim")  # logical axes of each layer's K and V arrays
+# Logical axes of each layer's cache arrays. Keys are stored [batch, kv_heads, head_dim, positions] and values
+# [batch, kv_heads, positions, head_dim]: each decode step's two attention matmuls (q K and p V) then read the cache
+# in place as plain row-major batched matmuls. The [batch, positions, kv_heads, head_dim] layout of the projections
+# made XLA copy the whole cache into a transposed layout for the attention einsums at every step (measured on
+# XLA:CPU at batch 64 and 1056 cached positions: 61 ms per layer and step, 8.5 ms with this layout; a GPU compile
+# held about three layers' worth of such copies).
+K_CACHE_AXES = ("cache_batch", "kv_heads", "head_dim", "cache_seq")
+V_CACHE_AXES = ("cache_batch", "kv_heads", "cache_seq", "head_dim")
 ACTIVATION_AXES = ("act_batch", "act_seq", "act_embed")  # logical axes of the residual stream [B, T, H]
 LAYERS_AXIS = "layers"  # logical axis of the stacked-layers dimension (parameters and KV cache of a scanned model)
 
@@ -48,17 +56,57 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense_matmul(x: jax.Array, kernel: jax.Array, axes: tuple[str | None, str | None]) -> jax.Array:
+    """`jnp.dot(x, kernel)`: x [..., in] @ kernel [in, out] -> [..., out] (x and kernel in one dtype), with the
+    backward pass written out so that XLA:CPU runs both of its matmuls on its fast path.
+
+    Gradients (the chain rule of y = x W, e.g. Goodfellow et al., Deep Learning, 6.5.9): dx = dy W^T, and
+    dW = sum over every leading (row) position of x_row^T dy_row, one `dot_general` contracting all leading
+    dimensions. `jax.grad` of `jnp.dot` computes dW as (dy^T x)^T, which XLA:CPU runs on its generic Eigen
+    path after copying dy into a transposed layout (about 2x slower for the 28 kernel gradients of the
+    benchmark's step). YNNPACK's matmul (XLA:CPU's fast path) needs its left operand with the contracted rows
+    last, so one operand is copied transposed either way; this copies the one with fewer features: x for
+    dW = x^T dy, or dy for dW = (dy^T x)^T when dy has under half as many (the MLP's down projection; x is
+    preferred at parity because q/k/v and gate/up read the same x and share its copy). An optimization
+    barrier keeps XLA from folding that final small transpose back into the matmul. Values equal jax.grad's
+    up to float32 summation order. dW is pinned to the kernel's logical `axes` (`parallel.constrain`, a no-op
+    outside a sharding context), the layout the parameter and its optimizer state have."""
+    return jnp.dot(x, kernel)
+
+
+def _dense_matmul_fwd(x: jax.Array, kernel: jax.Array, axes: tuple[str | None, str | None]):
+    return jnp.dot(x, kernel), (x, kernel)
+
+
+def _dense_matmul_bwd(axes: tuple[str | None, str | None], residuals: tuple[jax.Array, jax.Array],
+                      dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = residuals
+    lead = tuple(range(x.ndim - 1))
+    dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+    if 2 * dy.shape[-1] < x.shape[-1]:
+        dkernel = jax.lax.optimization_barrier(jax.lax.dot_general(dy, x, ((lead, lead), ((), ())))).T
+    else:
+        dkernel = jax.lax.dot_general(x, dy, ((lead, lead), ((), ())))
+    return dx.astype(x.dtype), parallel.constrain(dkernel.astype(kernel.dtype), axes)
+
+
+dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias); kernel [in, out] with logical axis names."""
+    """y = x @ kernel (+ bias); kernel [in, out] with logical axis names. The matmul is `dense_matmul` (its
+    gradient is jnp.dot's, computed in a layout XLA:CPU runs fast)."""
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, cfg: Qwen2Config,
                  rngs: nnx.Rngs):
         self.kernel = _param(rngs, (d_in, d_out), axes, cfg.params_dtype, "normal")
         self.bias = nnx.data(_param(rngs, (d_out,), axes[1:], cfg.params_dtype, "zeros") if bias else None)
         self.compute_dtype = cfg.compute_dtype
+        self.axes = tuple(axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        y = dense_matmul(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype), self.axes)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y
@@ -78,12 +126,25 @@ class RMSNorm(nnx.Module):
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate-half RoPE as in transformers' Qwen2 (frequencies in float32). x: [B, T, heads, D]."""
+    """Rotate-half RoPE as in transformers' Qwen2 (frequencies in float32). x: [B, T, heads, D].
+
+    On XLA:CPU the cos/sin tables are computed inside a `lax.cond` whose two branches are the same function
+    (so its predicate, a position, does not matter): a conditional is a fusion boundary, so the tables are
+    materialised once per step and shared (common-subexpression elimination merges them across q, k and the
+    layers) instead of being re-evaluated inside every consumer loop, forward and backward (60 copies of cos
+    and sin in the benchmark's train step, ~7% of it). Values are identical."""
     d = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+
+    def tables(pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+        angles = pos.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+        angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+        return jnp.cos(angles), jnp.sin(angles)
+
+    if positions.size and attention.current_platform() == "cpu":
+        cos, sin = jax.lax.cond(positions.reshape(-1)[0] == 0, tables, tables, positions)
+    else:
+        cos, sin = tables(positions)
     x32 = x.astype(jnp.float32)
     half = jnp.concatenate([-x32[..., d // 2:], x32[..., : d // 2]], axis=-1)
     return (x32 * cos + half * sin).astype(x.dtype)
@@ -98,13 +159,14 @@ def scan_layers_of(cfg: Qwen2Config) -> bool:
 class KVCache:
     """Keys and values of every layer, in the layout of the model that fills them:
 
-    - unrolled model: `k`, `v` are tuples of one [batch, cache_len, kv_heads, head_dim] array per layer (each
-      layer updates its own buffer in place; slicing and re-stacking a stacked cache in a Python loop would
-      copy it every step);
-    - scanned model: `k`, `v` are single [num_layers, batch, cache_len, kv_heads, head_dim] arrays, carried
-      through the layer scan and written in place at the layer's index (`stacked` is True).
-    Every cache this class builds is pinned to the `CACHE_AXES` layout (with `LAYERS_AXIS` in front when
-    stacked) of the active sharding rules (a no-op outside a sharding context)."""
+    - unrolled model: `k` is a tuple of one [batch, kv_heads, head_dim, cache_len] array per layer and `v` of
+      one [batch, kv_heads, cache_len, head_dim] array per layer (`K_CACHE_AXES`, `V_CACHE_AXES`: the layouts
+      the attention matmuls read in place); each layer updates its own buffer in place (slicing and
+      re-stacking a stacked cache in a Python loop would copy it every step);
+    - scanned model: `k`, `v` are single arrays with `num_layers` in front of those layouts, carried through
+      the layer scan and written in place at the layer's index (`stacked` is True).
+    Every cache this class builds is pinned to those axes (with `LAYERS_AXIS` in front when stacked) of the
+    active sharding rules (a no-op outside a sharding context)."""
 
     k: tuple[jax.Array, ...] | jax.Array
     v: tuple[jax.Array, ...] | jax.Array
@@ -112,13 +174,13 @@ class KVCache:
     @classmethod
     def zeros(cls, cfg: Qwen2Config, batch: int, length: int, dtype: Any = None) -> KVCache:
         """An empty cache for a model built from `cfg` (its `scan_layers` decides the layout)."""
-        shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        kh, d, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+        k_shape, v_shape = (batch, kh, d, length), (batch, kh, length, d)
         dtype = dtype or cfg.compute_dtype
         if scan_layers_of(cfg):
-            stacked = (cfg.num_hidden_layers, *shape)
-            return cls(jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype)).constrained()
-        return cls(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
-                   tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))).constrained()
+            return cls(jnp.zeros((layers, *k_shape), dtype), jnp.zeros((layers, *v_shape), dtype)).constrained()
+        return cls(tuple(jnp.zeros(k_shape, dtype) for _ in range(layers)),
+                   tuple(jnp.zeros(v_shape, dtype) for _ in range(layers))).constrained()
 
     @property
     def stacked(self) -> bool:
@@ -127,7 +189,8 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return self.k.shape[2] if self.stacked else self.k[0].shape[1]
+        """Cached positions per row (the static length every step attends over)."""
+        return self.k.shape[-1] if self.stacked else self.k[0].shape[-1]
 
     def gather_rows(self, rows: jax.Array) -> KVCache:
         """Cache rows `rows` (a fork copies its parent's row into a new slot this way).
@@ -148,35 +211,43 @@ class KVCache:
         return KVCache(tuple(k[rows] for k in self.k), tuple(v[rows] for v in self.v)).constrained()
 
     def constrained(self) -> KVCache:
-        """This cache pinned to the active sharding rules' `CACHE_AXES` layout (`parallel.constrain`)."""
+        """This cache pinned to the active sharding rules' `K_CACHE_AXES` / `V_CACHE_AXES` (`parallel.constrain`)."""
         if self.stacked:
-            axes = (LAYERS_AXIS, *CACHE_AXES)
-            return KVCache(parallel.constrain(self.k, axes), parallel.constrain(self.v, axes))
-        return KVCache(tuple(parallel.constrain(k, CACHE_AXES) for k in self.k),
-                       tuple(parallel.constrain(v, CACHE_AXES) for v in self.v))
+            return KVCache(parallel.constrain(self.k, (LAYERS_AXIS, *K_CACHE_AXES)),
+                           parallel.constrain(self.v, (LAYERS_AXIS, *V_CACHE_AXES)))
+        return KVCache(tuple(parallel.constrain(k, K_CACHE_AXES) for k in self.k),
+                       tuple(parallel.constrain(v, V_CACHE_AXES) for v in self.v))
 
 
 jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v"], meta_fields=[])
 
 
-def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """cache[b, start[b]:start[b]+T] = new[b] for each row b. cache [B, S, H, D], new [B, T, H, D]."""
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0)))(
-        cache, new, start
-    )
+def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array, keys: bool) -> jax.Array:
+    """Write T new positions of each row b at start[b]: keys cache [B, K, D, S] or values cache [B, K, S, D]
+    (`keys` says which), new [B, T, K, D] (the projections' layout)."""
+    if keys:
+        new, at = new.transpose(0, 2, 3, 1), lambda s: (0, 0, s)  # [B, K, D, T]
+    else:
+        new, at = new.transpose(0, 2, 1, 3), lambda s: (0, s, 0)  # [B, K, T, D]
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), at(s)))(cache, new, start)
 
 
-def _write_layer_rows(cache: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """cache[layer, b, start[b]:start[b]+T] = new[b] for each row b. cache [L, B, S, H, D], new [B, T, H, D].
+def _write_layer_rows(cache: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array, keys: bool
+                      ) -> jax.Array:
+    """`_write_rows` into layer `layer` of a stacked cache: keys [L, B, K, D, S] or values [L, B, K, S, D], new
+    [B, T, K, D].
 
     One scatter with explicit (layer, row, position) indices, in place in the scan's carry (a vmapped
     `dynamic_update_slice` over the rows, axis 1 here, makes XLA:CPU pick a row-major layout for the loop's
-    cache and copy the whole of it in and out). Starts are clamped to [0, S - T], as `dynamic_update_slice`
-    clamps them in `_write_rows`, so both layouts write the same slots."""
+    cache and copy the whole of it in and out). Indexed dimensions separated by slices come first in the
+    scattered value (numpy's rule), so it is `new` itself, [B, T, K, D]. Starts are clamped to [0, S - T], as
+    `dynamic_update_slice` clamps them in `_write_rows`, so both layouts write the same slots."""
     b, t = new.shape[:2]
-    start = jnp.clip(start, 0, cache.shape[2] - t)
-    cols = start[:, None] + jnp.arange(t)[None, :]
-    return cache.at[layer, jnp.arange(b)[:, None], cols].set(new.astype(cache.dtype), mode="promise_in_bounds")
+    length = cache.shape[-1] if keys else cache.shape[-2]
+    start = jnp.clip(start, 0, length - t)
+    rows, cols = jnp.arange(b)[:, None], start[:, None] + jnp.arange(t)[None, :]
+    at = cache.at[layer, rows, :, :, cols] if keys else cache.at[layer, rows, :, cols, :]
+    return at.set(new.astype(cache.dtype), mode="promise_in_bounds")
 
 
 class Attention(nnx.Module):
@@ -192,10 +263,12 @@ class Attention(nnx.Module):
                  segment_ids: jax.Array | None = None, layer_index: jax.Array | None = None, fresh: bool = False):
         """x [B, T, H] -> ([B, T, H], the layer's updated cache or None).
 
-        `impl` "xla" attends through `mask` [B, T, S] (over the cache when there is one); a fused kernel
-        attends causally within `segment_ids` over the T new tokens (training and scoring, or a `fresh`
-        prefill, whose cache held nothing before). `layer_cache` is (k, v) of this layer ([B, S, K, D]), or of
-        all layers ([L, B, S, K, D]) with this layer's `layer_index` (scanned model)."""
+        A `mask` [B, T, S] over the cache is attended through by `attention.cache_attention` (decode steps, XLA
+        prefills), one over the T new tokens alone by the XLA reference (`attention.dense_attention`). Without
+        one the T new tokens attend causally within `segment_ids` to each other only (training and scoring, or
+        a `fresh` prefill, whose cache held nothing before), through `attention.causal_attention` (`impl` "xla")
+        or a fused kernel. `layer_cache` is (k, v) of this layer (k [B, K, D, S], v [B, K, S, D]), or of all
+        layers (`num_layers` in front) with this layer's `layer_index` (scanned model)."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -207,20 +280,47 @@ class Attention(nnx.Module):
         if layer_cache is not None:
             ck, cv = layer_cache
             if layer_index is None:
-                keys, values = _write_rows(ck, k, write_index), _write_rows(cv, v, write_index)
+                keys, values = _write_rows(ck, k, write_index, True), _write_rows(cv, v, write_index, False)
                 layer_cache = (keys, values)
             else:  # read back only this layer's slice of the stacked cache
-                ck = _write_layer_rows(ck, layer_index, k, write_index)
-                cv = _write_layer_rows(cv, layer_index, v, write_index)
+                ck = _write_layer_rows(ck, layer_index, k, write_index, True)
+                cv = _write_layer_rows(cv, layer_index, v, write_index, False)
                 layer_cache = (ck, cv)
                 keys = jax.lax.dynamic_index_in_dim(ck, layer_index, 0, keepdims=False)
                 values = jax.lax.dynamic_index_in_dim(cv, layer_index, 0, keepdims=False)
-        if impl == "xla" or (layer_cache is not None and not fresh):
-            out = attention.dense_attention(q, keys, values, mask, cfg.compute_dtype)
+        if mask is not None and layer_cache is not None:  # decode steps, XLA prefills: over the cache, in place
+            out = attention.cache_attention(q, keys, values, mask, cfg.compute_dtype)
+        elif mask is not None:  # an explicit mask over the T new tokens: the reference
+            out = attention.dense_attention(q, k, v, mask, cfg.compute_dtype)
+        elif impl == "xla":  # training and scoring: causal within segments, by query blocks
+            out = attention.causal_attention(q, k, v, segment_ids, cfg.compute_dtype)
         else:  # training, scoring or a fresh prefill: the new tokens attend to each other only
             out = attention.fused_attention(impl, q, k, v, segment_ids)
             out = out.reshape(b, t, cfg.num_attention_heads * cfg.head_dim).astype(cfg.compute_dtype)
         return self.o_proj(out), layer_cache
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up (Qwen2's MLP activation; arrays of one shape and dtype), with a backward pass that
+    recomputes the sigmoid from `gate` in one elementwise pass: d/dgate = dy * up * s * (1 + gate * (1 - s)),
+    d/dup = dy * silu(gate), s = sigmoid(gate) (the derivative of x * sigmoid(x)). Autodiff of the same
+    expression keeps silu(gate) and the sigmoid as extra [.., intermediate] arrays and makes several passes."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return jax.nn.silu(gate) * up, (gate, up)
+
+
+def _swiglu_bwd(residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    gate, up = residuals
+    sig = jax.nn.sigmoid(gate)
+    dgate = dy * up * (sig * (1 + gate * (1 - sig)))
+    return dgate.astype(gate.dtype), (dy * (gate * sig)).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):
@@ -231,7 +331,7 @@ class MLP(nnx.Module):
         self.down_proj = Dense(m, h, ("mlp", "embed"), bias=False, cfg=cfg, rngs=rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nnx.Module):
@@ -374,11 +474,12 @@ class Qwen2(nnx.Module):
         """Hidden states [B, T, H] (float32) after the final norm, and the updated cache.
 
         Without a cache: `segment_ids` [B, T] (0 = padding) give packed/causal masking, positions default to
-        0..T-1. With a cache: the T tokens are written at `write_index[b]` [B] int32 and attend to the cache;
-        `write_index=None` means a fresh prefill (written from slot 0 of an empty cache), which a fused
-        attention kernel (`cfg.attention`) runs over the T tokens alone. Decode steps (a `write_index`) and an
-        explicit `mask` [B, T, S] bool always attend through the XLA reference. Raises ValueError for a cache
-        of the other layer layout.
+        0..T-1; XLA attention then runs by causal query blocks (`attention.causal_attention`). With a cache: the
+        T tokens are written at `write_index[b]` [B] int32 and attend to the cache; `write_index=None` means a
+        fresh prefill (written from slot 0 of an empty cache), which a fused attention kernel (`cfg.attention`)
+        runs over the T tokens alone. Decode steps (a `write_index`), XLA prefills and an explicit `mask`
+        [B, T, S] bool always attend through the XLA reference's masked form (`attention.cache_attention` over
+        a cache, `attention.dense_attention` without). Raises ValueError for a cache of the other layer layout.
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -404,9 +505,8 @@ class Qwen2(nnx.Module):
                 positions = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
             if mask is not None:
                 impl = "xla"
-            if impl == "xla" and mask is None:
-                mask = causal_mask(segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32))
-        fused_segments = None if impl == "xla" else segment_ids
+        # without a mask, attention is causal within `segment_ids` (`causal_attention` or a fused kernel)
+        fused_segments = segment_ids if mask is None else None
         # the residual stream is pinned to ACTIVATION_AXES at every block boundary (inside a sharding context)
         x = parallel.constrain(jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype), ACTIVATION_AXES)
         if self.stacked:
@@ -462,10 +562,12 @@ class Qwen2(nnx.Module):
         """LM head in the compute dtype, returned as float32 (entropy and logprobs are computed from it)."""
         dtype = self.cfg.compute_dtype
         h = hidden.astype(dtype)
+        # `dense_matmul`: its kernel gradient copies the [.., hidden] activations transposed, not the
+        # [.., vocab] logit gradients (jax.grad's choice on a CPU, vocab / hidden times more memory traffic)
         if self.lm_head is None:
-            out = jnp.einsum("bth,vh->btv", h, self.embed[...].astype(dtype))
+            out = dense_matmul(h, self.embed[...].astype(dtype).T, ("embed", "vocab"))
         else:
-            out = jnp.dot(h, self.lm_head[...].astype(dtype))
+            out = dense_matmul(h, self.lm_head[...].astype(dtype), ("embed", "vocab"))
         return out.astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, **kw: Any):

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from edu_prm_jax import parallel
 from edu_prm_jax.models.config import Qwen2Config
-from edu_prm_jax.models.qwen2 import CACHE_AXES
+from edu_prm_jax.models.qwen2 import K_CACHE_AXES, V_CACHE_AXES
 from edu_prm_jax.sampling.decode import DecodeParams, Tables, decode_fn, decode_in_shardings, knob_dtypes
 from edu_prm_jax.scoring.examples import score_fn
 from edu_prm_jax.training.loop import LossFn, make_train_step, new_train_state
@@ -202,9 +202,10 @@ def decode_program(p: DecodeParams, policy_factory: ModelFactory, mesh: Mesh, ru
     if prm_state is not None:
         held += bytes_per_device(prm_state, shardings[2])
     for c, _ in models:  # every step reads each layer's K and V cache whole
-        shape = (rows, cache_len, c.num_key_value_heads, c.head_dim)
-        local = math.prod(NamedSharding(mesh, rules.spec(CACHE_AXES, shape, mesh)).shard_shape(shape))
-        held += 2 * c.num_hidden_layers * local * jnp.dtype(c.compute_dtype).itemsize
+        for axes, shape in ((K_CACHE_AXES, (rows, c.num_key_value_heads, c.head_dim, cache_len)),
+                            (V_CACHE_AXES, (rows, c.num_key_value_heads, cache_len, c.head_dim))):
+            local = math.prod(NamedSharding(mesh, rules.spec(axes, shape, mesh)).shard_shape(shape))
+            held += c.num_hidden_layers * local * jnp.dtype(c.compute_dtype).itemsize
     mode = "P-EDU" if prm_factory is not None else p.mode.upper()
     text = description or (f"{mode} decode, {questions} questions x {p.num_leaves} slots, prompt {prompt_len} + "
                            f"{p.max_new_tokens} new tokens")

@@ -1,7 +1,10 @@
 """Host side of sampling: tokenise and bucket questions, run the jitted loop, turn slots into tree records.
 
 Prompts are right-padded to a multiple of `prompt_bucket` and questions are processed `batch_questions` at a
-time (the last batch padded with dummy rows), so a run compiles once per prompt-length bucket.
+time (the last batch padded with dummy rows), so a run compiles once per prompt-length bucket. With `refill`
+(the default) the batches share one pool of slots: a question's slots go to the next waiting question as soon as
+its tree is finished, instead of idling until the slowest question of its batch ends (`decode.decode_refill`);
+the trees are the same.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from edu_prm_jax import distributed, parallel
-from edu_prm_jax.sampling.decode import STOP_NAMES, DecodeParams, Tables, decode
+from edu_prm_jax.sampling.decode import STOP_NAMES, DecodeParams, Tables, decode, decode_refill
 from edu_prm_jax.sampling.stopping import build_stop_tables
 from edu_prm_jax.sampling.symbols import symbol_token_mask
 
@@ -92,13 +95,24 @@ class Tree:
 
 
 class Sampler:
-    """Runs HT or EDU sampling for a model + tokenizer; `sample(prompts_ids)` yields leaves per question."""
+    """Runs HT or EDU sampling for a model + tokenizer; `sample_trees(prompt_ids, question_ids)` yields a Tree per
+    question.
+
+    `refill` (default True): decode the batches through one pool of `batch_questions` question blocks whose
+    finished blocks take the next waiting question (`decode.decode_refill`). It applies on one device (no mesh,
+    or a one-device mesh: each host of a multi-host job samples on its own devices) and to more than one batch;
+    otherwise, or with `refill=False`, each batch runs alone (`decode.decode`) and waits for its slowest
+    question. The trees are the same either way (floats up to kernel rounding, `decode`'s module docstring).
+    `stats` counts loop_steps (loop iterations over all rows, summed over batches or over the refilled pool),
+    batches and refilled runs."""
 
     def __init__(self, model: nnx.Module, tokenizer: Any, params: DecodeParams, *, mesh: Mesh | None = None,
                  batch_questions: int = 8, prompt_bucket: int = 32, stop_strings: Sequence[str] = (),
                  extra_symbols: str = "", disable_symbols: bool = False, prm: nnx.Module | None = None,
-                 rules: parallel.RulesLike = None):
+                 rules: parallel.RulesLike = None, refill: bool = True):
         self.model, self.tokenizer, self.params, self.mesh, self.prm = model, tokenizer, params, mesh, prm
+        self.refill = refill
+        self.stats = {"loop_steps": 0, "batches": 0, "refilled_runs": 0}
         self.rules = parallel.as_rules(rules)  # the sampling layout (may differ from training's)
         self.prompt_bucket = prompt_bucket
         split = self.rules.axis_size("rollout", mesh) if mesh is not None else 1  # questions split this many ways
@@ -118,16 +132,34 @@ class Sampler:
     def sample_trees(self, prompts: Sequence[Sequence[int]], question_ids: Sequence[int]) -> Iterator[Tree]:
         """A Tree per prompt (token ids), in order; question_ids key the randomness. In a multi-host job it runs
         on this process's devices (the sampler's mesh) and stops between decode batches when another process
-        has failed (`distributed.PeerFailedError`)."""
+        has failed (`distributed.PeerFailedError`). Raises ValueError for an empty prompt."""
         p, bq = self.params, self.batch_questions
+        starts = range(0, len(prompts), bq)
+        one_device = self.mesh is None or self.mesh.devices.size == 1
+        if self.refill and one_device and len(starts) > 1:
+            yield from self._refilled(prompts, question_ids)
+            return
+        for start, (arr, lens, ids) in zip(starts, self._batches(prompts, question_ids)):
+            out = decode(p, self.model, self.tables, arr, lens, ids, self.mesh, prm=self.prm, rules=self.rules)
+            self.stats["loop_steps"] += int(out["steps"].max(initial=0))
+            for i in range(min(bq, len(prompts) - start)):
+                yield self._tree(out, i)
+
+    def _width(self, chunk: Sequence[Sequence[int]]) -> int:
+        """The padded prompt width of a batch: its longest prompt rounded up to `prompt_bucket`."""
+        longest = max(len(x) for x in chunk)
+        return -(-longest // self.prompt_bucket) * self.prompt_bucket
+
+    def _batches(self, prompts: Sequence[Sequence[int]],
+                 question_ids: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(prompts [bq, width] int32 right-padded, prompt_lens [bq], question_ids [bq], -1 for padding rows) per
+        batch of `batch_questions`, checking on the other processes before each."""
+        bq = self.batch_questions
         for start in range(0, len(prompts), bq):
             distributed.check_peers("sampling")
             chunk = list(prompts[start:start + bq])
             qids = list(question_ids[start:start + bq])
-            n_real = len(chunk)
-            longest = max(len(x) for x in chunk)
-            plen = -(-longest // self.prompt_bucket) * self.prompt_bucket
-            arr = np.zeros((bq, plen), np.int32)
+            arr = np.zeros((bq, self._width(chunk)), np.int32)
             lens = np.ones((bq,), np.int32)
             ids = np.full((bq,), -1, np.int32)
             for i, toks in enumerate(chunk):
@@ -136,9 +168,25 @@ class Sampler:
                 arr[i, :len(toks)] = toks
                 lens[i] = len(toks)
                 ids[i] = qids[i]
-            out = decode(p, self.model, self.tables, arr, lens, ids, self.mesh, prm=self.prm, rules=self.rules)
-            for i in range(n_real):
-                leaves = slots_to_leaves(out, i * p.num_leaves, p.num_leaves)
-                for leaf in leaves:
-                    leaf.text = self.tokenizer.decode(leaf.token_ids)
-                yield Tree(leaves, int(out["pruned_tokens"][i]))
+            self.stats["batches"] += 1
+            yield arr, lens, ids
+
+    def _refilled(self, prompts: Sequence[Sequence[int]], question_ids: Sequence[int]) -> Iterator[Tree]:
+        """`sample_trees` through `decode_refill`: trees come back as their questions finish and are yielded in
+        input order (a finished tree waits, on the host, for the ones before it)."""
+        bq, done, next_index = self.batch_questions, {}, 0
+        self.stats["refilled_runs"] += 1
+        for batch, row, out in decode_refill(self.params, self.model, self.tables,
+                                             self._batches(prompts, question_ids), prm=self.prm, stats=self.stats):
+            done[batch * bq + row] = self._tree(out, 0)
+            while next_index in done:
+                yield done.pop(next_index)
+                next_index += 1
+
+    def _tree(self, out: dict[str, np.ndarray], i: int) -> Tree:
+        """Question i's Tree from a decode record (rows i*M .. i*M+M-1), with each leaf's text."""
+        m = self.params.num_leaves
+        leaves = slots_to_leaves(out, i * m, m)
+        for leaf in leaves:
+            leaf.text = self.tokenizer.decode(leaf.token_ids)
+        return Tree(leaves, int(out["pruned_tokens"][i]))
