@@ -111,6 +111,22 @@ def long_tail_questions(spec: str, extra: int, out: pathlib.Path) -> pathlib.Pat
     return out
 
 
+def loop_steps(records: list[dict[str, Any]], batch_questions: int) -> dict[str, int]:
+    """Loop iterations of the whole pool, from the trees alone: a question runs as many steps as its longest path
+    has tokens; batch by batch, a batch takes its longest question's steps; with refill, each question takes the
+    first free block in input order (list scheduling), and the pool runs until the last block is done."""
+    import heapq
+
+    steps = [max((len(leaf["token_ids"]) for leaf in r["leaves"]), default=0) for r in records]
+    batches = sum(max(steps[i:i + batch_questions]) for i in range(0, len(steps), batch_questions))
+    free, end = [0] * batch_questions, 0
+    for d in steps:
+        start = heapq.heappop(free)
+        heapq.heappush(free, start + d)
+        end = max(end, start + d)
+    return {"loop steps, batches": batches, "loop steps, refill": end}
+
+
 def sample_rate(args: argparse.Namespace, questions: str, max_new_tokens: int, threads: dict[str, Any],
                 label: str) -> harness.Cell:
     """`edu-prm sample` with refill on and off on `questions`: one Cell with questions/s and tokens/s per side."""
@@ -146,7 +162,7 @@ def sample_rate(args: argparse.Namespace, questions: str, max_new_tokens: int, t
     lengths = [len(leaf["token_ids"]) for r in records["refill"] for leaf in r["leaves"]]
     check = {"same tree shards": shards["refill"] == shards["no refill"], "questions": n,
              "distinct tokens": tokens, "paths at max_new_tokens": sum(x == max_new_tokens for x in lengths)}
-    units = {"questions": n, "tokens": tokens}
+    units = {"questions": n, "tokens": tokens, **loop_steps(records["refill"], args.batch_questions)}
     for side, t in timings.items():
         units[f"{side} questions/s"] = round(n / t.median, 2)
         units[f"{side} tokens/s"] = round(tokens / t.median, 1)
