@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -218,9 +219,13 @@ def environment() -> dict[str, Any]:
     env: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                            "python": platform.python_version(), "platform": platform.platform(),
                            "cpu": _cpu_model(), "cpu_count": os.cpu_count()}
-    for mod in ("jax", "jaxlib", "torch", "transformers", "tunix"):
-        if mod in sys.modules:
-            env[mod] = getattr(sys.modules[mod], "__version__", "?")
+    for mod, dist in (("jax", "jax"), ("jaxlib", "jaxlib"), ("torch", "torch"), ("transformers", "transformers"),
+                      ("tunix", "google-tunix")):
+        if mod in sys.modules:  # the installed distribution's version (tunix's stand-in package has none)
+            try:
+                env[mod] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                env[mod] = getattr(sys.modules[mod], "__version__", "?")
     return env
 
 
