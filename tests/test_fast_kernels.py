@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
+from test_attention import _np_attention  # the float64 packed-segment reference
 
 from edu_prm_jax import parallel
 from edu_prm_jax.models import attention, qwen2
@@ -137,25 +138,6 @@ def test_remat_dots_policy_still_saves_the_dense_matmul_outputs(capsys):
 
 
 # --------------------------------------------------------------------------------------- attention
-def _np_causal_attention(q, k, v, seg):
-    """float64 softmax(q k^T / sqrt(D)) v over keys s <= t in the query's own segment (id > 0); query head h
-    reads key head h // (N / K). -> [B, T, N, D], NaN at padding queries (they see no key)."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    b_n, t_n, n, d = q.shape
-    group = n // k.shape[2]
-    out = np.full(q.shape, np.nan)
-    for b in range(b_n):
-        for t in range(t_n):
-            if seg[b, t] == 0:
-                continue
-            keys = [s for s in range(t + 1) if seg[b, s] == seg[b, t]]
-            for h in range(n):
-                z = k[b, keys, h // group] @ q[b, t, h] / np.sqrt(d)
-                p = np.exp(z - z.max())
-                out[b, t, h] = (p / p.sum()) @ v[b, keys, h // group]
-    return out
-
-
 def _packed_segments(t: int) -> np.ndarray:
     """Row 0: three segments, the middle one crossing the first two block boundaries, then padding; row 1: a
     segment from the start to past the middle, one short segment, one to the end."""
@@ -184,7 +166,7 @@ def test_causal_attention_equals_numpy_float64_on_packed_segments(heads, kv_head
     q, k, v = (jnp.asarray(rng.normal(size=(2, t, n, 16)), jnp.float32) for n in (heads, kv_heads, kv_heads))
     out = attention.causal_attention(q, k, v, jnp.asarray(seg), jnp.float32)
     assert out.shape == (2, t, heads * 16) and out.dtype == jnp.float32
-    want = _np_causal_attention(q, k, v, seg)
+    want = _np_attention(q, k, v, seg)
     valid = seg > 0
     np.testing.assert_allclose(np.asarray(out).reshape(want.shape)[valid], want[valid], atol=3e-6)
 
@@ -214,7 +196,7 @@ def test_causal_attention_without_segments_is_plain_causal_and_bfloat16_runs():
     rng = np.random.default_rng(11)
     q, k, v = (jnp.asarray(rng.normal(size=(1, 96, n, 8)), jnp.float32) for n in (2, 1, 1))
     out = attention.causal_attention(q, k, v, None, jnp.float32)
-    want = _np_causal_attention(q, k, v, np.ones((1, 96), np.int32))
+    want = _np_attention(q, k, v, np.ones((1, 96), np.int32))
     np.testing.assert_allclose(np.asarray(out).reshape(want.shape), want, atol=3e-6)
     half = attention.causal_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), None, jnp.bfloat16)
     assert half.dtype == jnp.bfloat16
