@@ -9,6 +9,10 @@ markers with the same table, dated.
     python -m benchmarks                       # decode, train_step, forward at 1 and 2 threads
     python -m benchmarks --only decode --threads 1
     python -m benchmarks --readme README.md    # and regenerate the README's table
+    python -m benchmarks --out /tmp/rerun --compare benchmarks/results/results.json   # does it reproduce?
+
+`--compare` matches each new ratio to the same (benchmark, case, threads, ratio) of an earlier results file and
+says whether the new median lies within the earlier min-max (written to `<out>/reproduction.md`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts, each side pinned")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
     p.add_argument("--readme", type=pathlib.Path, default=None, help="rewrite this README's benchmark table")
+    p.add_argument("--compare", type=pathlib.Path, default=None,
+                   help="an earlier results.json: is each new median within its min-max there?")
     return p.parse_args(argv)
+
+
+def _cell_key(cell: dict[str, Any], ratio: str) -> tuple[str, str, int, str]:
+    case = ", ".join(f"{k} {v}" for k, v in cell["case"].items())
+    return cell["benchmark"], case, int(cell["threads"].get("xla_cpu_threads", 0)), ratio
+
+
+def reproduction(earlier: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per ratio of `now` (cells as in results.json): the earlier median and min-max of the same
+    (benchmark, case, threads, ratio), the new median, and `within` (earlier min <= new median <= earlier max;
+    None where the earlier run has no such ratio)."""
+    before = {_cell_key(c, name): r for c in earlier for name, r in c["ratios"].items()}
+    rows = []
+    for c in now:
+        for name, r in c["ratios"].items():
+            key = _cell_key(c, name)
+            old = before.get(key)
+            rows.append({"benchmark": key[0], "case": key[1], "threads": key[2], "ratio": name,
+                         "median": r["median"], "earlier": old and {k: old[k] for k in ("median", "min", "max")},
+                         "within": None if old is None else bool(old["min"] <= r["median"] <= old["max"])})
+    return rows
+
+
+def reproduction_table(rows: list[dict[str, Any]], earlier: str) -> str:
+    """`reproduction` as markdown, with a count of the ratios that reproduced."""
+    lines = [f"Reproduction against {earlier}:", "",
+             "| benchmark | case | threads | ratio | earlier median (min-max) | now | within |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r["earlier"]
+        was = "absent" if e is None else f"{e['median']:.2f}x ({e['min']:.2f}-{e['max']:.2f})"
+        verdict = {None: "-", True: "yes", False: "**no**"}[r["within"]]
+        lines.append(f"| {r['benchmark']} | {r['case']} | {r['threads']} | {r['ratio']} | {was} | "
+                     f"{r['median']:.2f}x | {verdict} |")
+    compared = [r for r in rows if r["within"] is not None]
+    lines += ["", f"{sum(r['within'] for r in compared)} of {len(compared)} ratios within the earlier min-max."]
+    return "\n".join(lines)
 
 
 def run_one(name: str, threads: int, extra: list[str]) -> dict[str, Any]:
@@ -82,6 +125,7 @@ def update_readme(readme: pathlib.Path, block: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    earlier = harness.load_cells(str(args.compare)) if args.compare else None  # fail before an hour of timing
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"benchmarks: 1-minute load is {load:.2f}: the machine is not idle, figures will spread more",
@@ -106,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.readme:
         update_readme(args.readme, block)
         print(f"updated {args.readme}", file=sys.stderr)
+    if earlier is not None:
+        text = reproduction_table(reproduction(earlier, cells), f"{args.compare}")
+        write_text_atomic(args.out / "reproduction.md", text + "\n")
+        print(text)
     return 0
 
 

@@ -6,15 +6,17 @@ Split by ablation, each part a jitted `lax.while_loop` of --new-tokens steps on 
 - `greedy loop`: the project's rollout loop (`sampling.decode.decode`, greedy, every row to its length);
 - `model step`: a bare loop feeding each row's argmax back through the model with its KV cache (no entropy,
   no records, no stop checks): the model's share;
-- `model step, no cache attention`: the same with `models.attention.dense_attention` replaced by a function of
-  the same output shape that reads nothing (patched while tracing): the difference is attention over the cache;
+- `model step, no cache attention`: the same with `models.attention.cache_attention` (and the reference
+  `dense_attention`) replaced by a function of the same output shape that reads nothing (patched while
+  tracing): the difference is attention over the cache;
 - `entropy + top-k`: a loop of `stats.entropy_and_logz` and `stats.top_k_small` on [B, V] logits;
 - `EDU loop`: the rollout loop in EDU mode with B / --slots questions of --slots slots each (the same B rows),
   tau at the 90% quantile of greedy entropies, against `EDU loop, no forks`: the same with tau = +inf, so no
   position qualifies (slot 0 of each question runs; the other rows are computed all the same): the difference
   is the forks themselves (cache-row copies, anchors, slot assignment).
 The rest of the greedy loop (greedy loop - model step - entropy + top-k) is the per-step records and stop
-detection. Each part's time per step = loop time / steps.
+detection. `prefill` is the bare loop with no steps (the prompts' forward alone); each part's time per step =
+(loop time - the prefill, for the loops that run one) / steps.
 
     python -m benchmarks.decode_profile --threads 1 --batch 64 --new-tokens 64 --prompt-len 32
 """
@@ -114,13 +116,15 @@ def profile(args: argparse.Namespace, weights: pathlib.Path, vocab: int) -> dict
                        branch_k=2, max_anchors=max(16, args.slots), stop_at_answer=False)
     no_forks = dataclasses.replace(edu, tau=float("inf"))
     with_attention = model_loop(side.model, b, args.prompt_len, n)
-    real = attention.dense_attention
-    try:  # trace a second bare loop whose attention reads nothing
-        attention.dense_attention = lambda q_, k_, v_, mask, dtype: q_.reshape(*q_.shape[:2], -1).astype(dtype)
+    prefill_only = model_loop(side.model, b, args.prompt_len, 0)
+    real = attention.dense_attention, attention.cache_attention
+    try:  # trace a second bare loop whose attention (the reference and the one over the cache) reads nothing
+        attention.dense_attention = attention.cache_attention = (
+            lambda q_, k_, v_, mask, dtype: q_.reshape(*q_.shape[:2], -1).astype(dtype))
         without_attention = model_loop(side.model, b, args.prompt_len, n)
         without_attention(prompts)  # compiled now, with the stand-in
     finally:
-        attention.dense_attention = real
+        attention.dense_attention, attention.cache_attention = real
     sides = {
         "greedy loop": lambda: side.run(greedy, prompts),
         "EDU loop": lambda: side.run(edu, prompts[:q]),
@@ -128,9 +132,13 @@ def profile(args: argparse.Namespace, weights: pathlib.Path, vocab: int) -> dict
         "model step": lambda: with_attention(prompts),
         "model step, no cache attention": lambda: without_attention(prompts),
         "entropy + top-k": stats_loop(b, vocab, n, 2),
+        "prefill": lambda: prefill_only(prompts),
     }
     timings, outs, load = harness.measure(sides, args.repeats)
-    per_step = {k: t.median / n * 1e3 for k, t in timings.items()}
+    prefill = timings["prefill"].median
+    with_prefill = {"greedy loop", "model step", "model step, no cache attention"}
+    per_step = {k: (t.median - (prefill if k in with_prefill else 0.0)) / n * 1e3 for k, t in timings.items()
+                if k != "prefill"}
     parts = {
         "model (matmuls, norms, rotary, cache writes)": per_step["model step, no cache attention"],
         "attention over the cache": per_step["model step"] - per_step["model step, no cache attention"],
@@ -138,7 +146,8 @@ def profile(args: argparse.Namespace, weights: pathlib.Path, vocab: int) -> dict
         "records + stop detection": per_step["greedy loop"] - per_step["model step"] - per_step["entropy + top-k"],
         "EDU forks (EDU loop - EDU loop that never forks)": per_step["EDU loop"] - per_step["EDU loop, no forks"],
     }
-    return {"per_step_ms": per_step, "parts_ms": parts, "timings": {k: v.to_json() for k, v in timings.items()},
+    return {"per_step_ms": per_step, "parts_ms": parts, "prefill_ms": prefill * 1e3,
+            "timings": {k: v.to_json() for k, v in timings.items()},
             "load": load.to_json(), "edu_leaves": int(outs["EDU loop"]["used"].sum()), "questions_edu": q}
 
 
@@ -157,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     result["threads"] = {**pinned, **harness.thread_report()}
     total = result["per_step_ms"]["greedy loop"]
     print(f"decode step split, batch {args.batch}, cache {args.prompt_len} + {args.new_tokens}, "
-          f"{args.threads} thread(s); greedy step {total:.2f} ms (load {result['load']['load_1m_before']:.2f})")
+          f"{args.threads} thread(s); greedy step {total:.2f} ms, after a prefill of {result['prefill_ms']:.1f} ms "
+          f"(load {result['load']['load_1m_before']:.2f})")
     print("| part | ms per step | share of the greedy step |\n|---|---|---|")
     for k, v in result["parts_ms"].items():
         print(f"| {k} | {v:.2f} | {v / total:.0%} |")

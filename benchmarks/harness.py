@@ -272,5 +272,10 @@ def _seconds(s: float) -> str:
 
 
 def load_cells(path: str) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return json.load(f)["cells"]
+    """The cells of a results.json (`python -m benchmarks`). Raises ValueError naming the file if it cannot be
+    read as one."""
+    try:
+        with open(path) as f:
+            return json.load(f)["cells"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a benchmarks results.json ({type(e).__name__}: {e})") from e

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 from benchmarks import harness
-from benchmarks.__main__ import BEGIN, END, update_readme
+from benchmarks.__main__ import BEGIN, END, reproduction, reproduction_table, update_readme
 
 
 def test_paired_ratio_is_per_round():
@@ -97,3 +97,27 @@ def test_train_step_benchmark_end_to_end_checks_losses(tmp_path):
     assert float(after[0]) < float(first[0])  # three AdamW steps on one batch lower its loss
     ratio = cell["ratios"]["jax vs torch"]
     assert ratio["min"] <= ratio["median"] <= ratio["max"]
+
+
+def _cell(batch: int, threads: int, **ratios: tuple[float, float, float]) -> dict:
+    return {"benchmark": "decode (greedy)", "case": {"batch": batch}, "threads": {"xla_cpu_threads": threads},
+            "ratios": {k: {"median": m, "min": lo, "max": hi} for k, (m, lo, hi) in ratios.items()}}
+
+
+def test_reproduction_checks_each_new_median_against_the_earlier_spread(tmp_path):
+    earlier = [_cell(1, 1, vs_t=(2.0, 1.5, 2.5)), _cell(8, 1, vs_t=(1.2, 1.1, 1.3)), _cell(8, 2, vs_t=(3.0, 2.9, 3.1))]
+    now = [_cell(1, 1, vs_t=(2.5, 2.4, 2.6)),  # at the earlier max: within
+           _cell(8, 1, vs_t=(1.05, 1.0, 1.1), vs_u=(1.0, 1.0, 1.0)),  # below the earlier min; a ratio new here
+           _cell(8, 2, vs_t=(3.0, 2.0, 4.0)),
+           _cell(64, 1, vs_t=(1.0, 1.0, 1.0))]  # a case the earlier run lacks
+    rows = reproduction(earlier, now)
+    assert [(r["case"], r["threads"], r["ratio"], r["within"]) for r in rows] == [
+        ("batch 1", 1, "vs_t", True), ("batch 8", 1, "vs_t", False), ("batch 8", 1, "vs_u", None),
+        ("batch 8", 2, "vs_t", True), ("batch 64", 1, "vs_t", None)]
+    text = reproduction_table(rows, "old.json")
+    assert "| decode (greedy) | batch 8 | 1 | vs_t | 1.20x (1.10-1.30) | 1.05x | **no** |" in text
+    assert text.endswith("2 of 3 ratios within the earlier min-max.")
+    bad = tmp_path / "results.json"
+    bad.write_text('{"rows": []}')
+    with pytest.raises(ValueError, match="results.json: not a benchmarks results.json"):
+        harness.load_cells(str(bad))
