@@ -9,6 +9,8 @@ Split by ablation, each part a jitted `lax.while_loop` of --new-tokens steps on 
 - `model step, no cache attention`: the same with `models.attention.cache_attention` (and the reference
   `dense_attention`) replaced by a function of the same output shape that reads nothing (patched while
   tracing): the difference is attention over the cache;
+- `matmuls alone`: a loop of the model's dense matmuls at the same batch and nothing else (`matmul_loop`): the
+  floor the model's part cannot go below on this machine (reported inside the model's part);
 - `entropy + top-k`: a loop of `stats.entropy_and_logz` and `stats.top_k_small` on [B, V] logits;
 - `EDU loop`: the rollout loop in EDU mode with B / --slots questions of --slots slots each (the same B rows),
   tau at the 90% quantile of greedy entropies, against `EDU loop, no forks`: the same with tau = +inf, so no
@@ -74,9 +76,40 @@ def model_loop(model: Any, batch: int, prompt_len: int, steps: int) -> Any:
             out, cache = m(token[:, None], cache=cache, write_index=jnp.full((batch,), prompt_len + i, jnp.int32))
             return i + 1, out[:, 0], cache
 
-        return jax.lax.while_loop(lambda c: c[0] < steps, body, (jnp.int32(0), logits, cache))[1]
+        # the cache is returned too: were it dead after the loop, XLA would drop its writes (and the key / value
+        # projections) from the loop of a stand-in attention that never reads it, and bill them to attention
+        return jax.lax.while_loop(lambda c: c[0] < steps, body, (jnp.int32(0), logits, cache))[1:]
 
     return lambda prompts: jax.block_until_ready(run(state, prompts))
+
+
+def matmul_loop(model: Any, batch: int, steps: int) -> Any:
+    """A jitted loop of `steps` steps of the model's dense matmuls alone at `batch` rows (every projection of
+    every layer, then the LM head, on the model's own kernels; a few adds keep each product live): the floor a
+    decode step's matmuls set on this machine."""
+    import jax
+    import jax.numpy as jnp
+
+    layers = model.layers
+    kernels = [[getattr(getattr(layer, part), name).kernel[...] for part, name in
+                (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("attn", "o_proj"),
+                 ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))] for layer in layers]
+    head = model.lm_head[...] if model.lm_head is not None else model.embed[...].T
+    hidden = head.shape[0]
+
+    @jax.jit
+    def run(kernels, head, x):
+        def body(i, x):
+            for wq, wk, wv, wo, wg, wu, wd in kernels:
+                q, k, v = x @ wq, x @ wk, x @ wv
+                x = x + q @ wo
+                x = x.at[:, : k.shape[1]].add(k + v)
+                x = x + ((x @ wg) * (x @ wu)) @ wd
+            return x + 1e-6 * (x @ head)[:, :hidden]
+        return jax.lax.fori_loop(0, steps, body, x)
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, hidden)) * 1e-3, jnp.float32)
+    return lambda: jax.block_until_ready(run(kernels, head, x))
 
 
 def stats_loop(batch: int, vocab: int, steps: int, k: int) -> Any:
@@ -133,10 +166,11 @@ def profile(args: argparse.Namespace, weights: pathlib.Path, vocab: int) -> dict
         "model step, no cache attention": lambda: without_attention(prompts),
         "entropy + top-k": stats_loop(b, vocab, n, 2),
         "prefill": lambda: prefill_only(prompts),
+        "matmuls alone": matmul_loop(side.model, b, n),
     }
     timings, outs, load = harness.measure(sides, args.repeats)
     prefill = timings["prefill"].median
-    with_prefill = {"greedy loop", "model step", "model step, no cache attention"}
+    with_prefill = {"greedy loop", "model step", "model step, no cache attention"}  # "prefill" has no steps
     per_step = {k: (t.median - (prefill if k in with_prefill else 0.0)) / n * 1e3 for k, t in timings.items()
                 if k != "prefill"}
     parts = {
@@ -146,6 +180,8 @@ def profile(args: argparse.Namespace, weights: pathlib.Path, vocab: int) -> dict
         "records + stop detection": per_step["greedy loop"] - per_step["model step"] - per_step["entropy + top-k"],
         "EDU forks (EDU loop - EDU loop that never forks)": per_step["EDU loop"] - per_step["EDU loop, no forks"],
     }
+    # the model part again, as the dense matmuls alone (the floor) and what the step adds around them
+    parts["of which: dense matmuls alone"] = per_step["matmuls alone"]
     return {"per_step_ms": per_step, "parts_ms": parts, "prefill_ms": prefill * 1e3,
             "timings": {k: v.to_json() for k, v in timings.items()},
             "load": load.to_json(), "edu_leaves": int(outs["EDU loop"]["used"].sum()), "questions_edu": q}

@@ -36,12 +36,18 @@ def test_bfloat16_compute_close_in_kl(tmp_path):
     assert float(kl) < 1e-3
 
 
-def test_kv_cache_decoding_equals_full_forward(tmp_path):
+@pytest.mark.parametrize("layout", ["heads_first", "positions_first"])
+def test_kv_cache_decoding_equals_full_forward(tmp_path, layout):
+    """Either cache layout (`Qwen2Config.cache_layout`: the CPU's and the accelerators' default) decodes to the
+    full forward's logits."""
     make_hf_qwen2(tmp_path, tied=True)
     model = load_hf_model(tmp_path)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 103, size=(3, 12)))
     full = model(tokens)
-    cache = KVCache.zeros(model.cfg, batch=3, length=16)
+    cache = KVCache.zeros(model.cfg.replace(cache_layout=layout), batch=3, length=16)
+    kv, d = model.cfg.num_key_value_heads, model.cfg.head_dim
+    assert cache.layout == layout and cache.length == 16
+    assert cache.k[0].shape == ((3, kv, d, 16) if layout == "heads_first" else (3, 16, kv, d))
     prefill, cache = model(tokens[:, :5], cache=cache, write_index=jnp.zeros(3, jnp.int32))
     steps = [prefill]
     for t in range(5, 12):

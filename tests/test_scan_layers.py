@@ -92,13 +92,14 @@ def test_remat_in_the_scan_saves_activation_memory(tmp_path):
     assert temps["full"] < 0.6 * temps["none"], temps
 
 
-def test_kv_cache_decoding_equals_full_forward_and_the_unrolled_cache(tmp_path):
+@pytest.mark.parametrize("layout", ["heads_first", "positions_first"])
+def test_kv_cache_decoding_equals_full_forward_and_the_unrolled_cache(tmp_path, layout):
     unrolled, scanned = _pair(tmp_path, heads=4, kv_heads=2, vocab=103, tied=True)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 103, size=(3, 12)))
     full = scanned(tokens)
     caches, outs = {}, {}
     for name, model in (("unrolled", unrolled), ("scanned", scanned)):
-        cache = KVCache.zeros(model.cfg, batch=3, length=16)
+        cache = KVCache.zeros(model.cfg.replace(cache_layout=layout), batch=3, length=16)
         assert cache.stacked == model.stacked
         prefill, cache = model(tokens[:, :5], cache=cache)  # fresh prefill
         steps = [prefill]
@@ -108,8 +109,11 @@ def test_kv_cache_decoding_equals_full_forward_and_the_unrolled_cache(tmp_path):
         outs[name], caches[name] = np.concatenate(steps, 1), cache
     np.testing.assert_allclose(outs["scanned"], full, atol=1e-5)
     np.testing.assert_allclose(outs["scanned"], outs["unrolled"], atol=1e-5)
-    assert caches["scanned"].k.shape == (3, 3, 2, 8, 16)  # [layers, batch, kv heads, head_dim, positions]
-    assert caches["scanned"].v.shape == (3, 3, 2, 16, 8)  # [layers, batch, kv heads, positions, head_dim]
+    if layout == "heads_first":
+        assert caches["scanned"].k.shape == (3, 3, 2, 8, 16)  # [layers, batch, kv heads, head_dim, positions]
+        assert caches["scanned"].v.shape == (3, 3, 2, 16, 8)  # [layers, batch, kv heads, positions, head_dim]
+    else:
+        assert caches["scanned"].k.shape == caches["scanned"].v.shape == (3, 3, 16, 2, 8)  # [L, B, S, K, D]
     for i in range(3):
         np.testing.assert_allclose(np.asarray(caches["scanned"].k[i]), np.asarray(caches["unrolled"].k[i]), atol=1e-5)
         np.testing.assert_allclose(np.asarray(caches["scanned"].v[i]), np.asarray(caches["unrolled"].v[i]), atol=1e-5)
@@ -151,7 +155,8 @@ def test_a_decode_step_writes_the_stacked_cache_in_place():
 
 @pytest.mark.parametrize("mode", ["edu", "ht"])
 def test_sampled_trees_are_the_same_in_both_layouts(tmp_path, mode):
-    """EDU forks copy cache rows inside the loop; P-EDU runs the PRM's own (stacked) cache beside the policy's."""
+    """EDU forks copy cache rows inside the loop; P-EDU runs the PRM's own (stacked) cache beside the policy's.
+    Both layer layouts, and both cache layouts, give the same trees."""
     import torch
 
     from edu_prm_jax.sampling.decode import DecodeParams, Tables, decode
@@ -167,18 +172,21 @@ def test_sampled_trees_are_the_same_in_both_layouts(tmp_path, mode):
     prompts = np.random.default_rng(6).integers(0, 47, (3, 6)).astype(np.int32)
     p = DecodeParams(mode=mode, num_leaves=4, max_new_tokens=12, tau=0.6, temperature=1.0, prune_below=0.3)
     runs = []
-    for model in (unrolled, scanned):
+    # both layer layouts with the default cache layout, then the scanned one with the positions-first cache
+    for model, layout in ((unrolled, "heads_first"), (scanned, "heads_first"), (scanned, "positions_first")):
+        model.cfg = model.cfg.replace(cache_layout=layout)
         prm = PRM.from_policy(model, head="scalar", seed=0)
-        assert prm.backbone.stacked == model.stacked
+        assert prm.backbone.stacked == model.stacked and prm.backbone.cfg.cache_layout == layout
         runs.append(decode(p, model, tables, prompts, np.array([6, 4, 5]), np.arange(3), prm=prm))
-    a, b = runs
+    a = runs[0]
     if mode == "edu":
         assert (a["parent"] >= 0).any()  # forks happened
-    for key in a:
-        if a[key].dtype.kind == "f":
-            np.testing.assert_allclose(b[key], a[key], atol=1e-4, err_msg=key)
-        else:
-            np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+    for b in runs[1:]:
+        for key in a:
+            if a[key].dtype.kind == "f":
+                np.testing.assert_allclose(b[key], a[key], atol=1e-4, err_msg=key)
+            else:
+                np.testing.assert_array_equal(b[key], a[key], err_msg=key)
 
 
 def test_hf_export_is_byte_identical_and_reimports_into_either_layout(tmp_path):

@@ -71,6 +71,7 @@ dtype_from_name = as_dtype  # the name older callers import
 
 REMAT_MODES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")  # see `Qwen2Config.attention`
+CACHE_LAYOUTS = ("heads_first", "positions_first")  # see `Qwen2Config.cache_layout`
 ACCELERATOR_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")  # jax platform names (jax.default_backend(), device.platform)
 
 
@@ -134,6 +135,13 @@ class Qwen2Config:
     # "auto" (`default_attention` of the platform the program is compiled for). Decode steps always use "xla".
     # A runtime choice: it changes no parameter and may be replaced on a built model's config.
     attention: str = "auto"
+    # KV cache layout for decoding (`qwen2.KVCache`): "heads_first", keys [B, K, D, S] and values [B, K, S, D],
+    # which a decode step's attention matmuls read in place (XLA:CPU copied every layer's [B, S, K, D] cache
+    # into that layout at every step; a compile for an H100 holds 1.1 MB of temporaries for a 33.5 MB cache
+    # against 25 MB with [B, S, K, D]), or "positions_first", [B, S, K, D] for both (the layout before
+    # 2026-12-01, kept to compare on accelerators: the one the H200 test run passed with, where two decode tests
+    # fail with heads-first). A runtime choice like `attention`: the same numbers either way (tests/test_model.py).
+    cache_layout: str = "heads_first"
 
     def __post_init__(self) -> None:
         for field in ("param_dtype", "dtype"):  # jnp.bfloat16, np.float32, "bf16" ... -> "bfloat16", "float32"
@@ -151,6 +159,8 @@ class Qwen2Config:
             raise ConfigError(f"scan_layers={self.scan_layers!r}: expected true, false or null (platform default)")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
+        if self.cache_layout not in CACHE_LAYOUTS:
+            raise ConfigError(f"cache_layout={self.cache_layout!r}: expected one of {CACHE_LAYOUTS}")
 
     @property
     def compute_dtype(self) -> np.dtype:

@@ -34,14 +34,18 @@ from edu_prm_jax.models import attention
 from edu_prm_jax.models.attention import NEG_INF  # noqa: F401  (re-exported: older callers import it here)
 from edu_prm_jax.models.config import Qwen2Config, default_scan_layers
 
-# Logical axes of each layer's cache arrays. Keys are stored [batch, kv_heads, head_dim, positions] and values
-# [batch, kv_heads, positions, head_dim]: each decode step's two attention matmuls (q K and p V) then read the cache
-# in place as plain row-major batched matmuls. The [batch, positions, kv_heads, head_dim] layout of the projections
-# made XLA copy the whole cache into a transposed layout for the attention einsums at every step (measured on
-# XLA:CPU at batch 64 and 1056 cached positions: 61 ms per layer and step, 8.5 ms with this layout; a GPU compile
-# held about three layers' worth of such copies).
-K_CACHE_AXES = ("cache_batch", "kv_heads", "head_dim", "cache_seq")
-V_CACHE_AXES = ("cache_batch", "kv_heads", "cache_seq", "head_dim")
+# Logical axes of each layer's cache arrays, in the two layouts (`Qwen2Config.cache_layout`):
+# - heads-first (the default): keys [batch, kv_heads, head_dim, positions] and values [batch, kv_heads, positions,
+#   head_dim]. Each decode step's two attention matmuls (q K and p V) then read the cache in place as plain
+#   row-major batched matmuls; with [batch, positions, kv_heads, head_dim] XLA:CPU copied the whole cache into a
+#   transposed layout for the attention einsums at every step (at batch 64 and 1056 cached positions: 61 ms per
+#   layer and step, 8.5 ms with this layout).
+# - positions-first: keys and values [batch, positions, kv_heads, head_dim], the projections' layout (the layout
+#   before 2026-12-01; `Qwen2Config.cache_layout` says why it is kept).
+HEADS_FIRST, POSITIONS_FIRST = "heads_first", "positions_first"
+K_CACHE_AXES = ("cache_batch", "kv_heads", "head_dim", "cache_seq")  # heads-first keys
+V_CACHE_AXES = ("cache_batch", "kv_heads", "cache_seq", "head_dim")  # heads-first values
+SEQ_CACHE_AXES = ("cache_batch", "cache_seq", "kv_heads", "head_dim")  # positions-first keys and values
 ACTIVATION_AXES = ("act_batch", "act_seq", "act_embed")  # logical axes of the residual stream [B, T, H]
 LAYERS_AXIS = "layers"  # logical axis of the stacked-layers dimension (parameters and KV cache of a scanned model)
 
@@ -150,6 +154,26 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return (x32 * cos + half * sin).astype(x.dtype)
 
 
+def cache_axes(layout: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(keys' logical axes, values' logical axes) of one layer's cache arrays in `layout`."""
+    return (K_CACHE_AXES, V_CACHE_AXES) if layout == HEADS_FIRST else (SEQ_CACHE_AXES, SEQ_CACHE_AXES)
+
+
+def cache_shapes(layout: str, batch: int, kv_heads: int, head_dim: int, length: int
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(keys' shape, values' shape) of one layer's cache arrays in `layout`."""
+    if layout == HEADS_FIRST:
+        return (batch, kv_heads, head_dim, length), (batch, kv_heads, length, head_dim)
+    return (batch, length, kv_heads, head_dim), (batch, length, kv_heads, head_dim)
+
+
+def _positions_axis(layout: str, keys: bool) -> int:
+    """The positions axis of one layer's [B, ...] keys (`keys`) or values array in `layout`."""
+    if layout == HEADS_FIRST:
+        return 3 if keys else 2
+    return 1
+
+
 def scan_layers_of(cfg: Qwen2Config) -> bool:
     """`cfg.scan_layers`, or when None the default of this process's platform (`config.default_scan_layers`)."""
     return default_scan_layers(jax.default_backend()) if cfg.scan_layers is None else cfg.scan_layers
@@ -157,40 +181,51 @@ def scan_layers_of(cfg: Qwen2Config) -> bool:
 
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer, in the layout of the model that fills them:
+    """Keys and values of every layer, in the layout of the model that fills them and in `layout`
+    (`Qwen2Config.cache_layout`: "heads_first" keys [batch, kv_heads, head_dim, cache_len] and values [batch,
+    kv_heads, cache_len, head_dim]; "positions_first" both [batch, cache_len, kv_heads, head_dim]):
 
-    - unrolled model: `k` is a tuple of one [batch, kv_heads, head_dim, cache_len] array per layer and `v` of
-      one [batch, kv_heads, cache_len, head_dim] array per layer (`K_CACHE_AXES`, `V_CACHE_AXES`: the layouts
-      the attention matmuls read in place); each layer updates its own buffer in place (slicing and
-      re-stacking a stacked cache in a Python loop would copy it every step);
-    - scanned model: `k`, `v` are single arrays with `num_layers` in front of those layouts, carried through
-      the layer scan and written in place at the layer's index (`stacked` is True).
-    Every cache this class builds is pinned to those axes (with `LAYERS_AXIS` in front when stacked) of the
-    active sharding rules (a no-op outside a sharding context)."""
+    - unrolled model: `k` and `v` are tuples of one such array per layer; each layer updates its own buffer in
+      place (slicing and re-stacking a stacked cache in a Python loop would copy it every step);
+    - scanned model: `k`, `v` are single arrays with `num_layers` in front, carried through the layer scan and
+      written in place at the layer's index (`stacked` is True).
+    Every cache this class builds is pinned to its layout's axes (`cache_axes`, with `LAYERS_AXIS` in front when
+    stacked) of the active sharding rules (a no-op outside a sharding context)."""
 
     k: tuple[jax.Array, ...] | jax.Array
     v: tuple[jax.Array, ...] | jax.Array
+    layout: str = HEADS_FIRST
 
     @classmethod
     def zeros(cls, cfg: Qwen2Config, batch: int, length: int, dtype: Any = None) -> KVCache:
-        """An empty cache for a model built from `cfg` (its `scan_layers` decides the layout)."""
-        kh, d, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
-        k_shape, v_shape = (batch, kh, d, length), (batch, kh, length, d)
-        dtype = dtype or cfg.compute_dtype
+        """An empty cache for a model built from `cfg` (its `scan_layers` decides stacked or per layer, its
+        `cache_layout` the axes)."""
+        layout = cfg.cache_layout
+        k_shape, v_shape = cache_shapes(layout, batch, cfg.num_key_value_heads, cfg.head_dim, length)
+        dtype, layers = dtype or cfg.compute_dtype, cfg.num_hidden_layers
         if scan_layers_of(cfg):
-            return cls(jnp.zeros((layers, *k_shape), dtype), jnp.zeros((layers, *v_shape), dtype)).constrained()
+            return cls(jnp.zeros((layers, *k_shape), dtype), jnp.zeros((layers, *v_shape), dtype),
+                       layout).constrained()
         return cls(tuple(jnp.zeros(k_shape, dtype) for _ in range(layers)),
-                   tuple(jnp.zeros(v_shape, dtype) for _ in range(layers))).constrained()
+                   tuple(jnp.zeros(v_shape, dtype) for _ in range(layers)), layout).constrained()
 
     @property
     def stacked(self) -> bool:
         """Whether this is a scanned model's cache ([num_layers, ...] arrays)."""
         return not isinstance(self.k, tuple)
 
+    def positions_axis(self, keys: bool) -> int:
+        """The positions axis of the keys (`keys`) or values arrays (the layer axis counted when stacked)."""
+        return _positions_axis(self.layout, keys) + int(self.stacked)
+
     @property
     def length(self) -> int:
         """Cached positions per row (the static length every step attends over)."""
-        return self.k.shape[-1] if self.stacked else self.k[0].shape[-1]
+        return (self.k if self.stacked else self.k[0]).shape[self.positions_axis(True)]
+
+    def replace(self, k: Any, v: Any) -> KVCache:
+        """This cache's layout with other arrays (pinned, `constrained`)."""
+        return KVCache(k, v, self.layout).constrained()
 
     def gather_rows(self, rows: jax.Array) -> KVCache:
         """Cache rows `rows` (a fork copies its parent's row into a new slot this way).
@@ -207,46 +242,54 @@ class KVCache:
                     picked = jnp.take(jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False), rows, axis=0)
                     return jax.lax.dynamic_update_index_in_dim(c, picked, layer, 0)
                 return jax.lax.fori_loop(0, cache.shape[0], one, cache)
-            return KVCache(take(self.k), take(self.v)).constrained()
-        return KVCache(tuple(k[rows] for k in self.k), tuple(v[rows] for v in self.v)).constrained()
+            return self.replace(take(self.k), take(self.v))
+        return self.replace(tuple(k[rows] for k in self.k), tuple(v[rows] for v in self.v))
 
     def constrained(self) -> KVCache:
-        """This cache pinned to the active sharding rules' `K_CACHE_AXES` / `V_CACHE_AXES` (`parallel.constrain`)."""
+        """This cache pinned to the active sharding rules' axes of its layout (`cache_axes`, `parallel.constrain`)."""
+        k_axes, v_axes = cache_axes(self.layout)
         if self.stacked:
-            return KVCache(parallel.constrain(self.k, (LAYERS_AXIS, *K_CACHE_AXES)),
-                           parallel.constrain(self.v, (LAYERS_AXIS, *V_CACHE_AXES)))
-        return KVCache(tuple(parallel.constrain(k, K_CACHE_AXES) for k in self.k),
-                       tuple(parallel.constrain(v, V_CACHE_AXES) for v in self.v))
+            return KVCache(parallel.constrain(self.k, (LAYERS_AXIS, *k_axes)),
+                           parallel.constrain(self.v, (LAYERS_AXIS, *v_axes)), self.layout)
+        return KVCache(tuple(parallel.constrain(k, k_axes) for k in self.k),
+                       tuple(parallel.constrain(v, v_axes) for v in self.v), self.layout)
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v"], meta_fields=[])
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v"], meta_fields=["layout"])
 
 
-def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array, keys: bool) -> jax.Array:
-    """Write T new positions of each row b at start[b]: keys cache [B, K, D, S] or values cache [B, K, S, D]
-    (`keys` says which), new [B, T, K, D] (the projections' layout)."""
-    if keys:
+def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array, keys: bool, layout: str) -> jax.Array:
+    """Write T new positions of each row b at start[b]: one layer's keys (`keys`) or values cache in `layout`
+    (heads-first keys [B, K, D, S] / values [B, K, S, D], or positions-first [B, S, K, D]), new [B, T, K, D] (the
+    projections' layout). Starts are clamped to [0, S - T] (`dynamic_update_slice`)."""
+    if layout == POSITIONS_FIRST:
+        at = lambda s: (s, 0, 0)  # noqa: E731
+    elif keys:
         new, at = new.transpose(0, 2, 3, 1), lambda s: (0, 0, s)  # [B, K, D, T]
     else:
         new, at = new.transpose(0, 2, 1, 3), lambda s: (0, s, 0)  # [B, K, T, D]
     return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), at(s)))(cache, new, start)
 
 
-def _write_layer_rows(cache: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array, keys: bool
-                      ) -> jax.Array:
-    """`_write_rows` into layer `layer` of a stacked cache: keys [L, B, K, D, S] or values [L, B, K, S, D], new
+def _write_layer_rows(cache: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array, keys: bool,
+                      layout: str) -> jax.Array:
+    """`_write_rows` into layer `layer` of a stacked cache ([L, ...] in front of `_write_rows`' layouts), new
     [B, T, K, D].
 
     One scatter with explicit (layer, row, position) indices, in place in the scan's carry (a vmapped
     `dynamic_update_slice` over the rows, axis 1 here, makes XLA:CPU pick a row-major layout for the loop's
     cache and copy the whole of it in and out). Indexed dimensions separated by slices come first in the
-    scattered value (numpy's rule), so it is `new` itself, [B, T, K, D]. Starts are clamped to [0, S - T], as
-    `dynamic_update_slice` clamps them in `_write_rows`, so both layouts write the same slots."""
+    scattered value (numpy's rule), so it is `new` itself, [B, T, K, D], in every layout. Starts are clamped to
+    [0, S - T], as `dynamic_update_slice` clamps them in `_write_rows`, so both model layouts write the same
+    slots."""
     b, t = new.shape[:2]
-    length = cache.shape[-1] if keys else cache.shape[-2]
+    length = cache.shape[_positions_axis(layout, keys) + 1]
     start = jnp.clip(start, 0, length - t)
     rows, cols = jnp.arange(b)[:, None], start[:, None] + jnp.arange(t)[None, :]
-    at = cache.at[layer, rows, :, :, cols] if keys else cache.at[layer, rows, :, cols, :]
+    if layout == POSITIONS_FIRST:
+        at = cache.at[layer, rows, cols]
+    else:
+        at = cache.at[layer, rows, :, :, cols] if keys else cache.at[layer, rows, :, cols, :]
     return at.set(new.astype(cache.dtype), mode="promise_in_bounds")
 
 
@@ -260,15 +303,17 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, positions, mask, layer_cache, write_index, *, impl: str = "xla",
-                 segment_ids: jax.Array | None = None, layer_index: jax.Array | None = None, fresh: bool = False):
+                 segment_ids: jax.Array | None = None, layer_index: jax.Array | None = None, fresh: bool = False,
+                 cache_layout: str = HEADS_FIRST):
         """x [B, T, H] -> ([B, T, H], the layer's updated cache or None).
 
         A `mask` [B, T, S] over the cache is attended through by `attention.cache_attention` (decode steps, XLA
-        prefills), one over the T new tokens alone by the XLA reference (`attention.dense_attention`). Without
-        one the T new tokens attend causally within `segment_ids` to each other only (training and scoring, or
-        a `fresh` prefill, whose cache held nothing before), through `attention.causal_attention` (`impl` "xla")
-        or a fused kernel. `layer_cache` is (k, v) of this layer (k [B, K, D, S], v [B, K, S, D]), or of all
-        layers (`num_layers` in front) with this layer's `layer_index` (scanned model)."""
+        prefills; `attention.dense_attention` for a positions-first cache), one over the T new tokens alone by
+        the XLA reference (`attention.dense_attention`). Without one the T new tokens attend causally within
+        `segment_ids` to each other only (training and scoring, or a `fresh` prefill, whose cache held nothing
+        before), through `attention.causal_attention` (`impl` "xla") or a fused kernel. `layer_cache` is (k, v)
+        of this layer in `cache_layout` (`KVCache`), or of all layers (`num_layers` in front) with this layer's
+        `layer_index` (scanned model)."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -280,16 +325,20 @@ class Attention(nnx.Module):
         if layer_cache is not None:
             ck, cv = layer_cache
             if layer_index is None:
-                keys, values = _write_rows(ck, k, write_index, True), _write_rows(cv, v, write_index, False)
+                keys = _write_rows(ck, k, write_index, True, cache_layout)
+                values = _write_rows(cv, v, write_index, False, cache_layout)
                 layer_cache = (keys, values)
             else:  # read back only this layer's slice of the stacked cache
-                ck = _write_layer_rows(ck, layer_index, k, write_index, True)
-                cv = _write_layer_rows(cv, layer_index, v, write_index, False)
+                ck = _write_layer_rows(ck, layer_index, k, write_index, True, cache_layout)
+                cv = _write_layer_rows(cv, layer_index, v, write_index, False, cache_layout)
                 layer_cache = (ck, cv)
                 keys = jax.lax.dynamic_index_in_dim(ck, layer_index, 0, keepdims=False)
                 values = jax.lax.dynamic_index_in_dim(cv, layer_index, 0, keepdims=False)
         if mask is not None and layer_cache is not None:  # decode steps, XLA prefills: over the cache, in place
-            out = attention.cache_attention(q, keys, values, mask, cfg.compute_dtype)
+            if cache_layout == HEADS_FIRST:
+                out = attention.cache_attention(q, keys, values, mask, cfg.compute_dtype)
+            else:  # positions-first: the projections' layout, the reference reads it as it is
+                out = attention.dense_attention(q, keys, values, mask, cfg.compute_dtype)
         elif mask is not None:  # an explicit mask over the T new tokens: the reference
             out = attention.dense_attention(q, k, v, mask, cfg.compute_dtype)
         elif impl == "xla":  # training and scoring: causal within segments, by query blocks
@@ -507,11 +556,13 @@ class Qwen2(nnx.Module):
                 impl = "xla"
         # without a mask, attention is causal within `segment_ids` (`causal_attention` or a fused kernel)
         fused_segments = segment_ids if mask is None else None
+        layout = cache.layout if cache is not None else HEADS_FIRST
         # the residual stream is pinned to ACTIVATION_AXES at every block boundary (inside a sharding context)
         x = parallel.constrain(jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype), ACTIVATION_AXES)
         if self.stacked:
             x, new_cache = self._scan_layers(x, positions, mask, cache, write_index,
-                                             dict(impl=impl, segment_ids=fused_segments, fresh=fresh))
+                                             dict(impl=impl, segment_ids=fused_segments, fresh=fresh,
+                                                  cache_layout=layout))
             return self.final_norm(x), new_cache
         new_k, new_v = [], []
         remat = cache is None and cfg.remat != "none"
@@ -522,13 +573,13 @@ class Qwen2(nnx.Module):
                 continue
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
             x, layer_cache = layer(x, positions, mask, layer_cache, write_index, impl=impl,
-                                   segment_ids=fused_segments, fresh=fresh)
+                                   segment_ids=fused_segments, fresh=fresh, cache_layout=layout)
             x = parallel.constrain(x, ACTIVATION_AXES)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
         hidden = self.final_norm(x)
-        new_cache = KVCache(tuple(new_k), tuple(new_v)).constrained() if cache is not None else None
+        new_cache = cache.replace(tuple(new_k), tuple(new_v)) if cache is not None else None
         return hidden, new_cache
 
     def _scan_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None, cache: KVCache | None,
@@ -556,7 +607,7 @@ class Qwen2(nnx.Module):
         if cache is None:
             return carry, None
         x, k, v = carry
-        return x, KVCache(k, v).constrained()
+        return x, cache.replace(k, v)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head in the compute dtype, returned as float32 (entropy and logprobs are computed from it)."""

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from edu_prm_jax import parallel
 from edu_prm_jax.models.config import Qwen2Config
-from edu_prm_jax.models.qwen2 import K_CACHE_AXES, V_CACHE_AXES
+from edu_prm_jax.models.qwen2 import cache_axes, cache_shapes
 from edu_prm_jax.sampling.decode import DecodeParams, Tables, decode_fn, decode_in_shardings, knob_dtypes
 from edu_prm_jax.scoring.examples import score_fn
 from edu_prm_jax.training.loop import LossFn, make_train_step, new_train_state
@@ -166,13 +166,15 @@ def score_program(factory: ModelFactory, mesh: Mesh, rules: parallel.RulesLike, 
 
 def decode_program(p: DecodeParams, policy_factory: ModelFactory, mesh: Mesh, rules: parallel.RulesLike,
                    questions: int, prompt_len: int, prm_factory: ModelFactory | None = None,
-                   stop_seqs_shape: tuple[int, int] = (1, 1), name: str = "decode", description: str = "") -> Program:
+                   stop_seqs_shape: tuple[int, int] = (1, 1), name: str = "decode", description: str = "",
+                   cache_buckets: bool | None = None) -> Program:
     """The rollout loop (`decode_fn`: prefill + `lax.while_loop`; P-EDU with `prm_factory`) for `questions`
     prompts of `prompt_len` tokens and `p.num_leaves` slots each, questions over the `rollout` rule.
 
     A step is one loop iteration: every one of the Q x M rows emits a token (an upper bound: finished rows still
     compute). `min_bytes_per_device` = the parameters one device holds plus its share of the KV cache(s), which
-    every step reads whole. Raises ValueError when the questions do not divide over the rollout axes."""
+    every step reads whole. `cache_buckets` as `decode_fn` takes it (None: the target platform's default). Raises
+    ValueError when the questions do not divide over the rollout axes."""
     rules = parallel.as_rules(rules)
     split = rules.axis_size("rollout", mesh)
     if questions % split:
@@ -202,13 +204,13 @@ def decode_program(p: DecodeParams, policy_factory: ModelFactory, mesh: Mesh, ru
     if prm_state is not None:
         held += bytes_per_device(prm_state, shardings[2])
     for c, _ in models:  # every step reads each layer's K and V cache whole
-        for axes, shape in ((K_CACHE_AXES, (rows, c.num_key_value_heads, c.head_dim, cache_len)),
-                            (V_CACHE_AXES, (rows, c.num_key_value_heads, cache_len, c.head_dim))):
+        shapes = cache_shapes(c.cache_layout, rows, c.num_key_value_heads, c.head_dim, cache_len)
+        for axes, shape in zip(cache_axes(c.cache_layout), shapes):
             local = math.prod(NamedSharding(mesh, rules.spec(axes, shape, mesh)).shard_shape(shape))
             held += c.num_hidden_layers * local * jnp.dtype(c.compute_dtype).itemsize
     mode = "P-EDU" if prm_factory is not None else p.mode.upper()
     text = description or (f"{mode} decode, {questions} questions x {p.num_leaves} slots, prompt {prompt_len} + "
                            f"{p.max_new_tokens} new tokens")
-    return Program(name, text, decode_fn(p, graphdef, prm_graphdef, mesh, rules), args, shardings, step_flops,
-                   "token step", rows, min_bytes_per_device=held, loop_steps=p.max_new_tokens, prefill_flops=prefill,
-                   notes=[layout_note(cfg)], scanned_layers=bool(cfg.scan_layers))
+    return Program(name, text, decode_fn(p, graphdef, prm_graphdef, mesh, rules, cache_buckets), args, shardings,
+                   step_flops, "token step", rows, min_bytes_per_device=held, loop_steps=p.max_new_tokens,
+                   prefill_flops=prefill, notes=[layout_note(cfg)], scanned_layers=bool(cfg.scan_layers))

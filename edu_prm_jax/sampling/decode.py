@@ -22,6 +22,8 @@ axes only); parameters, the KV cache and activations follow the same rules on th
 Cache-length buckets: a step attends over the whole cache it is given, so the loop runs as a sequence of
 `lax.while_loop`s, one per static cache length (`cache_lengths`: powers of two from 128 slots, then prompt +
 max_new_tokens), padding the cache at each transition; a step's cost follows the filled length, not the maximum.
+Buckets are the default on a CPU only (`default_cache_buckets`: a transition holds two caches at once, which
+a memory-bound accelerator run cannot spare).
 The records are those of the single-length loop (`cache_buckets=False`): the same tokens, forks and stops; a
 float can differ in its last bits where the compiler picks another kernel for another cache length (XLA:CPU
 picks its attention kernels by shape: bit-identical for the tiny test models, tests/test_decode_speed.py; up to
@@ -48,6 +50,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from edu_prm_jax import parallel
+from edu_prm_jax.models import attention
 from edu_prm_jax.models.qwen2 import KVCache
 from edu_prm_jax.sampling.anchors import (
     anchor_qualifies,
@@ -200,6 +203,20 @@ def cache_lengths(prompt_len: int, max_new_tokens: int, buckets: bool = True) ->
     return (*out, final)
 
 
+def default_cache_buckets(platform: str) -> bool:
+    """Whether the loop runs through `cache_lengths` buckets when a caller leaves `cache_buckets` None: on a CPU
+    (a step's time follows the attended length: 1.09-1.26x at 256-1024 new tokens, benchmarks/README.md), not on
+    TPU or GPU, where memory binds first and a transition between buckets holds the old and the new cache at
+    once (a 7B Best-of-N decode at N = 64 compiled for a v4-8: 18.5 GiB of temporaries through the buckets,
+    8.7 GiB with one length; README, "Planning for a slice")."""
+    return platform.lower() == "cpu"
+
+
+def _buckets(cache_buckets: bool | None) -> bool:
+    """`cache_buckets`, or when None the default of the platform being compiled for."""
+    return default_cache_buckets(attention.current_platform()) if cache_buckets is None else cache_buckets
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PathState:
@@ -326,15 +343,15 @@ def _fit_length(a: jax.Array, axis: int, length: int) -> jax.Array:
 
 def resize_cache(cache: KVCache | None, length: int) -> KVCache | None:
     """`cache` with `length` positions (zero-padded at the end, or cut: what lies past a row's `cache_len` is
-    never read), in its layout (keys [..., K, D, S], values [..., K, S, D]; `qwen2.KVCache`) and sharding; None
+    never read), in its layout (`qwen2.KVCache`: the positions axis of its keys and values) and sharding; None
     stays None."""
     if cache is None or cache.length == length:
         return cache
+    k_axis, v_axis = cache.positions_axis(True), cache.positions_axis(False)
     if cache.stacked:
-        return KVCache(_fit_length(cache.k, cache.k.ndim - 1, length),
-                       _fit_length(cache.v, cache.v.ndim - 2, length)).constrained()
-    return KVCache(tuple(_fit_length(k, k.ndim - 1, length) for k in cache.k),
-                   tuple(_fit_length(v, v.ndim - 2, length) for v in cache.v)).constrained()
+        return cache.replace(_fit_length(cache.k, k_axis, length), _fit_length(cache.v, v_axis, length))
+    return cache.replace(tuple(_fit_length(k, k_axis, length) for k in cache.k),
+                         tuple(_fit_length(v, v_axis, length) for v in cache.v))
 
 
 def _prefill_prompts(model: nnx.Module, prm: nnx.Module | None, prompts: jax.Array, prompt_lens: jax.Array,
@@ -598,7 +615,7 @@ def _fits(state: DecodeState) -> jax.Array:
 
 def _decode_loop(p: DecodeParams, knobs: dict[str, jax.Array], model: nnx.Module, tables: Tables,
                  prompts: jax.Array, prompt_lens: jax.Array, question_ids: jax.Array,
-                 prm: nnx.Module | None = None, cache_buckets: bool = True) -> DecodeOutput:
+                 prm: nnx.Module | None = None, cache_buckets: bool | None = None) -> DecodeOutput:
     """The rollout loop: a prefill, then one `lax.while_loop` per cache length of `cache_lengths` (one length
     unless `cache_buckets`), the cache (and the PRM's) padded to the next length between them. A loop ends when no row
     runs or a running row's next write would not fit; the last length fits max_new_tokens, where every row
@@ -606,7 +623,7 @@ def _decode_loop(p: DecodeParams, knobs: dict[str, jax.Array], model: nnx.Module
     the policy (its own KV cache, forked alongside), and at each step boundary (a position that qualifies as an
     anchor) a path whose just-finished step scores below `prune_below` is dropped and its slot freed; if every
     running path of a question is weak, the best-scoring one is spared."""
-    lengths = cache_lengths(prompts.shape[1], p.max_new_tokens, cache_buckets)
+    lengths = cache_lengths(prompts.shape[1], p.max_new_tokens, _buckets(cache_buckets))
     body = functools.partial(_loop_body, p, knobs, model, tables, prm)
     state = _prefill(p, model, prm, prompts, prompt_lens, question_ids, lengths[0])
     for i, length in enumerate(lengths):
@@ -618,7 +635,7 @@ def _decode_loop(p: DecodeParams, knobs: dict[str, jax.Array], model: nnx.Module
 
 
 def decode_fn(p: DecodeParams, graphdef: Any, prm_graphdef: Any = None, mesh: Mesh | None = None,
-              rules: parallel.RulesLike = None, cache_buckets: bool = True):
+              rules: parallel.RulesLike = None, cache_buckets: bool | None = None):
     """The rollout program (prefill + the `lax.while_loop`s; P-EDU when `prm_graphdef` is given) as a pure
     function, not jitted: `(knobs, state, prm_state, tables, prompts, prompt_lens, question_ids) -> DecodeOutput`.
 
@@ -628,7 +645,7 @@ def decode_fn(p: DecodeParams, graphdef: Any, prm_graphdef: Any = None, mesh: Me
     `jax.ShapeDtypeStruct`s: `jax.jit(decode_fn(...), in_shardings=decode_in_shardings(...)).lower(...)` compiles
     the loop for a target without memory (`edu-prm plan`). `p` is canonicalised (`static_params`); its dynamic
     fields come from `knobs`. `cache_buckets`: run through the `cache_lengths` buckets (False: one cache of
-    P + max_new_tokens, the same records).
+    P + max_new_tokens, the same records; None: `default_cache_buckets` of the platform compiled for).
 
     On a mesh of several devices the KV cache and activations are pinned to `rules`; when the `rollout` rule
     splits on the mesh, the loop runs under a `jax.shard_map` manual over those axes only (each device decodes
@@ -639,7 +656,9 @@ def decode_fn(p: DecodeParams, graphdef: Any, prm_graphdef: Any = None, mesh: Me
 
     def local(knobs, state, prm_state, tables, prompts, prompt_lens, question_ids):
         prm = nnx.merge(prm_graphdef, prm_state) if prm_graphdef is not None else None
-        with parallel.sharding_context(layout, rules):
+        # the mesh even of one device (where nothing is constrained): it says which chip the loop is compiled
+        # for (`parallel.active_platform`), hence the KV cache layout and the attention kernel
+        with parallel.sharding_context(mesh, rules):
             return _decode_loop(p, knobs, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids,
                                 prm, cache_buckets)
 
@@ -669,8 +688,8 @@ def decode_in_shardings(mesh: Mesh, state: Any, prm_state: Any = None, rules: pa
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _decode_jit(p: DecodeParams, graphdef: Any, prm_graphdef: Any, layout: tuple[Mesh, parallel.ShardingRules] | None,
-                cache_buckets: bool, knobs: dict, state: Any, prm_state: Any, tables: Tables, prompts, prompt_lens,
-                question_ids) -> DecodeOutput:
+                cache_buckets: bool | None, knobs: dict, state: Any, prm_state: Any, tables: Tables, prompts,
+                prompt_lens, question_ids) -> DecodeOutput:
     """`decode_fn` on one device, or on a mesh without rollout sharding; `layout` (mesh, rules) pins the KV cache
     and activations (and keys the compile cache)."""
     mesh, rules = layout if layout is not None else (None, None)
@@ -698,7 +717,7 @@ def _check_prompts(prompts: np.ndarray, prompt_lens: np.ndarray, question_ids: n
 
 def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarray, prompt_lens: np.ndarray,
            question_ids: np.ndarray, mesh: Mesh | None = None, prm: nnx.Module | None = None,
-           rules: parallel.RulesLike = None, cache_buckets: bool = True) -> dict[str, np.ndarray]:
+           rules: parallel.RulesLike = None, cache_buckets: bool | None = None) -> dict[str, np.ndarray]:
     """Run the rollout loop for a bucket of questions; returns `DecodeOutput`'s fields as host arrays, rows q*M + m.
 
     prompts [Q, P] int32 (right-padded), prompt_lens [Q] (1..P), question_ids [Q] (-1: a padding question).
@@ -706,7 +725,8 @@ def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarr
     training's). When the `rollout` rule splits on the mesh, questions are sharded over those axes with
     `jax.shard_map` (manual over them only, so parameters keep their other axes' sharding) and each device forks
     within its own questions; Q must be a multiple of the rollout split. `cache_buckets`: run through the
-    `cache_lengths` buckets (False: one cache length; the same records, module docstring). Raises ValueError for
+    `cache_lengths` buckets (False: one cache length; the same records, module docstring; None: the platform's
+    `default_cache_buckets`). Raises ValueError for
     inconsistent prompt arrays, a PRM with a separator head, or questions that do not divide over the rollout
     axes.
     """
@@ -740,7 +760,7 @@ def decode(p: DecodeParams, model: nnx.Module, tables: Tables, prompts: np.ndarr
 
 @functools.lru_cache(maxsize=32)
 def _sharded_decode(p: DecodeParams, graphdef: Any, prm_graphdef: Any, mesh: Mesh, rules: parallel.ShardingRules,
-                    cache_buckets: bool = True):
+                    cache_buckets: bool | None = None):
     """`decode_fn` under its `shard_map` (manual over the rollout mesh axes), jitted once per layout; the returned
     runner places the per-question arrays over those axes and the knobs replicated."""
     jitted = jax.jit(decode_fn(p, graphdef, prm_graphdef, mesh, rules, cache_buckets))
@@ -786,10 +806,10 @@ def _admit(p: DecodeParams, state: DecodeState, pre: Prefilled, take: jax.Array)
         def one_slot(m, c):
             rows = jnp.where(block_of < q_n, block_of * m_n + m, b_n)  # b_n: dropped
             if c.stacked:
-                return KVCache(c.k.at[:, rows].set(prompt_cache.k, mode="drop"),
-                               c.v.at[:, rows].set(prompt_cache.v, mode="drop"))
-            return KVCache(tuple(k.at[rows].set(pk, mode="drop") for k, pk in zip(c.k, prompt_cache.k)),
-                           tuple(v.at[rows].set(pv, mode="drop") for v, pv in zip(c.v, prompt_cache.v)))
+                return c.replace(c.k.at[:, rows].set(prompt_cache.k, mode="drop"),
+                                 c.v.at[:, rows].set(prompt_cache.v, mode="drop"))
+            return c.replace(tuple(k.at[rows].set(pk, mode="drop") for k, pk in zip(c.k, prompt_cache.k)),
+                             tuple(v.at[rows].set(pv, mode="drop") for v, pv in zip(c.v, prompt_cache.v)))
 
         return jax.lax.fori_loop(0, n_slots, one_slot, cache).constrained()
 
@@ -870,7 +890,7 @@ class _Waiting:
 
 def decode_refill(p: DecodeParams, model: nnx.Module, tables: Tables,
                   batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], prm: nnx.Module | None = None,
-                  cache_buckets: bool = True,
+                  cache_buckets: bool | None = None,
                   stats: dict[str, int] | None = None) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """The rollout loop with slot refill, on one device: yields (batch index, row, record) for every real
     question (id >= 0) of `batches`, in the order they finish; the record is `DecodeOutput`'s fields as host
@@ -887,6 +907,7 @@ def decode_refill(p: DecodeParams, model: nnx.Module, tables: Tables,
     device only: a multi-device mesh uses `decode` per batch. Raises ValueError as `decode` does, or when the
     batches' Q differ."""
     _check_prm(prm)
+    cache_buckets = _buckets(cache_buckets)  # this process's device
     graphdef, state = nnx.split(model)
     prm_graphdef, prm_state = nnx.split(prm) if prm is not None else (None, None)
     p, knobs = split_params(p)
