@@ -1,7 +1,10 @@
 """`python -m benchmarks`: every speed benchmark at every thread count, one results file, one markdown table.
 
 Each (benchmark, threads) pair runs in its own process (`python -m benchmarks.<name> --threads N`), because the
-thread pools of XLA and torch are sized when they are imported (`benchmarks.harness.pin_threads`). The cells of
+thread pools of XLA and torch are sized when they are imported (`benchmarks.harness.pin_threads`), and
+`--processes` times over (default 3), the rounds pooled (`harness.merge_cells`): one process's rounds miss the
+spread between runs (a process's compile, memory placement and clock), so a rerun fell outside their min-max for
+9 of 22 ratios. The cells of
 all runs go to `<out>/results.json` (with the environment and the machine's load) and `<out>/results.md`;
 `--readme README.md` rewrites the performance table between the README's `benchmarks:begin` / `benchmarks:end`
 markers with the same table, dated.
@@ -41,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", choices=sorted(SUITE), default=list(SUITE))
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts, each side pinned")
+    p.add_argument("--processes", type=int, default=3,
+                   help="independent runs of each benchmark (fresh processes), their rounds pooled")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
     p.add_argument("--readme", type=pathlib.Path, default=None, help="rewrite this README's benchmark table")
     p.add_argument("--compare", type=pathlib.Path, default=None,
@@ -106,7 +111,8 @@ def table_block(results: dict[str, Any]) -> str:
             f"jax {env.get('jax', '?')}, torch {env.get('torch', '?')}, transformers "
             f"{env.get('transformers', '?')}, tunix {env.get('tunix', 'absent')}; 1-minute load "
             f"{min(loads):.2f}-{max(loads):.2f}, other processes kept {min(busy):.2f}-{max(busy):.2f} cores busy "
-            "while timing. Speed-up = the other side's time / ours, per interleaved round: median (min-max).")
+            f"while timing. Speed-up = the other side's time / ours, per interleaved round, rounds of "
+            f"{env.get('processes', 1)} separate processes pooled: median (min-max).")
     notes = "".join(f"\n\n{n}" for n in results.get("notes", []))
     return f"{head}\n\n{harness.markdown_table(results['cells'])}{notes}"
 
@@ -133,12 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     cells: list[dict[str, Any]] = []
     notes: list[str] = []
     env: dict[str, Any] = {}
+    if args.processes < 1:
+        raise SystemExit("--processes must be >= 1")
     for threads in args.threads:
         for name in args.only:
-            result = run_one(name, threads, SUITE[name])
-            cells += result["cells"]
-            notes += [n for n in result.get("notes", []) if n not in notes]
-            env = {**result["environment"], **env}
+            runs = [run_one(name, threads, SUITE[name]) for _ in range(args.processes)]
+            cells += harness.merge_cells([r["cells"] for r in runs])
+            for result in runs:
+                notes += [n for n in result.get("notes", []) if n not in notes]
+                env = {**result["environment"], **env}
+    env["processes"] = args.processes
     results = {"environment": env, "cells": cells, "notes": notes}
     args.out.mkdir(parents=True, exist_ok=True)
     from edu_prm_jax.io.atomic import write_json_atomic, write_text_atomic

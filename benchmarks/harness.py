@@ -214,6 +214,29 @@ class Cell:
                 "threads": self.threads, "load": self.load.to_json(), "units": self.units}
 
 
+def merge_cells(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The cells of several independent runs of one benchmark (each a list of `Cell.to_json()` dicts, same cases in
+    each) as one list: per (benchmark, case, threads), every round's ratio and time pooled, medians and min-max
+    recomputed over the pool, the highest load kept, `processes` = how many runs the pool holds. Pooling runs made
+    in separate processes (each compiling and warming up on its own) puts the run-to-run spread into the min-max,
+    which rounds of one process understate. Raises ValueError when the runs do not hold the same cases."""
+    keys = [[(c["benchmark"], json.dumps(c["case"], sort_keys=True), json.dumps(c["threads"], sort_keys=True))
+             for c in run] for run in runs]
+    if not runs or any(k != keys[0] for k in keys):
+        raise ValueError("merge_cells: the runs do not hold the same benchmark cases in the same order")
+    merged = []
+    for group in zip(*runs):
+        first = group[0]
+        cell = {**first, "processes": len(group)}
+        cell["ratios"] = {name: Spread([v for c in group for v in c["ratios"][name]["values"]]).to_json()
+                          for name in first["ratios"]}
+        cell["timings"] = {side: Timing([v for c in group for v in c["timings"][side]["seconds"]],
+                                        first["timings"][side]["warmup_s"]).to_json() for side in first["timings"]}
+        cell["load"] = {k: max(c["load"][k] for c in group) for k in first["load"]}
+        merged.append(cell)
+    return merged
+
+
 def environment() -> dict[str, Any]:
     """Versions, machine and date for a results file."""
     env: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -121,3 +121,24 @@ def test_reproduction_checks_each_new_median_against_the_earlier_spread(tmp_path
     bad.write_text('{"rows": []}')
     with pytest.raises(ValueError, match="results.json: not a benchmarks results.json"):
         harness.load_cells(str(bad))
+
+
+def test_cells_of_separate_runs_are_pooled_round_by_round():
+    def run(ratios, seconds, load):
+        return [{"benchmark": "decode (greedy)", "case": {"batch": 8}, "threads": {"xla_cpu_threads": 1},
+                 "ratios": {"jax vs t": {"values": ratios}}, "check": {"tokens": "all rows"},
+                 "timings": {"jax": {"seconds": seconds, "warmup_s": 5.0}},
+                 "load": {"load_1m_before": load, "other_cores_busy": 0.1}}]
+    merged = harness.merge_cells([run([2.0, 2.2, 2.1], [1.0, 1.1, 0.9], 1.0),
+                                  run([1.7, 1.8, 1.9], [1.3, 1.2, 1.4], 1.5)])
+    (cell,) = merged
+    r = cell["ratios"]["jax vs t"]
+    assert r["values"] == [2.0, 2.2, 2.1, 1.7, 1.8, 1.9]
+    assert (r["median"], r["min"], r["max"]) == (1.95, 1.7, 2.2)  # pooled: neither run's own (2.1 / 1.8)
+    t = cell["timings"]["jax"]
+    assert t["repeats"] == 6 and t["median_s"] == 1.15 and (t["min_s"], t["max_s"]) == (0.9, 1.4)
+    assert cell["load"] == {"load_1m_before": 1.5, "other_cores_busy": 0.1} and cell["processes"] == 2
+    other = run([1.0], [1.0], 1.0)
+    other[0]["case"] = {"batch": 64}
+    with pytest.raises(ValueError, match="same benchmark cases"):
+        harness.merge_cells([run([1.0], [1.0], 1.0), other])
