@@ -4,10 +4,9 @@ Each (benchmark, threads) pair runs in its own process (`python -m benchmarks.<n
 thread pools of XLA and torch are sized when they are imported (`benchmarks.harness.pin_threads`), and
 `--processes` times over (default 3), the rounds pooled (`harness.merge_cells`): one process's rounds miss the
 spread between runs (a process's compile, memory placement and clock), so a rerun fell outside their min-max for
-9 of 22 ratios. The cells of
-all runs go to `<out>/results.json` (with the environment and the machine's load) and `<out>/results.md`;
-`--readme README.md` rewrites the performance table between the README's `benchmarks:begin` / `benchmarks:end`
-markers with the same table, dated.
+9 of 22 ratios. The cells of all runs go to `<out>/results.json` (with the environment and the machine's load)
+and `<out>/results.md`; `--readme README.md` rewrites the performance table between the README's
+`benchmarks:begin` / `benchmarks:end` markers with the same table, dated.
 
     python -m benchmarks                       # decode, train_step, forward at 1 and 2 threads
     python -m benchmarks --only decode --threads 1
