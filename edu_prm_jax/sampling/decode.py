@@ -657,7 +657,7 @@ def decode_fn(p: DecodeParams, graphdef: Any, prm_graphdef: Any = None, mesh: Me
     def local(knobs, state, prm_state, tables, prompts, prompt_lens, question_ids):
         prm = nnx.merge(prm_graphdef, prm_state) if prm_graphdef is not None else None
         # the mesh even of one device (where nothing is constrained): it says which chip the loop is compiled
-        # for (`parallel.active_platform`), hence the KV cache layout and the attention kernel
+        # for (`parallel.active_platform`), hence the cache-length buckets and the attention kernel
         with parallel.sharding_context(mesh, rules):
             return _decode_loop(p, knobs, nnx.merge(graphdef, state), tables, prompts, prompt_lens, question_ids,
                                 prm, cache_buckets)
