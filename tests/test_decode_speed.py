@@ -75,7 +75,7 @@ def test_bucketed_records_equal_the_single_length_loop(peaked_model, case):  # n
     if prm is not None:  # a PRM that scores paths differently: some are pruned
         prm.head.out.kernel[...] = 0.5 * jax.random.normal(jax.random.key(1), prm.head.out.kernel[...].shape)
     args = (p, model, _tables(), prompts, lens, np.arange(QUESTIONS))
-    bucketed = decode(*args, prm=prm)
+    bucketed = decode(*args, prm=prm, cache_buckets=True)  # asked for: off by default off a CPU
     single = decode(*args, prm=prm, cache_buckets=False)
     _assert_same_records(bucketed, single)
     used = bucketed["used"]
@@ -97,7 +97,7 @@ def test_bucket_transitions_in_a_stacked_cache_with_a_prm(tmp_path):
     prompts, lens = _prompts(1)
     p = DecodeParams(mode="edu", num_leaves=4, max_new_tokens=NEW, tau=0.6, stop_at_answer=False, prune_below=0.45)
     args = (p, model, _tables(), prompts, lens, np.arange(QUESTIONS))
-    bucketed = decode(*args, prm=prm)
+    bucketed = decode(*args, prm=prm, cache_buckets=True)  # asked for: off by default off a CPU
     _assert_same_records(bucketed, decode(*args, prm=prm, cache_buckets=False))
     assert bucketed["gen_len"].max() > 256 - WIDTH
 
@@ -110,7 +110,7 @@ def test_stop_at_anchor_expansions_across_buckets(peaked_model):  # noqa: F811
     p = ExpansionParams(mode="edu", num_leaves=2, branch_k=2, max_anchors=1, max_new_tokens=NEW, tau=0.6,
                         stop_at_answer=False)
     args = (p, model, _tables(symbols=range(8, V)), prompts, lens, np.arange(QUESTIONS))
-    bucketed = decode(*args)
+    bucketed = decode(*args, cache_buckets=True)
     _assert_same_records(bucketed, decode(*args, cache_buckets=False))
     stops = bucketed["stop"][bucketed["used"]]
     assert (stops == decode_module.STOP_ANCHOR).any()
@@ -123,7 +123,7 @@ def test_each_while_loop_carries_its_bucket_length(peaked_model):  # noqa: F811
     graphdef, state = nnx.split(model)
     p, knobs = split_params(DecodeParams(mode="edu", num_leaves=2, max_new_tokens=NEW))
     prompts, lens = _prompts()
-    jaxpr = jax.make_jaxpr(decode_fn(p, graphdef))(knobs, state, None, _tables(), prompts, lens,
+    jaxpr = jax.make_jaxpr(decode_fn(p, graphdef, cache_buckets=True))(knobs, state, None, _tables(), prompts, lens,
                                                    np.arange(QUESTIONS))
     loops = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "while"]
     lengths = cache_lengths(WIDTH, NEW)
@@ -139,7 +139,7 @@ def test_a_short_run_keeps_one_loop_and_its_length(peaked_model):  # noqa: F811
     graphdef, state = nnx.split(model)
     p, knobs = split_params(DecodeParams(mode="greedy", num_leaves=1, max_new_tokens=20))
     prompts, lens = _prompts()
-    jaxpr = jax.make_jaxpr(decode_fn(p, graphdef))(knobs, state, None, _tables(), prompts, lens,
+    jaxpr = jax.make_jaxpr(decode_fn(p, graphdef, cache_buckets=True))(knobs, state, None, _tables(), prompts, lens,
                                                    np.arange(QUESTIONS))
     assert [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns].count("while") == 1
 
@@ -151,8 +151,8 @@ def test_sharded_bucketed_rollouts_equal_one_device(peaked_model):  # noqa: F811
     prompts, lens = _prompts(3)
     p = DecodeParams(mode="edu", num_leaves=4, max_new_tokens=NEW, tau=0.6, stop_at_answer=False)
     args = (p, model, _tables(eos=(EOS, 5)), prompts, lens, np.arange(QUESTIONS))
-    single = decode(*args)
-    sharded = decode(*args, mesh=parallel.make_mesh(data=8))
+    single = decode(*args, cache_buckets=True)
+    sharded = decode(*args, mesh=parallel.make_mesh(data=8), cache_buckets=True)
     assert single["gen_len"].max() > 256 - WIDTH
     for key in single:
         if single[key].dtype.kind == "f":  # rows per device change float reduction order slightly

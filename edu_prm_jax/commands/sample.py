@@ -20,8 +20,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     if not questions:
         raise ValueError(f"questions={config.questions!r}: no questions")
     sampler = build_sampler(config.policy, config.tokenizer, config.sampling, config.mesh, config.dtype,
-                            config.batch_questions, config.prompt_bucket)
-    sampler.refill = config.refill  # slot refill (configs/sample.py): the same trees, sooner
+                            config.batch_questions, config.prompt_bucket,
+                            refill=config.refill)  # slot refill (configs/sample.py): the same trees, sooner
     out = storage.as_path(config.output) if config.output else workdir / f"samples_{config.sampling.mode}"
     sample_to_shards(sampler, questions, out, config.num_shards, desc=f"sample[{config.sampling.mode}]",
                      fingerprint=sampling_fingerprint(resolve_policy(config.policy), config.dtype, config.sampling),

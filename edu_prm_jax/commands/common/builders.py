@@ -84,7 +84,7 @@ def checkpoint_dtype(model_dir: str | pathlib.Path) -> str:
 
 
 def build_sampler(policy: str, tokenizer_dir: str, s: ml_collections.ConfigDict, mesh_cfg: Any, dtype: str,
-                  batch_questions: int = 8, prompt_bucket: int = 32, **override: Any) -> Sampler:
+                  batch_questions: int = 8, prompt_bucket: int = 32, refill: bool = True, **override: Any) -> Sampler:
     params = decode_params(s, **override)  # a bad field fails before the model loads
     policy_dir = resolve_policy(policy)
     mesh = parallel.local_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)  # multi-host: this host's devices
@@ -92,7 +92,7 @@ def build_sampler(policy: str, tokenizer_dir: str, s: ml_collections.ConfigDict,
     model = load_model(policy_dir, dtype=dtype, param_dtype=checkpoint_dtype(policy_dir), mesh=mesh, rules=rules)
     tokenizer = load_tokenizer(tokenizer_dir or policy_dir)
     return Sampler(model, tokenizer, params, mesh=mesh, batch_questions=batch_questions,
-                   prompt_bucket=prompt_bucket, rules=rules, **sampler_options(s))
+                   prompt_bucket=prompt_bucket, rules=rules, refill=refill, **sampler_options(s))
 
 
 TRAINABLE = ("all", "head", "expanded")
