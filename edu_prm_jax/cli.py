@@ -222,6 +222,31 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             FloatingPointError, DamagedCheckpointError, PlannerUnavailableError, PeerFailedError)
 
 
+def _fold_exit_time_write_errors() -> None:
+    """After a disk-full error has been reported, libraries' own exit-time writes fail on the same disk once more:
+    tensorboardX retries its event file's flush from an atexit hook, and its writer thread and unflushed file
+    objects fail as the interpreter shuts down. Python prints each as a traceback under the one line already
+    given; these hooks log such OSErrors at debug level instead (`--log_level=debug` shows them). Anything that
+    is not an OSError still reaches the default hooks."""
+    import threading
+
+    default_unraisable, default_thread = sys.unraisablehook, threading.excepthook
+
+    def unraisable(report: sys.UnraisableHookArgs) -> None:
+        if isinstance(report.exc_value, OSError):
+            logging.debug("after the disk-full error, ignored at exit: %s (%r)", report.exc_value, report.object)
+        else:
+            default_unraisable(report)
+
+    def thread_failed(report: threading.ExceptHookArgs) -> None:
+        if isinstance(report.exc_value, OSError):
+            logging.debug("after the disk-full error, thread %s failed: %s", report.thread, report.exc_value)
+        else:
+            default_thread(report)
+
+    sys.unraisablehook, threading.excepthook = unraisable, thread_failed
+
+
 STACK_RAISED = "EDU_PRM_STACK_RAISED"  # set once `plan` has re-executed itself with the stack limit raised
 
 
@@ -276,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             print(f"{PROG} {name}: error: disk full: {e}{where}; free space and rerun (finished work is kept)",
                   file=sys.stderr)
+            _fold_exit_time_write_errors()
         else:
             print(f"{PROG} {name}: error: {e}{where} (--log_level=debug shows the traceback)", file=sys.stderr)
         return 1

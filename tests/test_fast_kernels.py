@@ -10,6 +10,8 @@
 - The whole model, unrolled and scanned, remat none/full/dots, float32 and bfloat16: logits and lm_loss
   gradients against the same model with the formulations it had before (plain `jnp.dot`, `silu * up`,
   `dense_attention` over `causal_mask`), whose gradients are jax.grad's own.
+- The RoPE tables: one cos and one sin in a compiled train step of any depth, where XLA left to itself fuses
+  them into every consumer (the count grows with the layers), and the same logits either way.
 """
 
 import jax
@@ -135,6 +137,43 @@ def test_remat_dots_policy_still_saves_the_dense_matmul_outputs(capsys):
 
     assert saved(with_kernel) == saved(with_dot)
     assert "f32[4,8,32]" in saved(with_kernel)  # the first matmul's output is kept
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_rotary_tables_are_computed_once_per_train_step(scan, monkeypatch):
+    """A 3-layer train step on XLA:CPU evaluates cos once (in each of the conditional's two identical branches:
+    the tables `Qwen2.backbone` builds once and hands to every layer), forward and backward. With the tables
+    computed plainly, the unrolled model re-evaluates them in every consumer fusion (a scanned one hoists them
+    out of the loop either way), with the same loss."""
+    import re
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, scan_layers=scan)
+    graphdef, state = nnx.split(Qwen2(cfg, nnx.Rngs(0)))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
+
+    def loss(st):
+        hidden, _ = nnx.merge(graphdef, st).backbone(tokens, segment_ids=jnp.ones_like(tokens))
+        return jnp.sum(hidden ** 2)
+
+    def compiled() -> tuple[int, float]:
+        step = jax.jit(jax.value_and_grad(loss))
+        text = step.lower(state).compile().as_text()
+        return len(re.findall(r"\bcosine\(", text)), float(step(state)[0])
+
+    once, loss_once = compiled()
+    assert once <= 2
+
+    def plain_tables(positions, head_dim, theta):
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+        angles = positions.astype(jnp.float32)[..., None] * inv_freq
+        angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+        return jnp.cos(angles), jnp.sin(angles)
+
+    monkeypatch.setattr(qwen2, "rotary_tables", plain_tables)
+    fused, loss_fused = compiled()
+    assert fused <= 2 if scan else fused >= 3 * 2 * 2  # unrolled: at least q and k of 3 layers, fwd and bwd
+    assert loss_once == pytest.approx(loss_fused, rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------- attention

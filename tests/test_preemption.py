@@ -5,6 +5,7 @@ the checkpoint and finishes (issue "Nothing lost": SIGTERM)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,9 @@ from edu_prm_jax.training.loop import EXIT_PREEMPTED
 def _terminate_when(argv: list[str], ready) -> tuple[int, str, float]:
     """Start `argv`, send SIGTERM at the first stderr line for which `ready(line)` holds; (exit status, stderr,
     seconds from the signal to the exit)."""
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    # the run-wide compilation cache off: the signal is meant to land while the first step really compiles
+    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
     lines, start = [], time.monotonic()
     for line in proc.stderr:
         lines.append(line)

@@ -129,26 +129,37 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(jnp.float32) * normed.astype(x.dtype).astype(jnp.float32)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate-half RoPE as in transformers' Qwen2 (frequencies in float32). x: [B, T, heads, D].
+RotaryTables = tuple[jax.Array, jax.Array]
 
-    On XLA:CPU the cos/sin tables are computed inside a `lax.cond` whose two branches are the same function
-    (so its predicate, a position, does not matter): a conditional is a fusion boundary, so the tables are
-    materialised once per step and shared (common-subexpression elimination merges them across q, k and the
-    layers) instead of being re-evaluated inside every consumer loop, forward and backward (60 copies of cos
-    and sin in the benchmark's train step, ~7% of it). Values are identical."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
 
-    def tables(pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> RotaryTables:
+    """RoPE's (cos, sin), each [B, T, 1, head_dim] float32, for int `positions` [B, T] (transformers' Qwen2:
+    inverse frequencies theta^(-2i/d) in float32, each frequency used for both halves).
+
+    The model computes them once per call (`Qwen2.backbone`) and hands them to every layer. On XLA:CPU they are
+    computed inside a `lax.cond` whose two branches are this same function (so its predicate, a position, does
+    not matter): a conditional is a fusion boundary, so the tables are materialised once and read by the q and k
+    rotations of every layer, forward and backward. Without it XLA fuses the cos and sin into each consumer loop
+    and evaluates them there again (68 cosines in a 4-layer train step instead of 2, ~7% of the benchmark's
+    step); an optimisation barrier does not stop that, XLA:CPU removes barriers before fusion. Values are
+    identical. Other platforms let XLA choose."""
+
+    def tables(pos: jax.Array) -> RotaryTables:
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
         angles = pos.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
         angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
         return jnp.cos(angles), jnp.sin(angles)
 
     if positions.size and attention.current_platform() == "cpu":
-        cos, sin = jax.lax.cond(positions.reshape(-1)[0] == 0, tables, tables, positions)
-    else:
-        cos, sin = tables(positions)
+        return jax.lax.cond(positions.reshape(-1)[0] == 0, tables, tables, positions)
+    return tables(positions)
+
+
+def rotary(x: jax.Array, tables: RotaryTables) -> jax.Array:
+    """Rotate-half RoPE as in transformers' Qwen2: x [B, T, heads, D] by `rotary_tables` (cos, sin), in float32,
+    returned in x's dtype."""
+    cos, sin = tables
+    d = x.shape[-1]
     x32 = x.astype(jnp.float32)
     half = jnp.concatenate([-x32[..., d // 2:], x32[..., : d // 2]], axis=-1)
     return (x32 * cos + half * sin).astype(x.dtype)
@@ -302,7 +313,7 @@ class Attention(nnx.Module):
         self.o_proj = Dense(cfg.num_attention_heads * d, h, ("q_heads", "embed"), bias=False, cfg=cfg, rngs=rngs)
         self.cfg = cfg
 
-    def __call__(self, x, positions, mask, layer_cache, write_index, *, impl: str = "xla",
+    def __call__(self, x, rope: RotaryTables, mask, layer_cache, write_index, *, impl: str = "xla",
                  segment_ids: jax.Array | None = None, layer_index: jax.Array | None = None, fresh: bool = False,
                  cache_layout: str = HEADS_FIRST):
         """x [B, T, H] -> ([B, T, H], the layer's updated cache or None).
@@ -319,8 +330,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
         k = self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
-        q = rotary(q, positions, cfg.rope_theta)
-        k = rotary(k, positions, cfg.rope_theta)
+        q = rotary(q, rope)
+        k = rotary(k, rope)
         keys, values = k, v
         if layer_cache is not None:
             ck, cv = layer_cache
@@ -390,10 +401,11 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, mask, layer_cache, write_index, **attn_kw: Any):
-        """x [B, T, H] -> (x after this block, the updated cache); `attn_kw` as `Attention.__call__` takes them."""
+    def __call__(self, x, rope: RotaryTables, mask, layer_cache, write_index, **attn_kw: Any):
+        """x [B, T, H] -> (x after this block, the updated cache); `rope`: the call's `rotary_tables`;
+        `attn_kw` as `Attention.__call__` takes them."""
         dtype = x.dtype
-        attn_out, layer_cache = self.attn(self.input_norm(x).astype(dtype), positions, mask, layer_cache,
+        attn_out, layer_cache = self.attn(self.input_norm(x).astype(dtype), rope, mask, layer_cache,
                                           write_index, **attn_kw)
         x = x + attn_out.astype(dtype)
         x = x + self.mlp(self.post_attn_norm(x).astype(dtype)).astype(dtype)
@@ -425,10 +437,11 @@ def remat_policy(mode: str) -> Any:
 
 
 def _remat_layer(mode: str, impl: str):
-    """A layer call without a cache, `(layer, x, positions, mask, segment_ids) -> x`, under `nnx.remat`."""
-    def layer_without_cache(layer: DecoderLayer, x: jax.Array, positions: jax.Array, mask: jax.Array | None,
+    """A layer call without a cache, `(layer, x, rope, mask, segment_ids) -> x`, under `nnx.remat` (the rotary
+    tables are an input, so they are kept, not recomputed)."""
+    def layer_without_cache(layer: DecoderLayer, x: jax.Array, rope: RotaryTables, mask: jax.Array | None,
                             segment_ids: jax.Array | None) -> jax.Array:
-        return layer(x, positions, mask, None, None, impl=impl, segment_ids=segment_ids)[0]
+        return layer(x, rope, mask, None, None, impl=impl, segment_ids=segment_ids)[0]
 
     return nnx.remat(layer_without_cache, policy=remat_policy(mode))
 
@@ -557,10 +570,11 @@ class Qwen2(nnx.Module):
         # without a mask, attention is causal within `segment_ids` (`causal_attention` or a fused kernel)
         fused_segments = segment_ids if mask is None else None
         layout = cache.layout if cache is not None else HEADS_FIRST
+        rope = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)  # once per call, shared by every layer
         # the residual stream is pinned to ACTIVATION_AXES at every block boundary (inside a sharding context)
         x = parallel.constrain(jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype), ACTIVATION_AXES)
         if self.stacked:
-            x, new_cache = self._scan_layers(x, positions, mask, cache, write_index,
+            x, new_cache = self._scan_layers(x, rope, mask, cache, write_index,
                                              dict(impl=impl, segment_ids=fused_segments, fresh=fresh,
                                                   cache_layout=layout))
             return self.final_norm(x), new_cache
@@ -568,11 +582,11 @@ class Qwen2(nnx.Module):
         remat = cache is None and cfg.remat != "none"
         for i, layer in enumerate(self.layers):
             if remat:  # training: recompute the layer's activations in the backward pass instead of storing them
-                x = parallel.constrain(_remat_layer(cfg.remat, impl)(layer, x, positions, mask, fused_segments),
+                x = parallel.constrain(_remat_layer(cfg.remat, impl)(layer, x, rope, mask, fused_segments),
                                        ACTIVATION_AXES)
                 continue
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, layer_cache = layer(x, positions, mask, layer_cache, write_index, impl=impl,
+            x, layer_cache = layer(x, rope, mask, layer_cache, write_index, impl=impl,
                                    segment_ids=fused_segments, fresh=fresh, cache_layout=layout)
             x = parallel.constrain(x, ACTIVATION_AXES)
             if cache is not None:
@@ -582,7 +596,7 @@ class Qwen2(nnx.Module):
         new_cache = cache.replace(tuple(new_k), tuple(new_v)) if cache is not None else None
         return hidden, new_cache
 
-    def _scan_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None, cache: KVCache | None,
+    def _scan_layers(self, x: jax.Array, rope: RotaryTables, mask: jax.Array | None, cache: KVCache | None,
                      write_index: jax.Array | None, attn_kw: dict[str, Any]) -> tuple[jax.Array, KVCache | None]:
         """The stacked layers by `jax.lax.scan`: the residual stream (and the stacked cache, written in place at
         each layer's index) is the carry, the layer parameters and indices the scanned inputs. Without a cache,
@@ -594,10 +608,10 @@ class Qwen2(nnx.Module):
             layer_state, index = xs
             layer = nnx.merge(graphdef, layer_state)
             if cache is None:
-                out, _ = layer(carry, positions, mask, None, None, **attn_kw)
+                out, _ = layer(carry, rope, mask, None, None, **attn_kw)
                 return parallel.constrain(out, ACTIVATION_AXES), None
             h, ck, cv = carry
-            h, (ck, cv) = layer(h, positions, mask, (ck, cv), write_index, layer_index=index, **attn_kw)
+            h, (ck, cv) = layer(h, rope, mask, (ck, cv), write_index, layer_index=index, **attn_kw)
             return (parallel.constrain(h, ACTIVATION_AXES), ck, cv), None
 
         if cache is None and cfg.remat != "none":

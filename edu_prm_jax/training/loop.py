@@ -14,6 +14,7 @@ import functools
 import json
 import pathlib
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -350,7 +351,9 @@ class Trainer:
             self.checkpointer.wait()
         finally:
             signal.signal(signal.SIGTERM, previous)
-            writer.close()
+            # an error already on its way out (e.g. a checkpoint on a full disk) is the one reported; the event
+            # file failing on that same disk after it only gets a warning
+            writer.close(raise_errors=sys.exc_info()[0] is None)
         if lead:
             write_text_atomic(self.workdir / "last_metrics.json",
                               json.dumps({"step": self.step, **last, **eval_metrics}, indent=2))

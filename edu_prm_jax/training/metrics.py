@@ -45,6 +45,7 @@ class MetricsWriter:
     def __init__(self, logdir: str | os.PathLike, total_steps: int, initial_step: int = 0,
                  progress: bool = True, tensorboard: bool = True, log_lines: bool = True):
         self._log_lines = log_lines
+        self._logdir = logdir
         self._tb = None
         self._bar = None
         if tensorboard:
@@ -74,9 +75,18 @@ class MetricsWriter:
         if self._bar is not None:
             self._bar.update(n)
 
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
+    def close(self, raise_errors: bool = True) -> None:
+        """Flush and close every sink. An event file that cannot be written (e.g. a full disk) raises OSError
+        naming the event directory, or, with `raise_errors=False` (the caller is already failing with an error
+        of its own, which must not be replaced), is logged as a warning."""
         if self._bar is not None:
             self._bar.close()
+        if self._tb is None:
+            return
+        tb, self._tb = self._tb, None
+        try:
+            tb.close()  # flushes first
+        except OSError as e:
+            if raise_errors:
+                raise OSError(e.errno, f"{e.strerror or e} writing TensorBoard events", str(self._logdir)) from e
+            logging.warning("TensorBoard events under %s were not all written: %s", self._logdir, e)
