@@ -404,3 +404,39 @@ def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog)
     got = resumed.params()
     for k in full:
         np.testing.assert_array_equal(got[k], full[k], err_msg=k)
+
+
+def test_a_full_disk_surfacing_from_an_earlier_async_save_removes_only_this_runs_unfinished_saves(
+        tmp_path, monkeypatch):
+    """An async save (step 3) fails on a full disk and its error, naming no step, surfaces at the next save
+    (step 6), as Orbax reports it: the one error names step 3 and its bytes, the unfinished saves this process
+    started are removed, and a temporary directory this process never made (step 9's) is left alone."""
+    import errno as errno_codes
+
+    from edu_prm_jax.io.atomic import DiskFullError
+    from edu_prm_jax.training.checkpointing import Checkpointer
+
+    directory = tmp_path / "checkpoints"
+    ckpt = Checkpointer(directory, async_save=False)
+    foreign = directory / "9.orbax-checkpoint-tmp-1700000000"
+    foreign.mkdir(parents=True)
+    state = {"w": np.zeros((4, 8), np.float32)}
+
+    def start_and_leave_unfinished(step, args=None, **kw):  # what an async save in flight leaves on disk
+        (directory / f"{step}.orbax-checkpoint-tmp-1700000001").mkdir()
+        return True
+
+    monkeypatch.setattr(ckpt._mgr, "save", start_and_leave_unfinished)
+    ckpt.save(3, state, {"epoch": 0}, {})
+
+    def earlier_failure_surfaces(step, args=None, **kw):
+        start_and_leave_unfinished(step)
+        raise ValueError("RESOURCE_EXHAUSTED: writing chunk: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ckpt._mgr, "save", earlier_failure_surfaces)
+    with pytest.raises(DiskFullError) as raised:
+        ckpt.save(6, state, {"epoch": 0}, {})
+    message = str(raised.value)
+    assert "saving checkpoint step 3 " in message and "its arrays alone take 128 bytes" in message
+    assert "no earlier checkpoint exists" in message and raised.value.errno == errno_codes.ENOSPC
+    assert sorted(p.name for p in directory.iterdir()) == [foreign.name]

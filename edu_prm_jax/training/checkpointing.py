@@ -178,10 +178,14 @@ class Checkpointer:
             raise self._disk_full(e, step) from None
 
     def _disk_full(self, error: BaseException, step: int | None) -> DiskFullError:
+        # Every save this process started and Orbax did not finish has left `<step>.orbax-checkpoint-tmp*`: the
+        # one failing now, and an earlier async one whose error surfaces only at this save (it may not name its
+        # step). Those are removed; a temporary directory of a save this process never started is left alone.
+        unfinished = [s for s in sorted(self._state_bytes) if any(self.directory.glob(f"{s}.orbax-checkpoint-tmp*"))]
         match = _TMP_STEP_RE.search(str(error))
-        failed = int(match.group(1)) if match else step
-        if failed is not None:
-            for tmp in self.directory.glob(f"{failed}.orbax-checkpoint-tmp*"):
+        failed = int(match.group(1)) if match else (unfinished[0] if unfinished else step)
+        for s in {*unfinished, *([failed] if failed in self._state_bytes else [])}:
+            for tmp in self.directory.glob(f"{s}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(tmp, ignore_errors=True)
         try:
             free = f"{shutil.disk_usage(self.directory).free:,} bytes are free there now"
@@ -189,7 +193,7 @@ class Checkpointer:
             free = "free space unknown"
         need = self._state_bytes.get(failed)
         needed = f"its arrays alone take {need:,} bytes, plus Orbax's metadata; " if need else ""
-        kept = self.all_steps()
+        kept = [s for s in self.all_steps() if (self.directory / str(s)).is_dir()]
         return DiskFullError(self.directory, message=(
             f"no space left on device saving checkpoint {'' if failed is None else f'step {failed} '}to "
             f"{self.directory} ({needed}{free}); "
