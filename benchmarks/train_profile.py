@@ -84,8 +84,8 @@ def jax_formulation(name: str, standin: bool = False) -> Iterator[None]:
     """Trace the model, while inside, with formulation `name`: "after" (the library as it is) or "before"
     (the training path before issue 19: `jnp.dot` for `qwen2.dense_matmul`, `silu(gate) * up` for
     `qwen2.swiglu`, `dense_attention` over `qwen2.causal_mask` for `attention.causal_attention`: jax.grad's
-    own gradients everywhere; RoPE tables without `qwen2.rotary_tables`' conditional, so XLA fuses them
-    into every consumer);
+    own gradients everywhere; RoPE tables as `qwen2.plain_rotary_tables`, without the conditional, so XLA
+    fuses them into every consumer);
     `standin` replaces the attention core by q + k + v per head. Patches module attributes, so only programs
     traced inside see it (compile them inside, by a first call)."""
     import jax
@@ -96,12 +96,6 @@ def jax_formulation(name: str, standin: bool = False) -> Iterator[None]:
     if name not in ("before", "after"):
         raise ValueError(f"formulation {name!r}: expected 'before' or 'after'")
     saved = qwen2.dense_matmul, qwen2.swiglu, attention.causal_attention, qwen2.rotary_tables
-
-    def plain_tables(positions: Any, head_dim: int, theta: float) -> Any:  # no conditional: fused into consumers
-        inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-        angles = positions.astype(jnp.float32)[..., None] * inv_freq
-        angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-        return jnp.cos(angles), jnp.sin(angles)
 
     def masked_reference(q: Any, k: Any, v: Any, segment_ids: Any, compute_dtype: Any) -> Any:
         seg = segment_ids if segment_ids is not None else jnp.ones(q.shape[:2], jnp.int32)
@@ -117,7 +111,7 @@ def jax_formulation(name: str, standin: bool = False) -> Iterator[None]:
             qwen2.dense_matmul = lambda x, kernel, axes: jnp.dot(x, kernel)
             qwen2.swiglu = lambda gate, up: jax.nn.silu(gate) * up
             attention.causal_attention = masked_reference
-            qwen2.rotary_tables = plain_tables
+            qwen2.rotary_tables = qwen2.plain_rotary_tables
         if standin:
             attention.causal_attention = attention_standin
         yield

@@ -164,13 +164,7 @@ def test_rotary_tables_are_computed_once_per_train_step(scan, monkeypatch):
     once, loss_once = compiled()
     assert once <= 2
 
-    def plain_tables(positions, head_dim, theta):
-        inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-        angles = positions.astype(jnp.float32)[..., None] * inv_freq
-        angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-        return jnp.cos(angles), jnp.sin(angles)
-
-    monkeypatch.setattr(qwen2, "rotary_tables", plain_tables)
+    monkeypatch.setattr(qwen2, "rotary_tables", qwen2.plain_rotary_tables)
     fused, loss_fused = compiled()
     assert fused <= 2 if scan else fused >= 3 * 2 * 2  # unrolled: at least q and k of 3 layers, fwd and bwd
     assert loss_once == pytest.approx(loss_fused, rel=1e-6)

@@ -132,23 +132,27 @@ class RMSNorm(nnx.Module):
 RotaryTables = tuple[jax.Array, jax.Array]
 
 
-def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> RotaryTables:
+def plain_rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> RotaryTables:
     """RoPE's (cos, sin), each [B, T, 1, head_dim] float32, for int `positions` [B, T] (transformers' Qwen2:
-    inverse frequencies theta^(-2i/d) in float32, each frequency used for both halves).
+    inverse frequencies theta^(-2i/d) in float32, each frequency used for both halves). As written: XLA may fuse
+    them into their consumers; the model calls `rotary_tables`."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
 
-    The model computes them once per call (`Qwen2.backbone`) and hands them to every layer. On XLA:CPU they are
-    computed inside a `lax.cond` whose two branches are this same function (so its predicate, a position, does
-    not matter): a conditional is a fusion boundary, so the tables are materialised once and read by the q and k
-    rotations of every layer, forward and backward. Without it XLA fuses the cos and sin into each consumer loop
-    and evaluates them there again (68 cosines in a 4-layer train step instead of 2, ~7% of the benchmark's
-    step); an optimisation barrier does not stop that, XLA:CPU removes barriers before fusion. Values are
-    identical. Other platforms let XLA choose."""
 
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> RotaryTables:
+    """`plain_rotary_tables`, computed once per model call (`Qwen2.backbone`) and handed to every layer.
+
+    On XLA:CPU they are computed inside a `lax.cond` whose two branches are the same function (so its predicate,
+    a position, does not matter): a conditional is a fusion boundary, so the tables are materialised once and
+    read by the q and k rotations of every layer, forward and backward. Without it XLA fuses the cos and sin into
+    each consumer loop and evaluates them there again (68 cosines in a 4-layer train step instead of 2, ~7% of
+    the benchmark's step); an optimisation barrier does not stop that, XLA:CPU removes barriers before fusion.
+    Values are identical. Other platforms let XLA choose."""
     def tables(pos: jax.Array) -> RotaryTables:
-        inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-        angles = pos.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-        angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-        return jnp.cos(angles), jnp.sin(angles)
+        return plain_rotary_tables(pos, head_dim, theta)
 
     if positions.size and attention.current_platform() == "cpu":
         return jax.lax.cond(positions.reshape(-1)[0] == 0, tables, tables, positions)

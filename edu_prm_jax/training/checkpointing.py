@@ -181,12 +181,15 @@ class Checkpointer:
         # Every save this process started and Orbax did not finish has left `<step>.orbax-checkpoint-tmp*`: the
         # one failing now, and an earlier async one whose error surfaces only at this save (it may not name its
         # step). Those are removed; a temporary directory of a save this process never started is left alone.
-        unfinished = [s for s in sorted(self._state_bytes) if any(self.directory.glob(f"{s}.orbax-checkpoint-tmp*"))]
+        unfinished: dict[int, list[Any]] = {}  # one listing of the directory, not one per save started
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            named = _TMP_STEP_RE.search(tmp.name)
+            if named and int(named.group(1)) in self._state_bytes:
+                unfinished.setdefault(int(named.group(1)), []).append(tmp)
         match = _TMP_STEP_RE.search(str(error))
-        failed = int(match.group(1)) if match else (unfinished[0] if unfinished else step)
-        for s in {*unfinished, *([failed] if failed in self._state_bytes else [])}:
-            for tmp in self.directory.glob(f"{s}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+        failed = int(match.group(1)) if match else (min(unfinished) if unfinished else step)
+        for tmp in (t for paths in unfinished.values() for t in paths):
+            shutil.rmtree(tmp, ignore_errors=True)
         try:
             free = f"{shutil.disk_usage(self.directory).free:,} bytes are free there now"
         except OSError:
